@@ -1,0 +1,311 @@
+"""Model configuration: a dataclass that reads and writes Hugging Face ``config.json``.
+
+Field names are those of the DeepSeekMoE remote code (``model_type: "deepseek"``), extended with
+the routing fields of DeepSeek-V2/V3 (``topk_method``, ``n_group``, ``topk_group``,
+``routed_scaling_factor``) so that every routing variant is an explicit field, never inferred from
+a tensor shape. Named presets (:data:`PRESETS`) give the test model, the demo default and the real
+16B dimensions; any field can be overridden (``--set num_hidden_layers=2``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsmoe.errors import ConfigError
+
+SCORING_FUNCS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+TOPK_METHOD_ALIASES = {"gready": "greedy"}  # some DeepSeek code spells it so
+ACTIVATIONS = ("silu",)
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2")
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """Everything ``dsmoe::route`` needs, resolved from the config (one place for family rules).
+
+    ``norm_topk_prob`` is the *effective* flag: V1/V2 renormalize only when top_k > 1, V3
+    (``noaux_tc``) always. ``scale_when`` is ``"always"`` for V3 and ``"unnormalized"`` for V1/V2
+    (V2 multiplies by ``routed_scaling_factor`` only in the branch that does not renormalize).
+    """
+
+    scoring: str
+    topk_method: str
+    top_k: int
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    scaling: float
+    scale_when: str
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DeepseekConfig:
+    vocab_size: int = 102400
+    hidden_size: int = 2048
+    intermediate_size: int = 10944
+    moe_intermediate_size: int = 1408
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    n_shared_experts: int | None = 2
+    n_routed_experts: int | None = 64
+    num_experts_per_tok: int | None = 6
+    moe_layer_freq: int = 1
+    first_k_dense_replace: int = 1
+    norm_topk_prob: bool = False
+    scoring_func: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int | None = None
+    topk_group: int | None = None
+    routed_scaling_factor: float = 1.0
+    aux_loss_alpha: float = 0.001
+    seq_aux: bool = True
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int = 100000
+    eos_token_id: int = 100001
+    initializer_range: float = 0.02
+    torch_dtype: str = "bfloat16"
+    model_type: str = "deepseek"
+    architectures: list[str] = field(default_factory=lambda: ["DeepseekForCausalLM"])
+    # Keys of config.json this dataclass does not model; written back unchanged.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def has_moe(self) -> bool:
+        return bool(self.n_routed_experts)
+
+    def is_moe_layer(self, i: int) -> bool:
+        """The spec's layer rule: MoE iff routed experts exist, i >= first_k_dense_replace and
+        i % moe_layer_freq == 0; otherwise a dense SwiGLU MLP of width intermediate_size."""
+        return self.has_moe and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        return (self.n_shared_experts or 0) * self.moe_intermediate_size
+
+    @property
+    def routing(self) -> RoutingSpec:
+        k = self.num_experts_per_tok or 1
+        v3 = self.topk_method == "noaux_tc"
+        return RoutingSpec(
+            scoring=self.scoring_func,
+            topk_method=self.topk_method,
+            top_k=k,
+            n_group=self.n_group or 1,
+            topk_group=self.topk_group or 1,
+            norm_topk_prob=bool(self.norm_topk_prob and (v3 or k > 1)),
+            scaling=float(self.routed_scaling_factor),
+            scale_when="always" if v3 else "unnormalized",
+        )
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self) -> DeepseekConfig:
+        """Raise :class:`ConfigError` (one line, names the field) unless the config is usable."""
+        if self.model_type in MLA_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type {self.model_type!r} uses MLA attention, which dsmoe does not support yet "
+                "(its routing variants are supported: use model_type 'deepseek' with topk_method/"
+                "scoring_func set)"
+            )
+        if self.model_type != "deepseek":
+            raise ConfigError(f"unsupported model_type {self.model_type!r} (supported: 'deepseek')")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "intermediate_size", "max_position_embeddings"):
+            _positive_int(self, name)
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by "
+                              f"num_attention_heads {self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                              f"num_key_value_heads {self.num_key_value_heads}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"unsupported hidden_act {self.hidden_act!r} (supported: {', '.join(ACTIVATIONS)})")
+        if self.rope_scaling not in (None, {}):
+            raise ConfigError(f"unsupported feature rope_scaling={json.dumps(self.rope_scaling)} "
+                              "(only plain RoPE is supported)")
+        if not isinstance(self.rms_norm_eps, (int, float)) or self.rms_norm_eps <= 0:
+            raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
+        if self.has_moe:
+            self._validate_moe()
+        return self
+
+    def _validate_moe(self) -> None:
+        for name in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "moe_layer_freq"):
+            _positive_int(self, name)
+        if not isinstance(self.first_k_dense_replace, int) or self.first_k_dense_replace < 0:
+            raise ConfigError(f"first_k_dense_replace must be an integer >= 0, got {self.first_k_dense_replace!r}")
+        if not isinstance(self.n_shared_experts, (int, type(None))) or (self.n_shared_experts or 0) < 0:
+            raise ConfigError(f"n_shared_experts must be an integer >= 0, got {self.n_shared_experts!r}")
+        E, K = self.n_routed_experts, self.num_experts_per_tok
+        if K > E:
+            raise ConfigError(f"num_experts_per_tok {K} exceeds n_routed_experts {E}")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ConfigError(f"unknown scoring_func {self.scoring_func!r} (supported: {', '.join(SCORING_FUNCS)})")
+        if self.topk_method not in TOPK_METHODS:
+            raise ConfigError(f"unknown topk_method {self.topk_method!r} (supported: {', '.join(TOPK_METHODS)})")
+        if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
+            raise ConfigError(f"routed_scaling_factor must be a positive number, got {self.routed_scaling_factor!r}")
+        if self.topk_method == "greedy":
+            return
+        G, TG = self.n_group or 1, self.topk_group or 1
+        for name, v in (("n_group", G), ("topk_group", TG)):
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if E % G:
+            raise ConfigError(f"n_routed_experts {E} is not divisible by n_group {G}")
+        if TG > G:
+            raise ConfigError(f"topk_group {TG} exceeds n_group {G}")
+        if K > TG * (E // G):
+            raise ConfigError(f"num_experts_per_tok {K} exceeds the {TG * (E // G)} experts left "
+                              f"in topk_group {TG} of n_group {G} groups")
+        if self.topk_method == "noaux_tc" and E // G < 2:
+            raise ConfigError(f"topk_method 'noaux_tc' scores a group by its top-2 experts, "
+                              f"but each of the {G} groups has {E // G}")
+
+    # ---- (de)serialization ---------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DeepseekConfig:
+        if not isinstance(d, dict):
+            raise ConfigError("config.json must hold a JSON object")
+        d = dict(d)
+        if d.get("topk_method") in TOPK_METHOD_ALIASES:
+            d["topk_method"] = TOPK_METHOD_ALIASES[d["topk_method"]]
+        if "dtype" in d and "torch_dtype" not in d:  # transformers v5 writes "dtype"
+            d["torch_dtype"] = d.pop("dtype")
+        if d.get("model_type") not in (None, "deepseek") and d.get("model_type") in MLA_MODEL_TYPES:
+            cls(model_type=d["model_type"]).validate()  # raises the MLA message
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: _coerce(cls, k, v) for k, v in d.items() if k in known}
+        extra = {k: v for k, v in d.items() if k not in known}
+        return cls(**kwargs, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**self.extra, **d}
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> DeepseekConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"missing config: {path} does not exist")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"malformed config {path}: {e}") from None
+        return cls.from_dict(d).validate()
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def override(self, overrides: dict[str, Any] | None) -> DeepseekConfig:
+        """A copy with fields replaced (values coerced to the field's type) and validated."""
+        if not overrides:
+            return dataclasses.replace(self).validate()
+        known = {f.name for f in dataclasses.fields(self)} - {"extra"}
+        for k in overrides:
+            if k not in known:
+                raise ConfigError(f"unknown config field {k!r} in override")
+        d = self.to_dict()
+        d.update(overrides)
+        return type(self).from_dict(d).validate()
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> DeepseekConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r} (presets: {', '.join(PRESETS)})")
+        return cls(**PRESETS[name]).override(overrides)
+
+
+def _positive_int(cfg: DeepseekConfig, name: str) -> None:
+    v = getattr(cfg, name)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+
+
+_FIELD_TYPES: dict[str, str] = {}
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    """Coerce JSON/CLI values to the field's declared type; a clear error when impossible."""
+    if not _FIELD_TYPES:
+        _FIELD_TYPES.update({f.name: str(f.type) for f in dataclasses.fields(cls)})
+    t = _FIELD_TYPES[name]
+    if value is None:
+        return None
+    try:
+        if t.startswith("int") and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if t.startswith("float") and not isinstance(value, bool):
+            return float(value)
+        if t == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return bool(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config field {name!r}: expected {t}, got {value!r}") from None
+    return value
+
+
+def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` strings (VALUE as JSON when it parses, else a plain string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+# Named presets. `tiny` is for tests (a dense layer, then MoE layers; 8 routed experts, 2 shared),
+# `small` is the demo default (the real structure at a size this 2-core machine runs comfortably),
+# `deepseek-moe-16b` has the real dimensions of deepseek-ai/deepseek-moe-16b-base.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        vocab_size=256, hidden_size=64, intermediate_size=160, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+        n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=256, bos_token_id=1, eos_token_id=2, torch_dtype="float32",
+    ),
+    "small": dict(
+        vocab_size=16384, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+        n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
+        max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, torch_dtype="float32",
+    ),
+    "deepseek-moe-16b": dict(),  # the dataclass defaults are the real 16B config
+}

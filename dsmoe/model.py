@@ -1,0 +1,292 @@
+"""The DeepSeekMoE reference model: eager PyTorch, Hugging Face module and key names.
+
+Read it outer to inner, like the paper: a causal LM is embeddings → decoder layers → norm →
+lm_head; a decoder layer is pre-norm attention then pre-norm MLP; the MLP is dense SwiGLU for the
+first ``first_k_dense_replace`` layers and a DeepSeekMoE block after (router + fine-grained routed
+experts + always-on shared experts). This is also the *eager baseline* every artifact is measured
+against, so its MoE dispatch is the standard one (per hit expert: gather tokens, run the expert,
+scatter-add the weighted output), as fast as transformers' own eager path.
+
+KV cache: a list with one ``(key, value)`` pair per layer, each ``[B, kv_heads, L, head_dim]``;
+``forward(..., past_key_values=cache, use_cache=True)`` returns ``(logits, present)`` where
+``present`` is the cache with this step's keys/values appended (the ONNX Runtime GenAI layout).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsmoe.config import DeepseekConfig, RoutingSpec
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class DeepseekForCausalLM(nn.Module):
+    def __init__(self, config: DeepseekConfig):
+        super().__init__()
+        self.config = config
+        self.model = DeepseekModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+    ):
+        """``input_ids [B,S]`` → ``logits [B,S,V]`` (and the new cache when ``use_cache``).
+
+        ``attention_mask [B, past+S]`` is 1 for real tokens, 0 for padding; ``position_ids [B,S]``
+        default to ``past + arange(S)``.
+        """
+        h, present = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        logits = self.lm_head(h)
+        return (logits, present) if use_cache else logits
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, config: DeepseekConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = DeepseekRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = DeepseekRotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
+        B, S = input_ids.shape
+        past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if position_ids is None:
+            position_ids = torch.arange(past, past + S, device=input_ids.device).unsqueeze(0).expand(B, S)
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(position_ids, h.dtype)
+        mask = causal_mask(B, S, past, attention_mask, input_ids.device)
+        present: KVCache = []
+        for i, layer in enumerate(self.layers):
+            h, kv = layer(h, cos, sin, mask, None if past_key_values is None else past_key_values[i])
+            present.append(kv)
+        return self.norm(h), present
+
+
+class DeepseekDecoderLayer(nn.Module):
+    def __init__(self, config: DeepseekConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DeepseekAttention(config)
+        self.mlp = DeepseekMoE(config) if config.is_moe_layer(layer_idx) else DeepseekMLP(config)
+        self.input_layernorm = DeepseekRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = DeepseekRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, past_kv):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_kv)
+        h = x + a
+        return h + self.mlp(self.post_attention_layernorm(h)), kv
+
+
+class DeepseekAttention(nn.Module):
+    """Causal multi-head attention with rotate-half RoPE over the whole head_dim."""
+
+    def __init__(self, config: DeepseekConfig):
+        super().__init__()
+        H, nh, nkv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, d
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(H, nh * d, bias=bias)
+        self.k_proj = nn.Linear(H, nkv * d, bias=bias)
+        self.v_proj = nn.Linear(H, nkv * d, bias=bias)
+        self.o_proj = nn.Linear(nh * d, H, bias=bias)
+
+    def forward(self, x, cos, sin, mask, past_kv):
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)
+            v = torch.cat([past_kv[1], v], dim=2)
+        rep = self.num_heads // self.num_kv_heads
+        kr = k.repeat_interleave(rep, dim=1) if rep > 1 else k
+        vr = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+        scores = torch.matmul(q, kr.transpose(2, 3)).float() * (1.0 / math.sqrt(self.head_dim))
+        probs = torch.softmax(scores + mask, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, vr).transpose(1, 2).reshape(B, S, -1)
+        return self.o_proj(out), (k, v)
+
+
+class DeepseekMoE(nn.Module):
+    """DeepSeekMoE block: ``Σ_k w_k · expert_{id_k}(x) + shared_experts(x)``."""
+
+    def __init__(self, config: DeepseekConfig):
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.gate = MoEGate(config)
+        self.experts = nn.ModuleList(
+            DeepseekMLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
+        )
+        self.shared_experts = (
+            DeepseekMLP(config, config.shared_intermediate_size) if config.n_shared_experts else None
+        )
+
+    def forward(self, x):
+        shape = x.shape
+        x_TH = x.reshape(-1, shape[-1])
+        ids_TK, w_TK = self.gate(x_TH)
+        y = self.routed(x_TH, ids_TK, w_TK).to(x.dtype)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x_TH)
+        return y.view(shape)
+
+    def routed(self, x_TH, ids_TK, w_TK):
+        """Eager dispatch: for each expert that got tokens, gather them, run it, scatter-add
+        the routing-weighted output (accumulated in fp32)."""
+        y = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
+        if torch.compiler.is_exporting():
+            experts = range(self.num_experts)  # trace every expert; the hit set is data
+        else:
+            experts = torch.bincount(ids_TK.flatten(), minlength=self.num_experts).nonzero().flatten().tolist()
+        for e in experts:
+            tok, k = torch.where(ids_TK == e)
+            out = self.experts[e](x_TH[tok]).float() * w_TK[tok, k].unsqueeze(-1)
+            y.index_add_(0, tok, out)
+        return y
+
+
+class MoEGate(nn.Module):
+    """The router: ``weight [E,H]`` (+ ``e_score_correction_bias [E]`` for ``noaux_tc``)."""
+
+    def __init__(self, config: DeepseekConfig):
+        super().__init__()
+        self.spec: RoutingSpec = config.routing
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        if self.spec.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x_TH):
+        return route(x_TH, self.weight, self.e_score_correction_bias, **self.spec.as_kwargs())
+
+
+def route(x_TH, w_gate_EH, bias_E, *, scoring, topk_method, top_k, n_group, topk_group,
+          norm_topk_prob, scaling, scale_when):
+    """DeepSeek routing in fp32; returns ``(ids [T,K] int64, weights [T,K] fp32)``.
+
+    1. logits = x·W_gateᵀ; scores = softmax (V1/V2) or sigmoid (V3)
+    2. choice = scores (+ correction bias for V3: selection only)
+    3. group-limited methods: group score = max (V2) or sum of top-2 (V3) of ``choice`` per group;
+       keep the best ``topk_group`` groups, mask the others with −inf
+    4. ids = top-K of choice; weights = *unbiased* scores at ids
+    5. normalize (w /= Σw + 1e-20) if ``norm_topk_prob``; scale by ``scaling`` always (V3) or only
+       when not normalized (V1/V2)
+    """
+    logits = F.linear(x_TH.float(), w_gate_EH.float())
+    scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
+    choice = scores if bias_E is None else scores + bias_E.float()
+    if topk_method != "greedy" and n_group > 1:
+        T, E = choice.shape
+        grouped = choice.view(T, n_group, E // n_group)
+        if topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.max(dim=-1).values
+        keep = torch.topk(group_scores, topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, keep, True)
+        choice = choice.masked_fill(~group_mask.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    ids = torch.topk(choice, top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if scale_when == "always" or not norm_topk_prob:
+        weights = weights * scaling
+    return ids, weights
+
+
+class DeepseekMLP(nn.Module):
+    """SwiGLU MLP: ``down(silu(gate(x)) * up(x))`` (dense layers, each expert, shared experts)."""
+
+    def __init__(self, config: DeepseekConfig, intermediate_size: int | None = None):
+        super().__init__()
+        H, I = config.hidden_size, intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(H, I, bias=False)
+        self.up_proj = nn.Linear(H, I, bias=False)
+        self.down_proj = nn.Linear(I, H, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DeepseekRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class DeepseekRotaryEmbedding(nn.Module):
+    def __init__(self, dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids, dtype):
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # [B,S,d/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)  # [B,1,S,d]
+
+
+def rotate_half(x):
+    d = x.shape[-1] // 2
+    return torch.cat([-x[..., d:], x[..., :d]], dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+def causal_mask(B: int, S: int, past: int, attention_mask, device) -> torch.Tensor:
+    """Additive fp32 mask ``[B,1,S,past+S]``: query i sees cache slots j <= past+i that are not
+    padding. Masked entries get the most negative fp32 value (not −inf, so a fully padded row
+    stays finite)."""
+    q = torch.arange(S, device=device).unsqueeze(-1) + past
+    kv = torch.arange(past + S, device=device).unsqueeze(0)
+    allowed = (kv <= q).unsqueeze(0).unsqueeze(0)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    neg = torch.full((), torch.finfo(torch.float32).min, dtype=torch.float32, device=device)
+    return torch.where(allowed, zero, neg)
+
+
+@torch.no_grad()
+def init_weights(model: DeepseekForCausalLM, seed: int = 0) -> DeepseekForCausalLM:
+    """Deterministic random init (normal(0, initializer_range), norms at 1, biases 0).
+
+    Draws on a private generator in a fixed parameter order, so a seed gives the same weights
+    whatever else the process did.
+    """
+    g = torch.Generator().manual_seed(seed)
+    std = model.config.initializer_range
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(torch.randn(b.shape, generator=g, dtype=torch.float32) * 0.01)
+    return model
