@@ -1,0 +1,42 @@
+"""What every pass takes (:class:`PassContext`) and returns (:class:`PassResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch.fx import GraphModule
+
+from dsmoe.config import DeepseekConfig
+
+
+@dataclass
+class PassContext:
+    """Options of one pipeline run.
+
+    ``config`` defaults to the one :func:`dsmoe.ir.capture` stored on the graph.
+    ``fold_shared_experts`` turns on the optional pass that folds shared experts into
+    ``dsmoe::moe``. ``verify`` runs the graph before and after every pass on seeded inputs.
+    """
+
+    config: DeepseekConfig | None = None
+    fold_shared_experts: bool = False
+    verify: bool = False
+    verify_seed: int = 0
+    dump_after: str | None = None
+
+    def config_of(self, gm: GraphModule) -> DeepseekConfig:
+        cfg = self.config or gm.meta.get("dsmoe_config")
+        if cfg is None:
+            raise ValueError("no model config: pass PassContext(config=...) or capture with dsmoe.ir.capture")
+        return cfg
+
+
+@dataclass
+class PassResult:
+    """How many rewrites a pass made, and the regions it left alone (with the reason)."""
+
+    rewrites: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def skip(self, where: str, reason: str) -> None:
+        self.skipped.append(f"{where}: {reason}")

@@ -1,0 +1,158 @@
+"""outline_moe: Rewrite the routed-experts region of each MoE layer → one ``dsmoe::moe``.
+
+Pattern (in a ``DeepseekMoE`` scope, outside its ``gate`` and ``shared_experts``): for every
+expert e, ``tok, k = where(ids == e)``; ``h = experts.e(x[tok])`` (linear gate → silu, linear up,
+mul, linear down); ``acc = index_add(acc, 0, tok, h·w[tok, k])``, the chain starting from zeros.
+
+Result: ``y = dsmoe::moe(x, w, ids, w13, w2, "silu")`` with the experts' weights stacked into
+two new parameters of ``model.layers.N.mlp.experts`` — ``w13 [E, 2I, H]`` (gate rows, then up
+rows) and ``w2 [E, H, I]`` — and the per-expert parameters removed from the module (so the
+stacked copies replace them rather than doubling memory). ``ids`` produced by ``dsmoe::route``
+are consumed as int32 directly (the int64 cast ``fuse_router`` left for other users dies).
+
+Preconditions (else the region is left alone and reported): one index_add chain of exactly E
+links from a zeros accumulator; every expert 0..E-1 present with the SwiGLU pattern; one shared
+``x``, ``ids`` and ``w`` for all experts; nothing inside the region used outside it.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+from torch.fx import GraphModule, Node
+
+from dsmoe.ir import module_path
+from dsmoe.ops import MOE, ROUTE
+from dsmoe.passes._graph import add_param, attr, cleanup, erase_region, in_scope, is_call, modules_of_class, new_node, scope_nodes
+from dsmoe.passes.context import PassContext, PassResult
+
+aten = torch.ops.aten
+INDEX_ADD = {aten.index_add_.default, aten.index_add.default}
+ZEROS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default}
+
+
+class NoMatch(Exception):
+    """The region does not check out; the message is the reason."""
+
+
+def outline_moe(gm: GraphModule, ctx: PassContext) -> PassResult:
+    result = PassResult()
+    config = ctx.config_of(gm)
+    for path in modules_of_class(gm, "DeepseekMoE"):
+        if any(n.target == MOE for n in scope_nodes(gm, path)):
+            continue  # already outlined (idempotence)
+        try:
+            m = _match(gm, path, config.n_routed_experts)
+        except NoMatch as e:
+            result.skip(path, str(e))
+            continue
+        _rewrite(gm, path, m)
+        result.rewrites += 1
+    if result.rewrites:
+        cleanup(gm)
+    return result
+
+
+def _match(gm: GraphModule, path: str, E: int) -> dict:
+    nodes = [n for n in scope_nodes(gm, path)
+             if not in_scope(n, f"{path}.gate") and not in_scope(n, f"{path}.shared_experts")]
+    adds = [n for n in nodes if n.target in INDEX_ADD]
+    if not adds:
+        raise NoMatch("no index_add combine chain")
+    chain = [n for n in adds if n.args[0] not in adds]
+    if len(chain) != 1:
+        raise NoMatch(f"expected one combine chain, found {len(chain)}")
+    while True:
+        nxt = [u for u in chain[-1].users if u.target in INDEX_ADD and u.args[0] is chain[-1]]
+        if not nxt:
+            break
+        chain.append(nxt[0])
+    if len(chain) != E or len(adds) != E:
+        raise NoMatch(f"combine chain has {len(chain)} links for {E} experts")
+    if chain[0].args[0].target not in ZEROS:
+        raise NoMatch("combine chain does not start from zeros")
+
+    experts: dict[int, dict[str, Node]] = {}
+    pat = re.compile(re.escape(path) + r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
+    for n in nodes:
+        mm = pat.match(module_path(n))
+        if mm and is_call(n, aten.linear.default):
+            experts.setdefault(int(mm.group(1)), {})[mm.group(2)] = n
+    if sorted(experts) != list(range(E)) or any(len(v) != 3 for v in experts.values()):
+        raise NoMatch(f"expected experts 0..{E - 1} each with gate/up/down linears, found {len(experts)}")
+
+    xs, idss, ws = set(), set(), set()
+    for e, lin in experts.items():
+        g, u, d = lin["gate_proj"], lin["up_proj"], lin["down_proj"]
+        act = d.args[0]
+        if not (is_call(act, aten.mul.Tensor) and {a.target for a in act.args if isinstance(a, Node)} >= {aten.silu.default}
+                and u in act.args and any(is_call(a, aten.silu.default) and a.args[0] is g for a in act.args)):
+            raise NoMatch(f"expert {e} is not down(silu(gate(x)) * up(x))")
+        if g.args[0] is not u.args[0] or not is_call(g.args[0], aten.index.Tensor):
+            raise NoMatch(f"expert {e} does not read gathered tokens x[tok]")
+        xs.add(g.args[0].args[0])
+    for add in chain:
+        tok = add.args[2]
+        where = tok.args[0] if is_call(tok, operator.getitem) else None
+        if where is None or not is_call(where, aten.where.default) or not is_call(where.args[0], aten.eq.Scalar):
+            raise NoMatch("combine index is not where(ids == e)")
+        idss.add(where.args[0].args[0])
+        src = add.args[3]
+        wi = [a for a in src.all_input_nodes if is_call(a, aten.unsqueeze.default)]
+        if not wi or not is_call(wi[0].args[0], aten.index.Tensor):
+            raise NoMatch("expert output is not scaled by w[tok, k]")
+        ws.add(wi[0].args[0].args[0])
+    if len(xs) != 1 or len(idss) != 1 or len(ws) != 1:
+        raise NoMatch(f"experts read {len(xs)} inputs, {len(idss)} id tensors, {len(ws)} weight tensors (expected 1 each)")
+    x, ids, w = xs.pop(), idss.pop(), ws.pop()
+
+    region = _backward_slice(chain[-1], stop={x, ids, w}, scope=set(nodes))
+    leaks = [n.name for n in region if n is not chain[-1] and any(u not in region and u.target not in _SIDE for u in n.users)]
+    if leaks:
+        raise NoMatch(f"values of the region are used outside it: {leaks[:3]}")
+    return dict(x=x, ids=ids, w=w, out=chain[-1], region=region, experts=experts)
+
+
+_SIDE = {aten._assert_scalar.default, aten._assert_tensor_metadata.default, aten.sym_size.int}
+
+
+def _backward_slice(out: Node, *, stop: set[Node], scope: set[Node]) -> set[Node]:
+    region, frontier = set(), [out]
+    while frontier:
+        n = frontier.pop()
+        if n in region or n in stop or n not in scope or not _tensorish(n):
+            continue  # symbolic sizes (shared shape arithmetic) stay outside
+        region.add(n)
+        frontier.extend(a for a in n.all_input_nodes if a.op == "call_function")
+    return region
+
+
+def _tensorish(n: Node) -> bool:
+    v = n.meta.get("val")
+    return isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in v))
+
+
+def _rewrite(gm: GraphModule, path: str, m: dict) -> None:
+    experts, out = m["experts"], m["out"]
+    E = len(experts)
+    gate = [attr(gm, experts[e]["gate_proj"].args[1]) for e in range(E)]
+    up = [attr(gm, experts[e]["up_proj"].args[1]) for e in range(E)]
+    down = [attr(gm, experts[e]["down_proj"].args[1]) for e in range(E)]
+    w13 = torch.stack([torch.cat([g, u], dim=0) for g, u in zip(gate, up)])  # [E, 2I, H]
+    w2 = torch.stack(down)  # [E, H, I]
+    del gate, up, down
+    first = out  # x, w and ids are all defined before the region's last node
+    w13_node = add_param(gm, f"{path}.experts", "w13", w13, before=first)
+    w2_node = add_param(gm, f"{path}.experts", "w2", w2, before=first)
+    ids = m["ids"]
+    if is_call(ids, aten._to_copy.default) and is_call(ids.args[0], operator.getitem) \
+            and is_call(ids.args[0].args[0], ROUTE):
+        ids = ids.args[0]  # route's int32 ids
+    moe = new_node(gm, MOE, (m["x"], m["w"], ids, w13_node, w2_node, "silu"), meta_from=out, before=first)
+    y = moe
+    if moe.meta["val"].dtype != out.meta["val"].dtype:
+        y = new_node(gm, aten._to_copy.default, (moe,), {"dtype": out.meta["val"].dtype}, meta_from=out, before=first)
+    out.replace_all_uses_with(y, delete_user_cb=lambda u: u not in m["region"])
+    erase_region(gm, m["region"])
