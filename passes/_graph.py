@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
 
 from dsmoe.ir import module_class, module_path
 
@@ -66,9 +67,10 @@ def add_param(gm: GraphModule, owner: str, name: str, value: torch.Tensor, *, be
 
 def fake_val(target, *args, **kwargs):
     """The ``meta["val"]`` of ``target(*args)`` computed on the args' fake tensors."""
-    vals = [a.meta.get("val") if isinstance(a, Node) else a for a in args]
-    kvals = {k: (v.meta.get("val") if isinstance(v, Node) else v) for k, v in kwargs.items()}
-    mode = torch._guards.detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    vals = map_arg(args, lambda a: a.meta.get("val"))
+    kvals = map_arg(kwargs, lambda a: a.meta.get("val"))
+    leaves = [v for v in torch.utils._pytree.tree_leaves((vals, kvals)) if isinstance(v, torch.Tensor)]
+    mode = torch._guards.detect_fake_mode(leaves)
     if mode is None:
         return None
     with mode:
@@ -121,8 +123,17 @@ def erase_region(gm: GraphModule, nodes: Iterable[Node]) -> int:
 
 
 def cleanup(gm: GraphModule) -> None:
-    """Once per pass that changed something: dead code, unused parameters, recompile."""
-    gm.graph.eliminate_dead_code()
+    """Once per pass that changed something: dead code, unused parameters, recompile.
+
+    A metadata assertion on a value nothing else reads is dead too (it would pin the value)."""
+    changed = True
+    while changed:
+        gm.graph.eliminate_dead_code()
+        lone = [n for n in gm.graph.nodes
+                if n.target == aten._assert_tensor_metadata.default and len(n.args[0].users) == 1]
+        for n in lone:
+            gm.graph.erase_node(n)
+        changed = bool(lone)
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         if name not in used:

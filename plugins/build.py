@@ -178,7 +178,15 @@ class Module:
                 driver = None
         self._driver = driver
         if driver is not None:
-            self._module = _check(driver.cuModuleLoadData(cubin.read_bytes()), "cuModuleLoadData")
+            import numpy as np
+
+            _check(driver.cuInit(0), "cuInit")
+            dev = _check(driver.cuDeviceGet(device_index), "cuDeviceGet")
+            # torch's runtime uses the primary context; launches make it current on their thread
+            self._ctx = _check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+            _check(driver.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+            image = np.frombuffer(cubin.read_bytes(), dtype=np.uint8)
+            self._module = _check(driver.cuModuleLoadData(image.ctypes.data), "cuModuleLoadData")
         else:
             try:
                 import cupy
@@ -210,6 +218,7 @@ class Module:
         fn = self.function(kernel)
         stream = torch.cuda.current_stream(self.device_index).cuda_stream
         if self._driver is not None:
+            _check(self._driver.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
             ptrs = np.array([v.ctypes.data for v in vals], dtype=np.uint64)
             (err,) = self._driver.cuLaunchKernel(fn, *grid, *block, smem, self._driver.CUstream(stream),
                                                  ptrs.ctypes.data, 0)

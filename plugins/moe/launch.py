@@ -22,6 +22,12 @@ DECODE_PAIRS_PER_EXPERT = 8       # avg (token, slot) pairs per expert up to whi
 REDUCE_MAX_BYTES = 1 << 30        # above this the per-pair fp32 buffer gives way to atomics
 ALIGN_THREADS = 1024
 ALIGN = 256
+ALIGN_SMEM_LIMIT = 48 * 1024
+# kernel arguments (build.Module.launch codes), as declared in moe.cu
+ALIGN_SIG = "piiiippp"       # ids, P, E, BM, MB, offsets, block_expert, sorted_pair
+GEMM_SIG = "pppppppiii"      # A, W, sorted_pair, block_expert, route_w, act, out, topk, H, I
+COMBINE_SIG = "pppiiii"      # out, ids, y, T, K, H, E
+CAST_SIG = "ppq"             # y32, y, n
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,8 @@ def plan_moe(x_shape, ids_shape, w13_shape, w2_shape, dtype: torch.dtype, activa
         path = ("dec" if T * K <= DECODE_PAIRS_PER_EXPERT * E else "pre") if tc_ok else "simt"
     elif path != "simt" and not tc_ok:
         raise ValueError(f"dsmoe::moe: path {path!r} needs bf16/fp16 and H, I multiples of 8 (got {dtype}, H={H}, I={I})")
+    if (2 * E + 1) * 4 > ALIGN_SMEM_LIMIT:
+        raise ValueError(f"dsmoe::moe: E={E} is too large for moe_align (at most {(ALIGN_SMEM_LIMIT // 4 - 1) // 2})")
     if combine == "auto":
         combine = "reduce" if T * K * H * 4 <= REDUCE_MAX_BYTES else "atomic"
     return MoEPlan(T=T, H=H, E=E, K=K, I=I, dtype=dtype, path=path, combine=combine)
@@ -119,7 +127,7 @@ def moe_cuda(x: Tensor, weights: Tensor, ids: Tensor, w13: Tensor, w2: Tensor, a
                     combine=combine or os.environ.get("DSMOE_MOE_COMBINE", "auto"))
     if w13.dtype != x.dtype or w2.dtype != x.dtype:
         raise ValueError(f"dsmoe::moe: weights must be in x's dtype {x.dtype}, got {w13.dtype}, {w2.dtype}")
-    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    x, w13, w2 = (_aligned16(t.contiguous()) for t in (x, w13, w2))  # cp.async moves 16 bytes
     ids = ids.to(torch.int32).contiguous()
     rw = weights.to(torch.float32).contiguous()
     y = torch.empty_like(x)
@@ -135,14 +143,13 @@ def moe_cuda(x: Tensor, weights: Tensor, ids: Tensor, w13: Tensor, w2: Tensor, a
     tag, BM = DTYPE_TAGS[x.dtype], plan.BM
     threads = TILES[plan.path][2]
     # 3. align: counts, padded offsets, block -> expert, sorted (token, slot) pairs
-    mod.launch("moe_align", (1,), (ALIGN_THREADS,), "piiiippp",
+    mod.launch("moe_align", (1,), (ALIGN_THREADS,), ALIGN_SIG,
                (ids, plan.P, plan.E, BM, plan.max_blocks, buf["offsets"], buf["block_expert"], buf["sorted_pair"]),
                smem=(2 * plan.E + 1) * 4)
-    gemm_sig = "pppppppiii"
     prefix = "moe_simt_" if plan.path == "simt" else "moe_"
     cfg = "" if plan.path == "simt" else f"_{plan.path}"
     # 4. gate/up GEMM with SwiGLU in the epilogue -> act
-    mod.launch(f"{prefix}gemm1_{tag}{cfg}", plan.gemm1_grid, (threads,), gemm_sig,
+    mod.launch(f"{prefix}gemm1_{tag}{cfg}", plan.gemm1_grid, (threads,), GEMM_SIG,
                (x, w13, buf["sorted_pair"], buf["block_expert"], rw, buf["act"], None, plan.K, plan.H, plan.I))
     # 5. down GEMM · routing weight -> per-pair fp32 rows (reduce) or y32 / y (atomic)
     if plan.combine == "reduce":
@@ -150,13 +157,17 @@ def moe_cuda(x: Tensor, weights: Tensor, ids: Tensor, w13: Tensor, w2: Tensor, a
     else:
         out = buf["y32"] if "y32" in buf else y
         out.zero_()
-    mod.launch(f"{prefix}gemm2_{tag}{cfg}_{plan.combine}", plan.gemm2_grid, (threads,), gemm_sig,
+    mod.launch(f"{prefix}gemm2_{tag}{cfg}_{plan.combine}", plan.gemm2_grid, (threads,), GEMM_SIG,
                (buf["act"], w2, buf["sorted_pair"], buf["block_expert"], rw, None, out, plan.K, plan.H, plan.I))
     # 6. combine over K in fp32 (reduce) or cast y32 -> y (atomic, 16-bit dtypes)
     n = plan.T * plan.H
     grid = (min(-(-n // 256), 65535 * 4),)
     if plan.combine == "reduce":
-        mod.launch(f"moe_combine_{tag}", grid, (256,), "pppiiii", (out, ids, y, plan.T, plan.K, plan.H, plan.E))
+        mod.launch(f"moe_combine_{tag}", grid, (256,), COMBINE_SIG, (out, ids, y, plan.T, plan.K, plan.H, plan.E))
     elif out is not y:
-        mod.launch(f"moe_cast_{tag}", grid, (256,), "ppq", (out, y, n))
+        mod.launch(f"moe_cast_{tag}", grid, (256,), CAST_SIG, (out, y, n))
     return y
+
+
+def _aligned16(t: Tensor) -> Tensor:
+    return t if t.data_ptr() % 16 == 0 else t.clone()

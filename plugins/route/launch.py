@@ -7,6 +7,7 @@ with the attributes of ``dsmoe::route``. Attributes are checked up front by
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,9 @@ SMALL_T = 256        # below this, one token per CTA so that more CTAs run
 SMEM_LIMIT = 48 * 1024
 MAX_TOP_K = 32       # one lane per selected expert
 MAX_GROUPS = 32      # one lane per group
+# kernel arguments (build.Module.launch codes): x, w, bias, weights, ids, logits_ws, counters,
+# T, H, E, K, S, vec, scoring, method, G, TG, normalize, scaling, scale_always
+ROUTE_SIG = "ppppppp" + "iiiiiiiiiii" + "fi"
 
 
 @dataclass(frozen=True)
@@ -40,14 +44,27 @@ class RouteLaunch:
     scaling: float
     scale_always: bool
     tokens_per_cta: int
+    splits: int = 1  # S: CTAs per token block, each computing E/S experts' logits
 
     @property
     def smem_bytes(self) -> int:
         return 2 * self.tokens_per_cta * self.E * 4
 
     @property
+    def token_blocks(self) -> int:
+        return -(-self.T // self.tokens_per_cta)
+
+    @property
     def grid(self) -> tuple[int, int, int]:
-        return (-(-self.T // self.tokens_per_cta), 1, 1)
+        return (self.token_blocks, self.splits, 1)
+
+    def with_splits(self, num_sms: int) -> RouteLaunch:
+        """Split the experts over CTAs while the token blocks alone leave SMs idle (decode)."""
+        blocks = self.token_blocks
+        if blocks == 0 or blocks >= num_sms:
+            return self
+        s = min(-(-2 * num_sms // blocks), max(1, self.E // WARPS))  # >= 1 expert per warp
+        return dataclasses.replace(self, splits=max(1, s))
 
 
 def validate_route_attrs(T: int, H: int, E: int, *, scoring: str, topk_method: str, top_k: int,
@@ -101,7 +118,7 @@ def route_cuda(x: Tensor, w_gate: Tensor, bias: Tensor | None, scoring: str, top
                              scaling=scaling, scale_when=scale_when)
     # 2. operands: contiguous, supported dtypes, bias in fp32
     x = _as_supported(x).contiguous()
-    w_gate = _as_supported(w_gate).contiguous()
+    w_gate = w_gate.contiguous() if w_gate.dtype in (x.dtype, torch.float32) else w_gate.float().contiguous()
     if bias is not None:
         if bias.shape != (E,):
             raise ValueError(f"dsmoe::route: bias must be [E]={E}, got {tuple(bias.shape)}")
@@ -110,14 +127,25 @@ def route_cuda(x: Tensor, w_gate: Tensor, bias: Tensor | None, scoring: str, top
     ids = torch.empty((T, top_k), dtype=torch.int32, device=x.device)
     if T == 0:
         return weights, ids
-    # 3. launch: one CTA of 8 warps per `tokens_per_cta` tokens
+    # 3. expert splits for small T, workspace (logits [T,E] fp32 + zeroed counters) when split
+    p = p.with_splits(_num_sms(x.device))
+    logits_ws = counters = None
+    if p.splits > 1:
+        logits_ws = torch.empty((T, E), dtype=torch.float32, device=x.device)
+        counters = torch.zeros(p.token_blocks, dtype=torch.int32, device=x.device)
+    vec = H % (16 // w_gate.element_size()) == 0 and x.data_ptr() % 16 == 0 and w_gate.data_ptr() % 16 == 0
+    # 4. launch: grid (token blocks, splits), 8 warps
     kernel = f"route_{DTYPE_TAGS[x.dtype]}_{DTYPE_TAGS[w_gate.dtype]}_t{p.tokens_per_cta}"
     build.load("route", x.device).launch(
-        kernel, p.grid, (WARPS * 32,), "pppppiiiiiiiiifi",
-        (x, w_gate, bias, weights, ids, T, H, E, p.K, p.scoring, p.method, p.n_group, p.topk_group,
-         int(p.normalize), p.scaling, int(p.scale_always)),
+        kernel, p.grid, (WARPS * 32,), ROUTE_SIG,
+        (x, w_gate, bias, weights, ids, logits_ws, counters, T, H, E, p.K, p.splits, int(vec), p.scoring,
+         p.method, p.n_group, p.topk_group, int(p.normalize), p.scaling, int(p.scale_always)),
         smem=p.smem_bytes)
     return weights, ids
+
+
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _as_supported(t: Tensor) -> Tensor:

@@ -2,9 +2,13 @@
 //
 //   x [T,H] (TX), w_gate [E,H] (TW), bias [E] fp32 or null  ->  weights [T,K] fp32, ids [T,K] int32
 //
-// One CTA of 8 warps takes TPC consecutive tokens (TPC = 1 for small T so that more CTAs run,
-// 8 for large T so that each W_gate row read from L2 serves 8 tokens).
-//   phase 1  logits[t,e] = x[t]·w[e] in fp32: warp w takes experts w, w+8, ...; lanes stride H.
+// Grid (ceil(T/TPC), S), CTAs of 8 warps. A CTA takes TPC consecutive tokens (TPC = 1 for small T
+// so that more CTAs run, 8 for large T so that each W_gate row read from L2 serves 8 tokens) and,
+// when S > 1 (decode: few token blocks), the S-th slice of the experts so that all SMs read W_gate.
+//   phase 1  logits[t,e] = x[t]·w[e] in fp32: warp w takes experts lo+w, lo+w+8, ...; lanes stride H
+//            with 16-byte loads of W when H allows.
+//   (S > 1)  logits go to logits_ws; the last CTA of the token block (threadfence + counter) loads
+//            them into shared memory and alone goes on.
 //   phase 2  one warp per token: scores (softmax or sigmoid), choice = scores + bias,
 //            group limit (group max or sum of top-2; other groups -> -inf), top-K by repeated
 //            warp argmax (descending, ties to the lower id), gather the unbiased scores,
@@ -14,6 +18,8 @@
 //   +---------------------------+---------------------------+
 //   | scores [TPC][E] fp32      | choice [TPC][E] fp32      |
 //   +---------------------------+---------------------------+
+// Workspace (S > 1 only): logits_ws [T,E] fp32 | counters [ceil(T/TPC)] u32, zeroed before the
+// first launch and left zeroed by every launch.
 // Taken experts are marked NaN in `choice` (never > and never == anything), masked groups -inf.
 #include "dsmoe_common.cuh"
 
@@ -23,37 +29,77 @@ enum { SCORE_SOFTMAX = 0, SCORE_SIGMOID = 1 };
 enum { TOPK_GREEDY = 0, TOPK_GROUP_MAX = 1, TOPK_GROUP_TOP2 = 2 };
 constexpr int ROUTE_WARPS = 8;
 
+template <typename T, int N> struct __align__(sizeof(T) * N) Vec { T v[N]; };
+
+// Dot products of TPC token rows with W_gate row `wr` (fp32 sums, lanes stride H).
+// VEC: 16-byte loads of W (and the matching x elements); needs H % (16 / sizeof(TW)) == 0.
+template <typename TX, typename TW, int TPC, bool VEC>
+__device__ __forceinline__ void row_dots(const TX* const (&xr)[TPC], const TW* wr, int H, int lane,
+                                         float (&acc)[TPC]) {
+  constexpr int N = VEC ? 16 / sizeof(TW) : 1;
+#pragma unroll 2
+  for (int h = lane * N; h < H; h += 32 * N) {
+    const Vec<TW, N> wv = *reinterpret_cast<const Vec<TW, N>*>(wr + h);
+#pragma unroll
+    for (int t = 0; t < TPC; ++t) {
+      const Vec<TX, N> xv = *reinterpret_cast<const Vec<TX, N>*>(xr[t] + h);
+#pragma unroll
+      for (int j = 0; j < N; ++j) acc[t] += to_float(wv.v[j]) * to_float(xv.v[j]);
+    }
+  }
+}
+
+// logits_ws [T,E] fp32 and counters [ceil(T/TPC)] (zeroed) are used only when S > 1: CTA (b, s)
+// computes experts [s·E/S, (s+1)·E/S) of token block b, and the last CTA of block b to finish
+// (threadfence + counter) runs phase 2 for it, then resets the counter.
 template <typename TX, typename TW, int TPC>
 __device__ __forceinline__ void route_body(
     const TX* __restrict__ x, const TW* __restrict__ w, const float* __restrict__ bias,
-    float* __restrict__ out_w, int* __restrict__ out_ids, int T, int H, int E, int K,
-    int scoring, int method, int G, int TG, int normalize, float scaling, int scale_always) {
+    float* __restrict__ out_w, int* __restrict__ out_ids, float* logits_ws, unsigned* counters,
+    int T, int H, int E, int K, int S, int vec, int scoring, int method, int G, int TG,
+    int normalize, float scaling, int scale_always) {
   extern __shared__ float smem[];
+  __shared__ int is_last;
   float* scores = smem;
   float* choice = smem + TPC * E;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int t0 = blockIdx.x * TPC;
 
-  // ---- phase 1: logits (fp32 accumulation; rows past T are clamped and ignored) ----
+  // ---- phase 1: logits of this CTA's experts (rows past T are clamped and ignored) ----
   const TX* xr[TPC];
 #pragma unroll
   for (int t = 0; t < TPC; ++t) xr[t] = x + (long long)min(t0 + t, T - 1) * H;
-  for (int e = warp; e < E; e += ROUTE_WARPS) {
+  const int per = (E + S - 1) / S, e_lo = blockIdx.y * per, e_hi = min(E, e_lo + per);
+  for (int e = e_lo + warp; e < e_hi; e += ROUTE_WARPS) {
     const TW* wr = w + (long long)e * H;
     float acc[TPC];
 #pragma unroll
     for (int t = 0; t < TPC; ++t) acc[t] = 0.f;
-#pragma unroll 4
-    for (int h = lane; h < H; h += 32) {
-      const float wv = to_float(wr[h]);
-#pragma unroll
-      for (int t = 0; t < TPC; ++t) acc[t] += wv * to_float(xr[t][h]);
-    }
+    if (vec) row_dots<TX, TW, TPC, true>(xr, wr, H, lane, acc);
+    else row_dots<TX, TW, TPC, false>(xr, wr, H, lane, acc);
 #pragma unroll
     for (int t = 0; t < TPC; ++t) {
-      const float s = warp_sum(acc[t]);
-      if (lane == 0) scores[t * E + e] = s;
+      const float v = warp_sum(acc[t]);
+      if (lane == 0) {
+        if (S == 1) scores[t * E + e] = v;
+        else if (t0 + t < T) logits_ws[(long long)(t0 + t) * E + e] = v;
+      }
     }
+  }
+  if (S > 1) {
+    __threadfence();  // publish this CTA's logits before counting it
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(&counters[blockIdx.x], 1u) == (unsigned)(S - 1);
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < TPC * E; i += blockDim.x) {
+      const int t = i / E;
+      float v = 0.f;
+      if (t0 + t < T) asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(logits_ws + (long long)t0 * E + i));
+      scores[i] = v;
+    }
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0u;  // ready for the next launch
   }
   __syncthreads();
 
@@ -133,20 +179,20 @@ __device__ __forceinline__ void route_body(
 // Explicit instantiations with stable C names: route_<x dtype>_<w dtype>_t<TPC>.
 #define DSMOE_ROUTE_KERNEL(NAME, TX, TW, TPC)                                                   \
   extern "C" __global__ void __launch_bounds__(dsmoe::ROUTE_WARPS * 32) NAME(                  \
-      const TX* x, const TW* w, const float* bias, float* out_w, int* out_ids, int T, int H,    \
-      int E, int K, int scoring, int method, int G, int TG, int normalize, float scaling,       \
-      int scale_always) {                                                                       \
-    dsmoe::route_body<TX, TW, TPC>(x, w, bias, out_w, out_ids, T, H, E, K, scoring, method, G, \
-                                   TG, normalize, scaling, scale_always);                       \
+      const TX* x, const TW* w, const float* bias, float* out_w, int* out_ids, float* logits_ws, \
+      unsigned* counters, int T, int H, int E, int K, int S, int vec, int scoring, int method,  \
+      int G, int TG, int normalize, float scaling, int scale_always) {                          \
+    dsmoe::route_body<TX, TW, TPC>(x, w, bias, out_w, out_ids, logits_ws, counters, T, H, E, K, \
+                                   S, vec, scoring, method, G, TG, normalize, scaling,          \
+                                   scale_always);                                              \
   }
 #define DSMOE_ROUTE_TPC(X, TX, W, TW)                    \
   DSMOE_ROUTE_KERNEL(route_##X##_##W##_t1, TX, TW, 1)    \
   DSMOE_ROUTE_KERNEL(route_##X##_##W##_t8, TX, TW, 8)
-#define DSMOE_ROUTE_W(X, TX)                      \
-  DSMOE_ROUTE_TPC(X, TX, f32, float)              \
-  DSMOE_ROUTE_TPC(X, TX, bf16, dsmoe::bf16)       \
-  DSMOE_ROUTE_TPC(X, TX, f16, dsmoe::f16)
 
-DSMOE_ROUTE_W(f32, float)
-DSMOE_ROUTE_W(bf16, dsmoe::bf16)
-DSMOE_ROUTE_W(f16, dsmoe::f16)
+// W_gate in x's dtype or in fp32 (the launcher casts any other combination to fp32).
+DSMOE_ROUTE_TPC(f32, float, f32, float)
+DSMOE_ROUTE_TPC(bf16, dsmoe::bf16, bf16, dsmoe::bf16)
+DSMOE_ROUTE_TPC(bf16, dsmoe::bf16, f32, float)
+DSMOE_ROUTE_TPC(f16, dsmoe::f16, f16, dsmoe::f16)
+DSMOE_ROUTE_TPC(f16, dsmoe::f16, f32, float)

@@ -1,0 +1,254 @@
+"""Per-target lowering of the fused IR: one table per target, one function per ``dsmoe`` op.
+
+:func:`lower` rewrites a fused ``GraphModule`` in place so that ``torch.onnx.export(...,
+dynamo=True)`` can take it: every ``dsmoe::*`` node is replaced by a call to a plain Python
+function built from ATen ops and, for contrib ops, ``torch.onnx.ops.symbolic``. The export traces
+through those functions, so the ONNX graph holds exactly what they emit.
+
+Targets:
+
+- ``ort``: ``dsmoe::moe`` → one ``com.microsoft.MoE`` (SwiGLU, gate/up interleaved, the layout
+  ORT's CPU kernel wants). Routing:
+
+  * softmax greedy (DeepSeekMoE 16B, V2-Lite): the router logits feed the op directly; ORT
+    applies softmax + top-k itself (``normalize_routing_weights`` = the effective
+    ``norm_topk_prob``; an unnormalized ``routed_scaling_factor`` ≠ 1 multiplies the output,
+    which is linear in the weights).
+  * every other routing (group-limited, sigmoid + bias, any ``moe`` whose weights do not come
+    straight from ``dsmoe::route``): route in standard ops, then feed *masked logits*
+    ``log(w)`` at the selected ids and −inf elsewhere, and multiply the output by ``Σw``.
+    ORT's softmax of those logits is ``w/Σw`` on the selected ids and exactly 0 elsewhere, so
+    its top-k picks exactly our ids (a zero-weight id that ties contributes 0 either way), and
+    ``Σw · Σ_k (w_k/Σw)·f_k = Σ_k w_k·f_k``. QMoE's ``router_weights`` would also separate
+    selection from mixing, but QMoE takes only quantized (uint8 / fp8) weights, so it is not
+    exact for fp32/fp16 models.
+  * shared experts and dense MLPs (``dsmoe::gated_mlp``): standard ops, one MatMul with
+    concatenated gate/up, then the down MatMul.
+- ``portable``: standard ONNX ops only. Routing in standard ops; the routed experts as a sparse
+  per-expert dispatch (NonZero/Gather/ScatterND: work proportional to the tokens each expert got,
+  like the eager model); gated MLPs as above.
+
+A node a target cannot take raises :class:`LoweringError` naming the node and the reason.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+from dsmoe import model as _model
+from dsmoe.errors import DsmoeError
+from dsmoe.ops import FUSED_OPS, GATED_MLP, MOE, ROUTE
+
+TARGETS = ("ort", "portable")
+ORT_DOMAIN = "com.microsoft"
+
+
+class LoweringError(DsmoeError):
+    """A fused node the chosen target cannot take (the message names the node and why)."""
+
+
+@dataclass
+class LowerReport:
+    target: str
+    lowered: dict[str, dict[str, int]] = field(default_factory=dict)  # op → {lowering name: count}
+
+    def count(self, op: str, how: str) -> None:
+        self.lowered.setdefault(op, Counter())[how] += 1
+
+    def as_dict(self) -> dict:
+        return {"target": self.target, "lowered": {k: dict(v) for k, v in self.lowered.items()}}
+
+
+# ---- the functions the lowered graph calls (traced by torch.onnx.export) ---------------------
+
+def route_std(x, w_gate, bias, scoring, topk_method, top_k, n_group, topk_group, norm_topk_prob, scaling,
+              scale_when):
+    """``dsmoe::route`` in standard ops (the reference math of :func:`dsmoe.model.route`)."""
+    ids, weights = _model.route(x, w_gate, bias, scoring=scoring, topk_method=topk_method, top_k=top_k,
+                                n_group=n_group, topk_group=topk_group, norm_topk_prob=norm_topk_prob,
+                                scaling=scaling, scale_when=scale_when)
+    return weights, ids.to(torch.int32)
+
+
+def gated_mlp_std(x, w13, w2, activation):
+    """``dsmoe::gated_mlp`` in standard ops: one MatMul on concatenated gate/up, then down."""
+    I = w2.shape[1]
+    gu = F.linear(x, w13)
+    return F.linear(F.silu(gu[..., :I]) * gu[..., I:], w2)
+
+
+def _ort_moe_node(x, router_probs, w13i, w2, *, k: int, normalize: bool):
+    """One ``com.microsoft.MoE`` (SwiGLU, interleaved gate/up, no biases)."""
+    attrs = dict(k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                 normalize_routing_weights=int(normalize), use_sparse_mixer=0)
+    return torch.onnx.ops.symbolic(f"{ORT_DOMAIN}::MoE", (x, router_probs, w13i, None, w2), attrs,
+                                   dtype=x.dtype, shape=x.shape, version=1)
+
+
+def ort_moe_softmax_greedy(x, x_router, w_gate, w13i, w2, *, k: int, normalize: bool, scale: float):
+    """Softmax-greedy routing inside the op: ``router_probs`` are the router logits."""
+    logits = F.linear(x_router.float(), w_gate.float()).to(x.dtype)
+    y = _ort_moe_node(x, logits, w13i, w2, k=k, normalize=normalize)
+    return y if scale == 1.0 else y * scale
+
+
+def ort_moe_masked(x, weights, ids, w13i, w2, *, num_experts: int):
+    """Any routing: masked logits (log w at ids, −inf elsewhere), output rescaled by Σw."""
+    w = weights.float()
+    T, K = w.shape
+    logits = torch.full((T, num_experts), float("-inf"), dtype=torch.float32, device=x.device)
+    logits = logits.scatter(1, ids.long(), w.log())
+    y = _ort_moe_node(x, logits.to(x.dtype), w13i, w2, k=K, normalize=False)
+    return (y.float() * w.sum(dim=-1, keepdim=True)).to(x.dtype)
+
+
+def moe_sparse_std(x, weights, ids, *experts):
+    """``dsmoe::moe`` in standard ops: per expert, gather its tokens, run it, scatter-add."""
+    E = len(experts) // 2
+    I = experts[1].shape[1]
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(E):
+        tok, slot = torch.where(ids == e)
+        gu = F.linear(x[tok], experts[2 * e])
+        out = F.linear(F.silu(gu[:, :I]) * gu[:, I:], experts[2 * e + 1])
+        y = y.index_add(0, tok, out.float() * weights[tok, slot].float().unsqueeze(-1))
+    return y.to(x.dtype)
+
+
+# ---- per-op lowerings: (gm, node, report) → replaces the node ----------------------------------
+
+def _check_activation(node: Node, activation: str) -> None:
+    if activation != "silu":
+        raise LoweringError(f"{node.name} ({FUSED_OPS[node.target]}): activation {activation!r} has no lowering "
+                            "(supported: silu)")
+
+
+def _lower_route_std(gm: GraphModule, node: Node, report: LowerReport) -> None:
+    node.target = route_std
+    report.count("dsmoe::route", "standard ops")
+
+
+def _lower_gated_mlp_std(gm: GraphModule, node: Node, report: LowerReport) -> None:
+    _check_activation(node, node.args[3])
+    node.target = gated_mlp_std
+    report.count("dsmoe::gated_mlp", "standard ops (MatMul gate|up, MatMul down)")
+
+
+def _route_of(node: Node) -> Node | None:
+    """The ``dsmoe::route`` node whose (weights, ids) are this moe's (weights, ids), if any."""
+    w, ids = node.args[1], node.args[2]
+    if not all(isinstance(a, Node) and a.target is operator.getitem for a in (w, ids)):
+        return None
+    r = w.args[0]
+    if r is not ids.args[0] or r.target is not ROUTE or (w.args[1], ids.args[1]) != (0, 1):
+        return None
+    return r
+
+
+def _lower_moe_ort(gm: GraphModule, node: Node, report: LowerReport) -> None:
+    x, weights, ids, w13_n, w2_n, activation = node.args
+    _check_activation(node, activation)
+    if w13_n.op != "get_attr" or w2_n.op != "get_attr":
+        raise LoweringError(f"{node.name} (dsmoe::moe): expert weights must be parameters for com.microsoft.MoE")
+    w13 = _attr(gm, w13_n)
+    E, twoI, H = w13.shape
+    # ORT's CPU kernel wants gate/up interleaved per row pair (swiglu_fusion=1): g0,u0,g1,u1,...
+    w13i = w13.view(E, 2, twoI // 2, H).transpose(1, 2).reshape(E, twoI, H).contiguous()
+    w13i_n = _add_buffer(gm, w13_n, "w13_interleaved", w13i)
+    route = _route_of(node)
+    spec = route.args[3:] if route is not None else None
+    if spec is not None and spec[0] == "softmax" and (spec[1] == "greedy" or spec[3] == 1) and route.args[2] is None:
+        scoring, method, top_k, n_group, topk_group, norm, scaling, scale_when = spec
+        scale = scaling if (scale_when == "always" or not norm) else 1.0
+        node.target = ort_moe_softmax_greedy
+        node.args = (x, route.args[0], route.args[1], w13i_n, w2_n)
+        node.kwargs = dict(k=top_k, normalize=norm, scale=float(scale))
+        report.count("dsmoe::moe", "com.microsoft.MoE (router logits, softmax greedy)")
+    else:
+        node.target = ort_moe_masked
+        node.args = (x, weights, ids, w13i_n, w2_n)
+        node.kwargs = dict(num_experts=E)
+        report.count("dsmoe::moe", "com.microsoft.MoE (masked logits, rescaled)")
+
+
+def _lower_moe_portable(gm: GraphModule, node: Node, report: LowerReport) -> None:
+    x, weights, ids, w13_n, w2_n, activation = node.args
+    _check_activation(node, activation)
+    if w13_n.op != "get_attr" or w2_n.op != "get_attr":
+        raise LoweringError(f"{node.name} (dsmoe::moe): expert weights must be parameters")
+    w13, w2 = _attr(gm, w13_n), _attr(gm, w2_n)
+    # One initializer per expert (views of the stacked tensors: no copy, no runtime Gather).
+    experts = []
+    for e in range(w13.shape[0]):
+        experts.append(_add_buffer(gm, w13_n, f"w13_{e}", w13[e], before=node))
+        experts.append(_add_buffer(gm, w2_n, f"w2_{e}", w2[e], before=node))
+    node.target = moe_sparse_std
+    node.args = (x, weights, ids, *experts)
+    report.count("dsmoe::moe", "standard ops (sparse per-expert dispatch)")
+
+
+# Lowerings that need another node lowered first list it here: ort's softmax-greedy MoE consumes
+# the route's inputs (so the route is lowered after the moe, and dies if nothing else uses it).
+LOWERINGS: dict[str, dict[object, Callable[[GraphModule, Node, LowerReport], None]]] = {
+    "ort": {MOE: _lower_moe_ort, GATED_MLP: _lower_gated_mlp_std, ROUTE: _lower_route_std},
+    "portable": {MOE: _lower_moe_portable, GATED_MLP: _lower_gated_mlp_std, ROUTE: _lower_route_std},
+}
+
+
+def check_target(target: str) -> None:
+    if target not in LOWERINGS:
+        raise DsmoeError(f"unsupported target {target!r} (supported: {', '.join(LOWERINGS)})")
+
+
+def lower(gm: GraphModule, *, target: str) -> LowerReport:
+    """Rewrite every ``dsmoe::*`` node of ``gm`` for ``target`` (in place); report what became what."""
+    check_target(target)
+    table = LOWERINGS[target]
+    report = LowerReport(target)
+    # Lowering order is the table's order (moe before route, see above).
+    for op, fn in table.items():
+        for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]:
+            fn(gm, node, report)
+    left = [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+            and n.target.namespace not in ("aten", "prims", "_operator", "onnx_symbolic")]
+    if left:
+        n = left[0]
+        raise LoweringError(f"target {target!r} cannot take node {n.name} ({n.target}): no lowering in its table")
+    gm.graph.eliminate_dead_code()
+    _drop_unused_attrs(gm)
+    gm.recompile()
+    return report
+
+
+# ---- graph helpers ---------------------------------------------------------------------------
+
+def _attr(gm: GraphModule, node: Node) -> torch.Tensor:
+    obj = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _add_buffer(gm: GraphModule, like: Node, name: str, value: torch.Tensor, before: Node | None = None) -> Node:
+    owner = like.target.rsplit(".", 1)[0]
+    mod = gm.get_submodule(owner)
+    mod.register_buffer(name, value.detach(), persistent=True)
+    with gm.graph.inserting_before(before or like):
+        return gm.graph.get_attr(f"{owner}.{name}")
+
+
+def _drop_unused_attrs(gm: GraphModule) -> None:
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name not in used:
+            owner, _, leaf = name.rpartition(".")
+            mod = gm.get_submodule(owner) if owner else gm
+            mod._parameters.pop(leaf, None)
+            mod._buffers.pop(leaf, None)

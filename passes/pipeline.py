@@ -1,0 +1,126 @@
+"""The ordered pass list and the pipeline that runs (and verifies) it.
+
+Order, and why:
+
+1. ``fuse_router`` first: ``outline_moe`` then consumes ``dsmoe::route``'s int32 ids directly
+   (it still works on an unfused router, reading the topk ids).
+2. ``outline_moe`` before ``fuse_gated_mlp``: the routed experts are SwiGLU MLPs too;
+   ``fuse_gated_mlp`` skips them by path, but outlining first leaves it nothing to skip.
+3. ``fuse_gated_mlp``: shared experts and dense MLPs.
+4. ``fold_shared_experts`` (optional, ``PassContext.fold_shared_experts``) last: it needs both
+   the ``dsmoe::moe`` of step 2 and the shared ``dsmoe::gated_mlp`` of step 3.
+
+With ``ctx.verify`` the graph runs on seeded prefill and single-token decode inputs before the
+first pass and after every pass; an output beyond the dtype's tolerance raises
+:class:`VerificationError` naming the pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.fx import GraphModule
+
+from dsmoe.errors import DsmoeError
+from dsmoe.ir import node_count, op_histogram, param_bytes, sample_inputs
+from dsmoe.passes.context import PassContext, PassResult
+from dsmoe.passes.fold_shared_experts import fold_shared_experts
+from dsmoe.passes.fuse_gated_mlp import fuse_gated_mlp
+from dsmoe.passes.fuse_router import fuse_router
+from dsmoe.passes.outline_moe import outline_moe
+
+Pass = Callable[[GraphModule, PassContext], PassResult]
+
+PASSES: list[tuple[str, Pass]] = [
+    ("fuse_router", fuse_router),
+    ("outline_moe", outline_moe),  # consumes route's ids (1)
+    ("fuse_gated_mlp", fuse_gated_mlp),  # after outline_moe (2)
+    ("fold_shared_experts", fold_shared_experts),  # optional; needs moe + gated_mlp (4)
+]
+OPTIONAL = {"fold_shared_experts": "fold_shared_experts"}  # pass name -> PassContext flag
+
+# max |a-b| / max |ref| allowed, per dtype
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+class VerificationError(DsmoeError):
+    exit_code = 1
+
+
+@dataclass
+class PassReport:
+    name: str
+    rewrites: int
+    nodes_before: int
+    nodes_after: int
+    param_bytes: int
+    max_abs_err: float | None
+    rel_err: float | None
+    seconds: float
+    skipped: list[str]
+
+
+def pass_names(ctx: PassContext | None = None) -> list[str]:
+    ctx = ctx or PassContext()
+    return [name for name, _ in PASSES if name not in OPTIONAL or getattr(ctx, OPTIONAL[name])]
+
+
+def run_pipeline(gm: GraphModule, ctx: PassContext | None = None,
+                 on_pass: Callable[[PassReport, GraphModule], None] | None = None) -> tuple[GraphModule, list[PassReport]]:
+    """Run the enabled passes in order; returns the (in-place rewritten) graph and one report per pass."""
+    ctx = ctx or PassContext()
+    enabled = pass_names(ctx)
+    if ctx.dump_after and ctx.dump_after not in [n for n, _ in PASSES]:
+        raise DsmoeError(f"unknown pass {ctx.dump_after!r} for --dump-after (passes: {', '.join(n for n, _ in PASSES)})")
+    checker = _Verifier(gm, ctx) if ctx.verify else None
+    reports = []
+    for name, fn in PASSES:
+        if name not in enabled:
+            continue
+        before = node_count(gm)
+        t = time.perf_counter()
+        result = fn(gm, ctx)
+        seconds = time.perf_counter() - t
+        abs_err, rel_err = checker.check(name) if checker else (None, None)
+        rep = PassReport(name, result.rewrites, before, node_count(gm), param_bytes(gm), abs_err, rel_err,
+                         seconds, result.skipped)
+        reports.append(rep)
+        if on_pass:
+            on_pass(rep, gm)
+    return gm, reports
+
+
+class _Verifier:
+    """Runs the graph on fixed seeded inputs; compares every later run with the first."""
+
+    def __init__(self, gm: GraphModule, ctx: PassContext):
+        config = ctx.config_of(gm)
+        dtype = gm.meta.get("dsmoe_dtype", torch.float32)
+        device = next(iter(gm.parameters())).device
+        self.gm, self.tol = gm, TOLERANCE[dtype]
+        self.inputs = [sample_inputs(config, batch=2, seq=7, past=0, seed=ctx.verify_seed, dtype=dtype, device=device),
+                       sample_inputs(config, batch=2, seq=1, past=6, seed=ctx.verify_seed + 1, dtype=dtype, device=device)]
+        self.refs = self._run()
+
+    @torch.no_grad()
+    def _run(self) -> list[torch.Tensor]:
+        return [self.gm(*args)[0].float() for args in self.inputs]
+
+    def check(self, name: str) -> tuple[float, float]:
+        abs_err = rel_err = 0.0
+        for ref, out in zip(self.refs, self._run()):
+            err = (out - ref).abs().max().item()
+            abs_err = max(abs_err, err)
+            rel_err = max(rel_err, err / max(ref.abs().max().item(), 1e-12))
+        if not rel_err <= self.tol:  # also catches NaN
+            raise VerificationError(f"pass {name} changed the model's outputs: max abs error {abs_err:.3g} "
+                                    f"(relative {rel_err:.3g} > tolerance {self.tol:g})")
+        return abs_err, rel_err
+
+
+def report_json(reports: list[PassReport], gm: GraphModule) -> dict:
+    """The ``dsmoe inspect --json`` document."""
+    return {"passes": [asdict(r) for r in reports], "ops": op_histogram(gm)}
