@@ -20,6 +20,7 @@ import torch
 from dsmoe.config import PRESETS, DeepseekConfig
 from dsmoe.errors import ConfigError, DsmoeError
 from dsmoe.model import DeepseekForCausalLM, init_weights
+from dsmoe import ops as _ops  # noqa: F401  (registers torch.ops.dsmoe.*)
 
 __version__ = "0.1.0"
 PRESET_PREFIX = "preset:"

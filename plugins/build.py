@@ -111,6 +111,11 @@ def compile_nvcc(nvcc: str, src: Path, arch: str, out: Path, *, fmt: str = "cubi
         raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{res.stderr}")
 
 
+def _nvcc_identity(nvcc: str) -> str:
+    res = subprocess.run([nvcc, "--version"], capture_output=True, text=True)
+    return f"nvcc:{nvcc}:{res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ''}"
+
+
 def build(name: str, arch: str) -> Path:
     """The cubin of ``plugins/<name>/<name>.cu`` for ``arch``, compiled once and cached."""
     src = source_path(name)
@@ -120,7 +125,7 @@ def build(name: str, arch: str) -> Path:
     nvcc = None if nvrtc is not None else find_nvcc()
     if nvrtc is None and nvcc is None:
         raise RuntimeError("cannot compile CUDA kernels: neither NVRTC (cuda-python) nor nvcc is available")
-    compiler = f"nvrtc{_check(nvrtc.nvrtcVersion(), 'nvrtcVersion')}" if nvrtc else f"nvcc:{nvcc}"
+    compiler = f"nvrtc{_check(nvrtc.nvrtcVersion(), 'nvrtcVersion')}" if nvrtc else _nvcc_identity(nvcc)
     path = cache_path(name, arch, cache_key(source, headers, arch, compiler))
     if path.is_file():
         return path
@@ -227,7 +232,8 @@ class Module:
         else:
             import cupy
 
-            fn(grid, block, tuple(v[0] for v in vals), shared_mem=smem, stream=cupy.cuda.ExternalStream(stream))
+            with cupy.cuda.Device(self.device_index), cupy.cuda.ExternalStream(stream):
+                fn(grid, block, tuple(v[0] for v in vals), shared_mem=smem)
 
 
 _NP = {"p": "uint64", "i": "int32", "q": "int64", "f": "float32"}

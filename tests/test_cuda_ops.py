@@ -26,6 +26,8 @@ VARIANTS = {
                norm_topk_prob=False, scaling=16.0, scale_when="unnormalized"),
     "v3": dict(scoring="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2,
                norm_topk_prob=True, scaling=2.5, scale_when="always"),
+    "v3_unnorm": dict(scoring="sigmoid", topk_method="noaux_tc", n_group=2, topk_group=1,
+                      norm_topk_prob=False, scaling=2.5, scale_when="always"),
     "sigmoid_greedy": dict(scoring="sigmoid", topk_method="greedy", n_group=1, topk_group=1,
                            norm_topk_prob=False, scaling=1.0, scale_when="always"),
 }
@@ -36,6 +38,13 @@ def cuda_kernels():
     assert plugins.register_cuda_kernels() is True, plugins.cuda_kernels_status()
 
 
+def _poison_cuda_cache(nbytes=256 << 20):
+    """Fill memory the caching allocator will hand out next with NaN, so that an output element
+    a kernel forgets to write shows up instead of reading as a stale plausible value."""
+    torch.empty(nbytes // 4, device="cuda").fill_(float("nan"))
+    torch.cuda.synchronize()
+
+
 def _dense(weights, ids, E):
     return torch.zeros(weights.shape[0], E, dtype=torch.float64).scatter_(1, ids.long().cpu(), weights.double().cpu())
 
@@ -43,10 +52,12 @@ def _dense(weights, ids, E):
 def check_route(x, w_gate, bias, top_k, attrs):
     ref_w, ref_ids = torch.ops.dsmoe.route(x.cpu(), w_gate.cpu(), None if bias is None else bias.cpu(),
                                            top_k=top_k, **attrs)
+    _poison_cuda_cache()
     got_w, got_ids = torch.ops.dsmoe.route(x.cuda(), w_gate.cuda(), None if bias is None else bias.cuda(),
                                            top_k=top_k, **attrs)
     assert got_w.dtype == torch.float32 and got_ids.dtype == torch.int32
     assert got_w.shape == got_ids.shape == (x.shape[0], top_k)
+    assert torch.isfinite(got_w).all()
     E = w_gate.shape[0]
     got_ids = got_ids.cpu()
     assert int(got_ids.min()) >= 0 and int(got_ids.max()) < E
@@ -112,6 +123,7 @@ def check_moe(x, weights, ids, w13, w2, **launch):
                               w13.double() if x.dtype == torch.float32 else w13,
                               w2.double() if x.dtype == torch.float32 else w2, "silu").double()
     cuda = [t.cuda() for t in (x, weights, ids, w13, w2)]
+    _poison_cuda_cache()
     got = moe_cuda(*cuda, "silu", **launch) if launch else torch.ops.dsmoe.moe(*cuda, "silu")
     torch.cuda.synchronize()
     assert got.dtype == x.dtype and got.shape == x.shape

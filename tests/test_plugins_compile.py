@@ -4,6 +4,7 @@ register_cuda_kernels() without CUDA."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -62,6 +63,30 @@ def test_cu_compiles_to_ptx_with_all_entries(ptx, src, arch):
         assert f".entry {name}(" in text, f"{src} ({arch}) lacks kernel {name}"
 
 
+def _ptx_params(text: str, entry: str) -> list[str]:
+    """The PTX parameter types of ``entry`` (``u64``, ``u32``, ``f32``...)."""
+    m = re.search(rf"\.entry {entry}\((.*?)\)", text, re.S)
+    assert m, entry
+    return re.findall(r"\.param \.(\w+)", m.group(1))
+
+
+PTX_TYPE = {"p": "u64", "i": "u32", "q": "u64", "f": "f32"}
+
+
+def test_launcher_signatures_match_ptx(ptx):
+    from dsmoe.plugins.moe import launch as moe_launch
+    from dsmoe.plugins.route import launch as route_launch
+
+    sigs = {("route.cu", e): route_launch.ROUTE_SIG for e in EXPECTED_ENTRIES["route.cu"]}
+    for e in EXPECTED_ENTRIES["moe.cu"]:
+        sig = (moe_launch.ALIGN_SIG if e == "moe_align" else moe_launch.COMBINE_SIG if "combine" in e
+               else moe_launch.CAST_SIG if "cast" in e else moe_launch.GEMM_SIG)
+        sigs[("moe.cu", e)] = sig
+    for (src, entry), sig in sigs.items():
+        got = _ptx_params(ptx[(src, "sm_90")], entry)
+        assert got == [PTX_TYPE[c] for c in sig], f"{entry}: PTX params {got} vs launcher {sig!r}"
+
+
 def test_tensor_core_kernels_use_mma(ptx):
     text = ptx[("moe.cu", "sm_90")]
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in text
@@ -117,6 +142,16 @@ V3 = dict(scoring="sigmoid", topk_method="noaux_tc", top_k=8, n_group=8, topk_gr
           norm_topk_prob=True, scaling=2.5, scale_when="always")
 V1 = dict(scoring="softmax", topk_method="greedy", top_k=6, n_group=1, topk_group=1,
           norm_topk_prob=False, scaling=1.0, scale_when="unnormalized")
+
+
+def test_route_splits_experts_for_small_T():
+    one = validate_route_attrs(1, 2048, 64, **V1).with_splits(132)
+    assert one.splits == 8 and one.grid == (1, 8, 1)       # one expert per warp
+    v3 = validate_route_attrs(4, 7168, 256, **V3).with_splits(132)
+    assert v3.splits == 32 and v3.grid == (4, 32, 1)
+    big = validate_route_attrs(8192, 2048, 64, **V1)
+    assert big.with_splits(132).splits == 1                # 1024 token blocks fill the GPU
+    assert validate_route_attrs(1, 64, 6, **{**V1, "top_k": 2}).with_splits(132).splits == 1
 
 
 def test_route_attrs_ok():
@@ -249,8 +284,10 @@ def test_register_cuda_kernels_without_cuda():
 
 
 def test_plugins_import_needs_no_cuda_python():
-    code = ("import sys, dsmoe.plugins, dsmoe.plugins.build, dsmoe.plugins.route.launch, dsmoe.plugins.moe.launch;"
-            "assert 'cuda' not in sys.modules and 'cupy' not in sys.modules")
+    code = ("import sys, torch, dsmoe.ops; before = set(sys.modules);"
+            "import dsmoe.plugins, dsmoe.plugins.build, dsmoe.plugins.route.launch, dsmoe.plugins.moe.launch;"
+            "new = {m.split('.')[0] for m in set(sys.modules) - before};"
+            "assert not new & {'cuda', 'cupy'}, new")
     subprocess.run([__import__("sys").executable, "-c", code], check=True)
 
 

@@ -3,16 +3,16 @@
 //   x [T,H], weights [T,K] fp32, ids [T,K] int32, w13 [E,2I,H] (gate rows, then up rows),
 //   w2 [E,H,I]  ->  y [T,H] in x's dtype.   P = T·K (token, slot) pairs, pair id = t·K + k.
 //
-// Launch path (plugins/moe/launch.py does the same steps in this order):
-//   1. moe_align          one CTA: per-expert counts, offsets padded to BM rows, block -> expert,
+// Launch path (numbered as in plugins/moe/launch.py; 1 validates and plans, 2 carves the workspace):
+//   3. moe_align          one CTA: per-expert counts, offsets padded to BM rows, block -> expert,
 //                         sorted_pair (pair ids grouped by expert, -1 in padding rows)
-//   2. moe_gemm1_*        grid (MB, ceil(I / (BN/2))): act[row] = silu(x·w13[e][:I]ᵀ) ⊙ x·w13[e][I:]ᵀ
+//   4. moe_gemm1_*        grid (MB, ceil(I / (BN/2))): act[row] = silu(x·w13[e][:I]ᵀ) ⊙ x·w13[e][I:]ᵀ
 //                         (gate and up tiles of the same output columns sit in one CTA, so SwiGLU
 //                         is fused into the epilogue and only act [rows, I] reaches memory)
-//   3. (atomic combine)   y32 zeroed by the launcher
-//   4. moe_gemm2_*        grid (MB, ceil(H / BN)): out = weight[pair] · act[row]·w2[e]ᵀ (fp32),
-//                         stored per pair (reduce) or atomically added into y32[t] (atomic)
-//   5. moe_combine_* / moe_cast_*   y[t] = Σ_k out[t·K+k] in fp32 (reduce) or y = y32 (atomic)
+//   5. moe_gemm2_*        grid (MB, ceil(H / BN)): out = weight[pair] · act[row]·w2[e]ᵀ (fp32),
+//                         stored per pair (reduce) or atomically added into y32[t] (atomic,
+//                         zeroed by the launcher first)
+//   6. moe_combine_* / moe_cast_*   y[t] = Σ_k out[t·K+k] in fp32 (reduce) or y = y32 (atomic)
 //
 // Workspace (one byte buffer, each region 256-byte aligned; MB = max row blocks, see launch.py):
 //   +-----------------+------------------+----------------------+--------------------+------------------+
@@ -21,9 +21,9 @@
 //   +-----------------+------------------+----------------------+--------------------+------------------+
 //
 // Tile configurations (tensor cores, mma.sync m16n8k16, bf16/fp16 in, fp32 accumulate):
-//   dec  BM 16, BN 64,  BK 64, 4 warps (1x4), 4 stages: decode, T·K small. Every hit expert has one
-//        row block, so each weight byte is read once; the grid splits 2I (or H) into 64-row tiles so
-//        that all SMs stream weights.
+//   dec  BM 16, BN 64,  BK 64, 4 warps (1x4), 4 stages: decode, T·K small. An expert with <= 16
+//        pairs is one row block, so each weight byte is read once; the grid splits 2I (or H) into
+//        64-row tiles so that all SMs stream weights.
 //   pre  BM 64, BN 128, BK 32, 4 warps (2x2), 3 stages: prefill.
 // The SIMT kernels (moe_simt_*) cover fp32 and shapes with H or I not a multiple of 8.
 #include "dsmoe_common.cuh"
@@ -67,7 +67,7 @@ template <> struct Mma<f16> {
   }
 };
 
-// ---------------------------------------------------------------- 1. alignment (one CTA)
+// ---------------------------------------------------------------- 3. alignment (one CTA)
 __device__ __forceinline__ void align_body(const int* __restrict__ ids, int P, int E, int BM,
                                            int MB, int* __restrict__ offsets,
                                            int* __restrict__ block_expert,
@@ -107,7 +107,7 @@ __device__ __forceinline__ void align_body(const int* __restrict__ ids, int P, i
   }
 }
 
-// ---------------------------------------------------------------- 2./4. tensor-core grouped GEMM
+// ---------------------------------------------------------------- 4./5. tensor-core grouped GEMM
 // C[row, n] = Σ_k A[row, k] · B[e][n, k]  (B rows are output columns, k contiguous: the "col"
 // operand of mma.sync). GATED: A rows gathered from x by token, B = w13[e], epilogue SwiGLU ->
 // act. Otherwise A = act (sorted rows), B = w2[e], epilogue · routing weight -> out / y32.
@@ -306,7 +306,7 @@ __device__ __forceinline__ void gemm_simt_body(
   }
 }
 
-// ---------------------------------------------------------------- 5. combine over K / cast
+// ---------------------------------------------------------------- 6. combine over K / cast
 template <typename T>
 __device__ __forceinline__ void combine_body(const float* __restrict__ out, const int* __restrict__ ids,
                                              T* __restrict__ y, int T_, int K, int H, int E) {

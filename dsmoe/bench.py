@@ -1,0 +1,216 @@
+"""``dsmoe bench``: the benchmark harness (suites × backends on this machine, in one process).
+
+For each suite: build the workload (seeded random weights and inputs), measure this machine's
+limits, prepare every requested backend (unavailable ones are recorded as skipped with the
+reason), check each backend's output against eager on every case (a wrong backend is not
+timed), then time case by case with the backends interleaved, so that ratios come from the same
+minutes of a possibly busy machine. Results go to ``<out_dir>/<machine>-<suite>.{json,md,png}``.
+
+Pieces: :mod:`dsmoe.bench_suites` (what is measured), :mod:`dsmoe.bench_backends` (the
+registry), :mod:`dsmoe.bench_timing` (method, cross-check), :mod:`dsmoe.bench_limits`
+(bandwidth, GEMM rate, floors), :mod:`dsmoe.bench_report` (table and files).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from dsmoe.bench_backends import REGISTRY, Unsupported
+from dsmoe.bench_limits import Limits, floor_s, measure_limits
+from dsmoe.bench_report import SCHEMA, machine_info, print_table, versions, write_files
+from dsmoe.bench_suites import SEED, SUITES, Workload, model_workload, moe_layer_workload
+from dsmoe.bench_timing import FULL, QUICK, Method, cross_check, measure
+from dsmoe.errors import DsmoeError
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+DEFAULT_BACKENDS = ("eager", "fused", "ort", "ort-cuda")
+
+# What each suite measures, full and quick. `model` quick uses the `small` preset: the 16B-wide
+# model's setup alone (init, capture, ONNX export of 4.4 GB) does not fit a 2-minute run.
+SIZES = {
+    ("moe-layer", False): dict(source="preset:deepseek-moe-16b", overrides={}, tokens=[1, 8, 32, 128, 512]),
+    ("moe-layer", True): dict(source="preset:deepseek-moe-16b", overrides={}, tokens=[1, 32]),
+    ("model", False): dict(source="preset:deepseek-moe-16b", overrides={"num_hidden_layers": 2}, prefill=128, decode=32),
+    ("model", True): dict(source="preset:small", overrides={"num_hidden_layers": 2}, prefill=32, decode=8),
+}
+
+GOALS = {
+    "moe-layer": [("ort ≥ 1.5× eager at every T", "ort", 1.5), ("fused ≥ 1.3× eager at every T", "fused", 1.3),
+                  ("best backend at T=1 within 1.3× of the memory floor", None, 1.3)],
+    "model": [("ort decode ≥ 1.5× eager per token", "ort", 1.5)],
+}
+
+
+def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None = None, quick: bool = False,
+              out_dir: str | Path | None = None, threads: int | None = None,
+              progress: bool | Callable[[str], None] = True, preset: str | None = None,
+              overrides: dict | None = None, tokens: Sequence[int] | None = None,
+              method: Method | None = None, limits: Limits | None = None, write: bool = True) -> dict:
+    """Run the benchmark; returns ``{"machine", "suites": {suite: document}, "files": [...]}``.
+
+    ``preset``/``overrides``/``tokens``/``method``/``limits`` override the sizes, timing method and
+    limits (tests use the tiny preset, one iteration and fixed limits). Unknown suite or backend
+    names raise :class:`DsmoeError`.
+    """
+    suites = list(suites)
+    backends = list(backends or [b for b in DEFAULT_BACKENDS if b in REGISTRY])
+    for s in suites:
+        if s not in SUITES:
+            raise DsmoeError(f"unknown suite {s!r} (suites: {', '.join(SUITES)}, all)")
+    for b in backends:
+        if b not in REGISTRY:
+            raise DsmoeError(f"unknown backend {b!r} (backends: {', '.join(REGISTRY)})")
+    if "eager" not in backends:
+        backends.insert(0, "eager")  # the reference every other backend is checked against
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    console = Console(width=max(Console().width, 130))
+    say = progress if callable(progress) else (lambda msg: console.print(f"[dim]{msg}[/]")) if progress else (lambda msg: None)
+    out_dir = Path(out_dir) if out_dir else DEFAULT_OUT
+    meth = method or (QUICK if quick else FULL)
+    result = {"machine": machine_info(threads), "suites": {}, "files": []}
+    for suite in suites:
+        doc = _run_suite(suite, backends, quick, threads, meth, say, preset, overrides, tokens, limits)
+        doc["machine"] = result["machine"]
+        result["suites"][suite] = doc
+        if progress:
+            print_table(doc, console)
+        if write:
+            files = write_files(doc, out_dir)
+            result["files"] += [str(p) for p in files]
+            say(f"wrote {', '.join(str(p) for p in files)}")
+    return result
+
+
+def _run_suite(suite, backends, quick, threads, meth, say, preset, overrides, tokens, limits) -> dict:
+    size = dict(SIZES[(suite, quick)])
+    if preset:
+        size["source"] = f"preset:{preset}"
+    if overrides is not None:
+        size["overrides"] = overrides
+    if tokens is not None:
+        size["tokens" if suite == "moe-layer" else "prefill"] = list(tokens) if suite == "moe-layer" else tokens[0]
+    load_start = os.getloadavg()[0]
+    say(f"[{suite}] measuring this machine's bandwidth and GEMM rate")
+    lim = limits or measure_limits(quick=quick)
+    say(f"[{suite}] building the workload ({size['source']}, {size['overrides'] or 'no overrides'})")
+    t = time.perf_counter()
+    if suite == "moe-layer":
+        w = moe_layer_workload(size["source"], size["overrides"], size["tokens"])
+    else:
+        w = model_workload(size["source"], size["overrides"], size["prefill"], size["decode"])
+    say(f"[{suite}] workload ready in {time.perf_counter() - t:.1f} s")
+    prepared, binfo = _prepare_all(w, backends, threads, say)
+    cases = [_run_case(w, c, prepared, binfo, meth, lim, say) for c in w.cases]
+    for p in prepared.values():
+        if p.cleanup:
+            p.cleanup()
+    doc = {"schema": SCHEMA, "suite": suite, "quick": quick,
+           "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "versions": versions(), "dtype": "fp32", "seed": SEED, "shapes": w.shapes, "method": meth.as_dict(),
+           "limits": lim.as_dict(), "backends": binfo, "cases": cases,
+           "load": {"start": load_start, "end": os.getloadavg()[0]}}
+    doc["goals"] = evaluate_goals(doc)
+    del w, prepared
+    gc.collect()
+    return doc
+
+
+def _prepare_all(w: Workload, names, threads, say):
+    prepared, info = {}, {}
+    for name in names:
+        b = REGISTRY[name]
+        info[name] = {"description": b.description, "status": "ok", "reason": "", "prepare_s": None, "notes": {}}
+        ok, why = b.available()
+        if not ok:
+            info[name].update(status="skipped", reason=why)
+            say(f"[{w.suite}] {name}: skipped ({why})")
+            continue
+        say(f"[{w.suite}] preparing {name}")
+        t = time.perf_counter()
+        try:
+            p = b.prepare(w, threads)
+        except Unsupported as e:
+            info[name].update(status="skipped", reason=str(e))
+            say(f"[{w.suite}] {name}: skipped ({e})")
+            continue
+        except Exception as e:  # a backend that breaks is reported, the run goes on
+            info[name].update(status="failed", reason=f"{type(e).__name__}: {e}"[:500])
+            say(f"[{w.suite}] {name}: failed ({type(e).__name__}: {e})")
+            continue
+        info[name].update(prepare_s=time.perf_counter() - t, notes=p.notes)
+        prepared[name] = p
+        gc.collect()
+    return prepared, info
+
+
+def _run_case(w: Workload, case, prepared, binfo, meth: Method, lim: Limits, say) -> dict:
+    fl = floor_s(case.work, lim)
+    out = {"case": case.name, "tokens": case.tokens, "per": case.per, "info": case.info,
+           "work": {"bytes": case.work.bytes, "flops": case.work.flops}, "floor": fl, "results": {}}
+    with torch.inference_mode():
+        ref = case.run(prepared["eager"].fn)
+    res = out["results"]
+    for name in binfo:
+        if name not in prepared:
+            res[name] = {"status": binfo[name]["status"], "reason": binfo[name]["reason"]}
+            continue
+        try:
+            with torch.inference_mode():
+                chk = cross_check(case.run(prepared[name].fn), ref)
+        except Exception as e:
+            res[name] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:500]}
+            continue
+        if not chk.ok:
+            res[name] = {"status": "mismatch", "reason": f"not timed: {chk.detail}", "check": chk.as_dict()}
+            say(f"[{w.suite}] {case.name} {name}: output mismatch vs eager, not timed ({chk.detail})")
+            continue
+        say(f"[{w.suite}] {case.name} {name}: timing")
+        fn = prepared[name].fn
+        t = measure(lambda: case.run(fn), meth)
+        lat = t.median_s / case.per
+        res[name] = {"status": "ok", "check": chk.as_dict(), "timing": t.as_dict(), "latency_s": lat,
+                     "floor_fraction": fl["floor_s"] / lat}
+    eager = res.get("eager", {}).get("latency_s")
+    for r in res.values():
+        if r["status"] == "ok":
+            r["vs_eager"] = eager / r["latency_s"] if eager else None
+    return out
+
+
+def evaluate_goals(doc: dict) -> list[dict]:
+    """The issue's targets, evaluated on this run (reported, never asserted)."""
+    out = []
+    cases = doc["cases"]
+    for text, backend, target in GOALS[doc["suite"]]:
+        if backend is None:  # best backend at the smallest T vs the memory floor
+            c = min(cases, key=lambda c: c["tokens"])
+            ok = {n: r for n, r in c["results"].items() if r["status"] == "ok"}
+            if not ok:
+                out.append({"goal": text, "met": None, "detail": "no backend ran"})
+                continue
+            best = min(ok, key=lambda n: ok[n]["latency_s"])
+            x = ok[best]["latency_s"] / c["floor"]["memory_s"]
+            out.append({"goal": text, "met": x <= target, "value": x,
+                        "detail": f"{best} at {c['case']}: {x:.2f}× the memory floor ({ok[best]['latency_s'] * 1e3:.1f} ms vs "
+                                  f"{c['floor']['memory_s'] * 1e3:.1f} ms)"})
+            continue
+        sel = [c for c in cases if doc["suite"] == "moe-layer" or c["case"].startswith("decode")]
+        got = [(c["case"], c["results"].get(backend, {})) for c in sel]
+        if not got or any(r.get("status") != "ok" for _, r in got):
+            why = "; ".join(f"{n}: {r.get('status', 'absent')} {r.get('reason', '')}".strip() for n, r in got if r.get("status") != "ok")
+            out.append({"goal": text, "met": None, "detail": f"{backend} did not run on every case ({why})"})
+            continue
+        worst = min(got, key=lambda kv: kv[1]["vs_eager"])
+        out.append({"goal": text, "met": worst[1]["vs_eager"] >= target, "value": worst[1]["vs_eager"],
+                    "detail": "speed-ups " + ", ".join(f"{n}: {r['vs_eager']:.2f}×" for n, r in got)
+                              + f"; worst {worst[0]} at {worst[1]['vs_eager']:.2f}× (target {target}×)"})
+    return out

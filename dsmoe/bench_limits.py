@@ -1,0 +1,123 @@
+"""This machine's limits, measured in the benchmark run, and the floor of a case.
+
+Two microbenchmarks: memory *read* bandwidth (sum of a buffer far larger than the caches) and
+the fp32 GEMM rate (square ``torch.mm``), both with the run's thread count, best of a few runs
+(a limit is what the machine can do, not what it did on average). A case's floor is then
+
+    floor = max(bytes_touched / bandwidth, flops / gemm_rate)
+
+with ``bytes_touched`` the weights the case actually reads (router, the *distinct* experts the
+router hit, shared experts, dense weights) plus its activations. ``fraction of floor`` is
+``floor / latency``: 1.0 means the backend runs at the machine's limit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from dsmoe.config import DeepseekConfig
+
+
+@dataclass
+class Limits:
+    bandwidth_gbs: float     # GB/s (1e9 bytes) read
+    gemm_gflops: float       # fp32 GFLOP/s
+    bandwidth_bytes: int     # buffer size used
+    gemm_n: int              # square GEMM size used
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_limits(*, quick: bool = False, bandwidth_mb: int | None = None, gemm_n: int | None = None,
+                   repeats: int | None = None) -> Limits:
+    """Measure read bandwidth and fp32 GEMM rate (best of ``repeats``)."""
+    mb = bandwidth_mb or (256 if quick else 1024)
+    n = gemm_n or (1024 if quick else 2048)
+    reps = repeats or (3 if quick else 7)
+    buf = torch.ones(mb * (1 << 20) // 4, dtype=torch.float32)
+    buf.sum()  # fault the pages in
+    bw = max(buf.numel() * 4 / _time(lambda: buf.sum()) for _ in range(reps))
+    del buf
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    gemm = max(2.0 * n ** 3 / _time(lambda: torch.mm(a, b)) for _ in range(reps))
+    return Limits(bandwidth_gbs=bw / 1e9, gemm_gflops=gemm / 1e9, bandwidth_bytes=mb << 20, gemm_n=n)
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+@dataclass
+class Work:
+    """What one case must do at least: bytes read from memory and floating-point operations."""
+
+    bytes: float
+    flops: float
+
+    def __add__(self, other: Work) -> Work:
+        return Work(self.bytes + other.bytes, self.flops + other.flops)
+
+    def scaled(self, s: float) -> Work:
+        return Work(self.bytes * s, self.flops * s)
+
+
+def floor_s(work: Work, limits: Limits) -> dict:
+    """``{"memory_s", "compute_s", "floor_s", "bound"}`` for a case's work on this machine."""
+    mem = work.bytes / (limits.bandwidth_gbs * 1e9)
+    comp = work.flops / (limits.gemm_gflops * 1e9)
+    return {"memory_s": mem, "compute_s": comp, "floor_s": max(mem, comp),
+            "bound": "memory" if mem >= comp else "compute"}
+
+
+# ---- work of the DeepSeek blocks (S = bytes per weight element) -----------------------------
+
+def moe_layer_work(config: DeepseekConfig, T: int, hit_experts: int, *, itemsize: int = 4) -> Work:
+    """One MoE layer on T tokens whose router hit ``hit_experts`` distinct experts.
+
+    bytes: router [E,H] + hit experts · 3·H·I + shared 3·H·I_s (+ x and y, T·H each);
+    flops: 2·T·(E·H + K·3·H·I + 3·H·I_s) (router, routed and shared GEMMs; element-wise ops ignored).
+    """
+    H, E, I, K = config.hidden_size, config.n_routed_experts, config.moe_intermediate_size, config.num_experts_per_tok
+    Is = config.shared_intermediate_size
+    weights = E * H + hit_experts * 3 * H * I + 3 * H * Is
+    return Work(bytes=float((weights + 2 * T * H) * itemsize),
+                flops=float(2 * T * (E * H + K * 3 * H * I + 3 * H * Is)))
+
+
+def attention_work(config: DeepseekConfig, S: int, past: int, *, itemsize: int = 4) -> Work:
+    """q/k/v/o projections for S tokens plus scores and weighted sum over past+S keys, as executed
+    (the full S×(past+S) score matrix); reads the projections and the past K/V cache."""
+    H, d = config.hidden_size, config.head_dim
+    nh, nkv = config.num_attention_heads, config.num_key_value_heads
+    proj = H * nh * d * 2 + H * nkv * d * 2
+    L = past + S
+    return Work(bytes=float((proj + 2 * nkv * d * past) * itemsize),
+                flops=float(2 * S * proj + 4 * nh * d * S * L))
+
+
+def dense_mlp_work(config: DeepseekConfig, S: int, *, itemsize: int = 4) -> Work:
+    w = 3 * config.hidden_size * config.intermediate_size
+    return Work(bytes=float(w * itemsize), flops=float(2 * S * w))
+
+
+def model_step_work(config: DeepseekConfig, S: int, past: int, hits: list[int], *, itemsize: int = 4) -> Work:
+    """One decoder step of S tokens after ``past`` cached ones; ``hits[j]`` is the number of
+    distinct experts the router of the j-th MoE layer hit. Embedding rows read: S·H; lm_head read
+    whole; norms ignored."""
+    H, V = config.hidden_size, config.vocab_size
+    w = Work(bytes=float(S * H * itemsize), flops=0.0)
+    moe = iter(hits)
+    for i in range(config.num_hidden_layers):
+        w = w + attention_work(config, S, past, itemsize=itemsize)
+        if config.is_moe_layer(i):
+            w = w + moe_layer_work(config, S, next(moe), itemsize=itemsize)
+        else:
+            w = w + dense_mlp_work(config, S, itemsize=itemsize)
+    return w + Work(bytes=float(H * V * itemsize), flops=float(2 * S * H * V))

@@ -1,0 +1,205 @@
+"""Benchmark output: the machine description, the rich table, and the JSON / Markdown / PNG files.
+
+File names: ``<machine>-<suite>.{json,md,png}`` (``-quick`` appended for ``--quick`` runs, so a
+quick run never overwrites the committed full results).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+SCHEMA = 1
+
+
+def machine_info(threads: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        cpu = m.group(1).strip() if m else cpu
+        flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+        simd = sorted({f for f in (flags.group(1).split() if flags else []) if f in ("avx2", "avx512f", "fma", "amx_tile", "avx512_bf16")})
+    except OSError:
+        simd = []
+    mem = 0.0
+    try:
+        import psutil
+
+        mem = psutil.virtual_memory().total / 2**30
+    except ImportError:  # pragma: no cover
+        pass
+    cores = os.cpu_count() or 1
+    name = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-") + f"-{cores}c"
+    return {"name": name, "cpu": cpu, "cores": cores, "threads": threads, "memory_gb": round(mem, 1),
+            "simd": simd, "os": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
+
+
+def versions() -> dict:
+    import numpy
+    import torch
+
+    import dsmoe
+
+    out = {"dsmoe": dsmoe.__version__, "torch": torch.__version__, "numpy": numpy.__version__}
+    for mod in ("onnxruntime", "onnx", "onnxscript"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = None
+    return out
+
+
+def stem(doc: dict) -> str:
+    return f"{doc['machine']['name']}-{doc['suite']}" + ("-quick" if doc["quick"] else "")
+
+
+def write_files(doc: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / stem(doc)
+    paths = [base.with_suffix(".json"), base.with_suffix(".md")]
+    paths[0].write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    paths[1].write_text(markdown(doc))
+    png = base.with_suffix(".png")
+    if plot(doc, png):
+        paths.append(png)
+    return paths
+
+
+# ---- table ----------------------------------------------------------------------------------
+
+def _ms(s: float | None) -> str:
+    return "—" if s is None else f"{s * 1e3:.3g} ms" if s < 10 else f"{s:.3g} s"
+
+
+def rows(doc: dict) -> list[list[str]]:
+    """One row per (case, backend that ran or was rejected); skipped backends are listed apart."""
+    out = []
+    for case in doc["cases"]:
+        fl = case["floor"]
+        for name, r in case["results"].items():
+            if r["status"] == "skipped":
+                continue
+            if r["status"] != "ok":
+                out.append([case["case"], name, r["status"], "", "", "", "", "", r.get("reason", "")[:60]])
+                continue
+            t = r["timing"]
+            out.append([case["case"], name, _ms(r["latency_s"]), f"±{t['spread'] * 50:.0f}%", str(t["iters"]),
+                        f"{r['vs_eager']:.2f}×" if r["vs_eager"] else "—",
+                        f"{_ms(fl['floor_s'])} {fl['bound'][:3]}", f"{r['floor_fraction'] * 100:.0f}%",
+                        f"ok ({r['check']['max_abs_err']:.0e})"])
+    return out
+
+
+def skipped(doc: dict) -> list[str]:
+    return [f"{n}: {b['status']} ({b['reason']})" for n, b in doc["backends"].items() if b["status"] != "ok"]
+
+
+HEADERS = ["case", "backend", "median", "spread", "iters", "vs eager", "floor", "of floor", "check vs eager"]
+
+
+def print_table(doc: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    m = doc["machine"]
+    table = Table(title=f"{doc['suite']} — {m['cpu']}, {m['cores']} cores, {doc['dtype']}, {m['threads']} threads")
+    for h in HEADERS:
+        table.add_column(h, justify="left" if h in ("case", "backend", "check") else "right")
+    for row in rows(doc):
+        table.add_row(*row)
+    console.print(table)
+    for line in skipped(doc):
+        console.print(f"  [dim]{line}[/]")
+    for g in doc["goals"]:
+        mark = {True: "[green]met[/]", False: "[red]missed[/]", None: "[yellow]n/a[/]"}[g["met"]]
+        console.print(f"  goal: {g['goal']}: {mark} — {g['detail']}")
+
+
+# ---- markdown -------------------------------------------------------------------------------
+
+def markdown(doc: dict) -> str:
+    m, v, lim, meth = doc["machine"], doc["versions"], doc["limits"], doc["method"]
+    lines = [f"# `{doc['suite']}` benchmark — {m['cpu']} ({m['cores']} cores)" + (" — quick run" if doc["quick"] else ""), "",
+             f"- **Machine**: {m['cpu']}, {m['cores']} cores ({', '.join(m['simd']) or 'no AVX flags'}), "
+             f"{m['memory_gb']} GiB memory, {m['os']}; {m['threads']} threads for torch and ONNX Runtime.",
+             f"- **Load**: load average {doc['load']['start']:.2f} at start, {doc['load']['end']:.2f} at end "
+             "(the machine is shared; other work running at the same time shows up as spread).",
+             "- **Versions**: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+             f"- **dtype**: {doc['dtype']}; weights random (seed {doc['seed']}).",
+             "- **Shapes**: " + ", ".join(f"{k}={val}" for k, val in doc["shapes"].items() if k not in ("routing",)),
+             f"- **Method**: {meth['warmup']} warm-up call(s), then timed calls until {meth['budget_s']} s of timings "
+             f"(at least {meth['min_iters']}, at most {meth['max_iters']}); median and spread (± half the "
+             "interquartile range, or half the range below 4 calls); the counts used are in the `iters` column. "
+             "Every backend's output is checked against eager before it is timed.",
+             f"- **Limits measured in this run**: read bandwidth {lim['bandwidth_gbs']:.2f} GB/s "
+             f"({lim['bandwidth_bytes'] >> 20} MiB sum), fp32 GEMM {lim['gemm_gflops']:.1f} GFLOP/s "
+             f"({lim['gemm_n']}² torch.mm); best of several runs.",
+             "- **Floor** of a case = max(bytes of weights touched — distinct experts the router hit — ÷ bandwidth, "
+             "FLOPs ÷ GEMM rate); `of floor` = floor ÷ latency (100% = at the machine's limit).", "",
+             "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(doc)]
+    lines += [f"\nNot run: {'; '.join(skipped(doc))}." if skipped(doc) else ""]
+    lines += ["", "## Backends", ""]
+    for name, b in doc["backends"].items():
+        extra = f" — {b['reason']}" if b.get("reason") else ""
+        prep = f", prepared in {b['prepare_s']:.1f} s" if b.get("prepare_s") is not None else ""
+        lines.append(f"- `{name}` ({b['description']}): {b['status']}{prep}{extra}")
+    lines += ["", "## Goals", ""]
+    for g in doc["goals"]:
+        mark = {True: "met", False: "**missed**", None: "not measured"}[g["met"]]
+        lines.append(f"- {g['goal']}: {mark} — {g['detail']}")
+    lines += ["", "## Work per case", "", "| case | bytes touched | FLOPs | memory floor | compute floor | hits |", "|---|---|---|---|---|---|"]
+    for c in doc["cases"]:
+        f = c["floor"]
+        lines.append(f"| {c['case']} | {c['work']['bytes'] / 1e6:.1f} MB | {c['work']['flops'] / 1e9:.2f} G | "
+                     f"{_ms(f['memory_s'])} | {_ms(f['compute_s'])} | {c['info'].get('hit_experts', c['info'].get('hit_experts_mean', ''))} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- plot -----------------------------------------------------------------------------------
+
+def plot(doc: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = list(doc["backends"])
+    cases = doc["cases"]
+    if doc["suite"] == "moe-layer":
+        xs = [c["tokens"] for c in cases]
+        for n in names:
+            pts = [(c["tokens"], c["results"][n]["latency_s"] * 1e3) for c in cases if c["results"].get(n, {}).get("status") == "ok"]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=n)
+        ax.plot(xs, [c["floor"]["floor_s"] * 1e3 for c in cases], "k--", label="floor (this machine)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens T")
+    else:
+        width = 0.8 / max(len(names), 1)
+        for i, n in enumerate(names):
+            vals = [(j, c["results"][n]["latency_s"] * 1e3) for j, c in enumerate(cases) if c["results"].get(n, {}).get("status") == "ok"]
+            if vals:
+                ax.bar([j + i * width for j, _ in vals], [v for _, v in vals], width, label=n)
+        for j, c in enumerate(cases):
+            ax.hlines(c["floor"]["floor_s"] * 1e3, j - 0.1, j + 0.9, colors="k", linestyles="--",
+                      label="floor (this machine)" if j == 0 else None)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], [c["case"] for c in cases])
+    ax.set_yscale("log")
+    ax.set_ylabel("latency (ms)")
+    m = doc["machine"]
+    ax.set_title(f"{doc['suite']}: {m['cpu']}, {m['cores']} cores, {doc['dtype']}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,255 @@
+"""The ``dsmoe`` and ``dsmoe-export`` commands: thin click wrappers over library functions.
+
+Errors a user can cause (:class:`dsmoe.errors.DsmoeError`) print one line on stderr and exit
+with code 2 (verification failures: 1); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from dsmoe.errors import DsmoeError
+
+out = Console()
+err = Console(stderr=True)
+SOURCE_HELP = "a checkpoint directory (config.json + *.safetensors) or preset:NAME (random weights)"
+
+
+@contextmanager
+def stage(text: str):
+    """A spinner on stderr while a long step runs."""
+    with err.status(text, spinner="dots"):
+        yield
+
+
+def _overrides(items):
+    from dsmoe.config import parse_overrides
+
+    return parse_overrides(items)
+
+
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="override a config field (repeatable), e.g. --set num_hidden_layers=2")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="show tracebacks for errors")
+@click.version_option(package_name="dsmoe")
+@click.pass_context
+def cli(ctx, debug):
+    """dsmoe: compile DeepSeek-style MoE models to fused graphs, ONNX Runtime and TensorRT."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--preset", default="small", show_default=True, help="tiny | small | deepseek-moe-16b")
+@set_option
+@click.option("--seed", default=0, show_default=True, help="random seed (same seed, same weights)")
+@click.option("--dtype", default="float32", show_default=True, help="float32 | float16 | bfloat16")
+@click.option("--force", is_flag=True, help="replace OUT_DIR if it exists")
+def init(out_dir, preset, overrides, seed, dtype, force):
+    """Write a random-weight checkpoint (HF layout) for a preset."""
+    from dsmoe import init_model
+    from dsmoe.checkpoint import parse_dtype, save_checkpoint
+    from dsmoe.config import DeepseekConfig
+
+    config = DeepseekConfig.from_name(preset, **_overrides(overrides))
+    tdtype = parse_dtype(dtype)
+    if out_dir.exists() and not force:
+        raise DsmoeError(f"output {out_dir} already exists (use --force to replace it)")
+    with stage(f"initializing {preset} ({_arch_line(config)})"):
+        model = init_model(config, seed=seed, dtype=tdtype)
+    with stage(f"writing {out_dir}"):
+        save_checkpoint(model, out_dir, dtype=tdtype, force=force)
+    err.print(f"wrote {out_dir} ({preset}, seed {seed}, {dtype})")
+
+
+@cli.command()
+@click.argument("source")
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def info(source, overrides, as_json):
+    """Print the architecture: layers, experts, parameters total/active per token, bytes."""
+    from dsmoe import load_config
+    from dsmoe.runtime import architecture
+
+    config = load_config(source, _overrides(overrides))
+    a = architecture(config)
+    if as_json:
+        click.echo(json.dumps({**a.__dict__, "routing": config.routing.as_kwargs()}, indent=2))
+        return
+    t = Table(title=f"{source}", show_header=False)
+    t.add_row("layers", f"{a.layers} ({len(a.dense_layers)} dense: {a.dense_layers}, {len(a.moe_layers)} MoE)")
+    t.add_row("hidden / heads / head_dim", f"{config.hidden_size} / {config.num_attention_heads} / {config.head_dim}")
+    t.add_row("experts", f"{a.routed_experts} routed (top-{a.experts_per_token}) + {a.shared_experts} shared, "
+                         f"width {config.moe_intermediate_size}")
+    r = config.routing
+    t.add_row("routing", f"{r.scoring}, {r.topk_method}, groups {r.n_group}/{r.topk_group}, "
+                         f"norm {r.norm_topk_prob}, scale {r.scaling:g} ({r.scale_when})")
+    t.add_row("parameters total", f"{a.params_total:,} ({a.params_total / 1e9:.2f}B)")
+    t.add_row("parameters active / token", f"{a.params_active:,} ({a.params_active / 1e9:.2f}B)")
+    t.add_row("one expert", f"{a.params_per_expert:,}")
+    for name, b in a.bytes(a.params_total).items():
+        t.add_row(f"bytes {name}", f"{b / 2**30:.2f} GiB")
+    out.print(t)
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--prompt-ids", default=None, help='space-separated token ids, e.g. "1 2 3"')
+@click.option("--prompt", default=None, help="text (needs tokenizer.json in SOURCE)")
+@click.option("--max-new-tokens", default=16, show_default=True)
+@click.option("--backend", type=click.Choice(["eager", "fused", "ort"]), default="eager", show_default=True)
+@click.option("--dtype", default=None, help="float32 | float16 | bfloat16 (default: checkpoint's)")
+@click.option("--fold-shared-experts", is_flag=True, help="fused backend: fold shared experts into dsmoe::moe")
+@set_option
+@click.option("--json", "as_json", is_flag=True, help='print {"ids": [...]}')
+def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, overrides, as_json):
+    """Greedy decoding with the KV cache (eager, fused graph, or an exported model in ORT)."""
+    from dsmoe.generate import run_generate
+
+    ids, text = run_generate(source=source, prompt_ids=prompt_ids, prompt=prompt, max_new_tokens=max_new_tokens,
+                             backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts,
+                             overrides=_overrides(overrides))
+    if as_json:
+        click.echo(json.dumps({"ids": ids} | ({"text": text} if text is not None else {})))
+    else:
+        click.echo(" ".join(map(str, ids)) if text is None else text)
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--dump-after", default=None, metavar="PASS", help="print the graph after this pass")
+@click.option("--fold-shared-experts", is_flag=True, help="also run fold_shared_experts")
+@click.option("--no-verify", is_flag=True, help="skip the per-pass numerical check")
+@click.option("--dtype", default=None, help="float32 | float16 | bfloat16")
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def inspect(source, dump_after, fold_shared_experts, no_verify, dtype, overrides, as_json):
+    """Capture the model, run the passes with verification, print what each pass did."""
+    from dsmoe.inspection import run_inspect
+
+    doc = run_inspect(source=source, dump_after=dump_after, fold_shared_experts=fold_shared_experts,
+                      verify=not no_verify, dtype=dtype, overrides=_overrides(overrides),
+                      dump=lambda text: click.echo(text, err=as_json), status=stage)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    t = Table(title=f"passes on {source} (capture {doc['capture_seconds']:.1f} s)")
+    for col in ("pass", "rewrites", "nodes before → after", "param MB", "max abs err", "time s", "skipped"):
+        t.add_column(col, justify="left" if col in ("pass", "skipped") else "right")
+    t.add_row("(captured)", "", str(doc["captured_nodes"]), f"{doc['captured_param_bytes'] / 1e6:.1f}", "", "", "")
+    for p in doc["passes"]:
+        e = "-" if p["max_abs_err"] is None else f"{p['max_abs_err']:.2e}"
+        t.add_row(p["name"], str(p["rewrites"]), f"{p['nodes_before']} → {p['nodes_after']}",
+                  f"{p['param_bytes'] / 1e6:.1f}", e, f"{p['seconds']:.2f}", "; ".join(p["skipped"]) or "")
+    out.print(t)
+    h = Table(title="final op histogram (top 12 + dsmoe ops)")
+    h.add_column("op")
+    h.add_column("count", justify="right")
+    for i, (op, n) in enumerate(doc["ops"].items()):
+        if i < 12 or op.startswith("dsmoe::"):
+            h.add_row(op, str(n))
+    out.print(h)
+
+
+def _export_options(f):
+    for opt in reversed([
+        click.argument("source"),
+        click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="output directory"),
+        click.option("--target", default="ort", show_default=True, help="ort | portable"),
+        click.option("--dtype", default="fp32", show_default=True, help="fp32 | fp16"),
+        click.option("--verify", is_flag=True, help="compare ONNX Runtime with eager; exit 1 beyond tolerance"),
+        click.option("--force", is_flag=True, help="replace --out if it exists"),
+        set_option,
+    ]):
+        f = opt(f)
+    return f
+
+
+@_export_options
+def _export(source, out_dir, target, dtype, verify, force, overrides):
+    """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime."""
+    from dsmoe.export import export_model
+
+    current = {"s": None}
+
+    def progress(name: str) -> None:
+        if current["s"] is not None:
+            current["s"].__exit__(None, None, None)
+        current["s"] = stage(f"{name} …")
+        current["s"].__enter__()
+        err.print(f"[dim]· {name}[/dim]")
+
+    try:
+        report = export_model(source, out=str(out_dir), target=target, dtype=dtype, verify=verify, force=force,
+                              overrides=_overrides(overrides), progress=progress)
+    finally:
+        if current["s"] is not None:
+            current["s"].__exit__(None, None, None)
+    v = report.get("verification")
+    err.print(f"wrote {out_dir} (target {target}, {dtype})" + (f"; verified: {v.get('summary', v)}" if v else ""))
+
+
+cli.command("export")(_export)
+export_cmd = click.command("dsmoe-export")(_export)
+
+
+@cli.command()
+@click.option("--suite", type=click.Choice(["moe-layer", "model", "all"]), default="all", show_default=True)
+@click.option("--backend", "backends", multiple=True, help="restrict to these backends (repeatable)")
+@click.option("--quick", is_flag=True, help="fewer sizes and iterations (< 2 minutes)")
+@click.option("--out", "out_dir", default="benchmarks/results", show_default=True, type=click.Path(path_type=Path))
+@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores)")
+def bench(suite, backends, quick, out_dir, threads):
+    """Benchmark eager vs fused vs ONNX Runtime against this machine's limits."""
+    from dsmoe.bench import run_bench
+
+    suites = ["moe-layer", "model"] if suite == "all" else [suite]
+    run_bench(suites=suites, backends=list(backends) or None, quick=quick, out_dir=str(out_dir), threads=threads,
+              progress=lambda s: err.print(f"[dim]· {s}[/dim]"))
+
+
+def _arch_line(config) -> str:
+    from dsmoe.runtime import architecture
+
+    a = architecture(config)
+    return f"{a.params_total / 1e6:,.0f}M parameters"
+
+
+def _run(command: click.Command, argv=None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        command.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except DsmoeError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        if debug:
+            raise
+        click.echo(f"error: {e.strerror or e}: {e.filename}", err=True)
+        sys.exit(2)
+
+
+def main(argv=None) -> None:
+    _run(cli, argv)
+
+
+def export_main(argv=None) -> None:
+    _run(export_cmd, argv)

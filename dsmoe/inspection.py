@@ -1,0 +1,40 @@
+"""``dsmoe inspect``: capture, run the passes with verification, report what each pass did."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+from dsmoe.errors import DsmoeError
+
+
+def run_inspect(*, source: str, dump_after: str | None = None, fold_shared_experts: bool = False, verify: bool = True,
+                dtype: str | None = None, overrides: dict | None = None, dump: Callable[[str], None] = print,
+                status: Callable = lambda text: nullcontext()) -> dict:
+    """Returns ``{"passes": [...], "ops": {...}, "captured_nodes", "captured_param_bytes", "capture_seconds"}``."""
+    import dsmoe
+    from dsmoe.ir import param_bytes, node_count, timed_capture
+    from dsmoe.passes.context import PassContext
+    from dsmoe.passes.pipeline import PASSES, report_json, run_pipeline
+
+    names = [n for n, _ in PASSES]
+    if dump_after is not None and dump_after not in names:
+        raise DsmoeError(f"unknown pass {dump_after!r} for --dump-after (passes: {', '.join(names)})")
+    with status(f"loading {source}"):
+        model = dsmoe.load(source, dtype=dtype, overrides=overrides)
+    with status("capturing (torch.export)"):
+        gm, seconds = timed_capture(model)
+    captured = dict(captured_nodes=node_count(gm), captured_param_bytes=param_bytes(gm), capture_seconds=seconds)
+    del model
+
+    def on_pass(rep, g):
+        if rep.name == dump_after:
+            dump(g.print_readable(print_output=False))
+
+    ctx = PassContext(fold_shared_experts=fold_shared_experts or dump_after == "fold_shared_experts", verify=verify)
+    with status("running passes" + (" with verification" if verify else "")):
+        gm, reports = run_pipeline(gm, ctx, on_pass=on_pass)
+    doc = report_json(reports, gm)
+    doc.update(captured)
+    return doc
+

@@ -1,0 +1,176 @@
+"""``export_model``: load → capture → passes → lower → write → verify, into an atomic output dir.
+
+The output directory holds ``model.onnx`` (+ ``model.onnx.data`` past 2 GB), the model's
+``config.json`` and ``export_report.json``. It is filled in a temporary sibling and renamed; an
+existing one is refused unless ``force``. With ``verify`` the artifact is committed *and then*
+a failed check raises :class:`VerificationError` (exit code 1), so the failing model and its
+report stay available for inspection.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from dsmoe.checkpoint import commit_output_dir, prepare_output_dir
+from dsmoe.errors import DsmoeError
+from dsmoe.export.lower import check_target, lower
+from dsmoe.export.onnx_writer import DATA_FILE, MODEL_FILE, OPSET, io_names, op_histogram, to_onnx
+from dsmoe.passes.pipeline import VerificationError
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16"}
+# max |ort - eager| / max |eager| over logits and present caches, per dtype. fp16: both sides
+# round every op to fp16, in different orders (ORT's MoE kernel, fused MatMuls), so 1e-2.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2}
+REPORT_FILE = "export_report.json"
+STAGES = ("load", "capture", "passes", "lower", "write", "verify")
+
+__all__ = ["export_model", "VerificationError", "parse_export_dtype", "TOLERANCE", "STAGES"]
+
+
+def parse_export_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise DsmoeError(f"unsupported dtype {dtype!r} for export (supported: fp32, fp16)")
+    return DTYPES[dtype]
+
+
+def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp32", verify: bool = False,
+                 force: bool = False, overrides: dict | None = None, fold_shared_experts: bool = False,
+                 progress: Callable[[str], None] | None = None) -> dict:
+    """Export ``source`` (checkpoint dir or ``preset:NAME``) to ONNX in ``out``; returns the report.
+
+    Raises :class:`DsmoeError` for user errors (unknown target/dtype, existing ``out`` without
+    ``force``, bad source) and :class:`VerificationError` (``exit_code = 1``) when ``verify``
+    finds ONNX Runtime and eager apart beyond :data:`TOLERANCE`.
+    """
+    import dsmoe
+    from dsmoe.ir import capture
+    from dsmoe.passes.context import PassContext
+    from dsmoe.passes.pipeline import run_pipeline
+
+    check_target(target)
+    tdtype = parse_export_dtype(dtype)
+    config = dsmoe.load_config(source, overrides)  # fails fast on a bad source/override
+    out_dir = Path(out)
+    tmp = prepare_output_dir(out_dir, force=force)
+    step = _Stages(progress)
+    try:
+        with step("load"):
+            model = dsmoe.load(source, dtype=tdtype, overrides=overrides)
+        with step("capture"):
+            gm = capture(model)
+        with step("passes"):
+            gm, pass_reports = run_pipeline(gm, PassContext(fold_shared_experts=fold_shared_experts))
+        with step("lower"):
+            lowered = lower(gm, target=target)
+        with step("write"):
+            proto = to_onnx(gm, tmp / MODEL_FILE, config=config, dtype=tdtype)
+            del gm
+            hist = op_histogram(proto if proto is not None else _load_graph_only(tmp / MODEL_FILE))
+            cfg = config.to_dict()
+            cfg["torch_dtype"] = str(tdtype).replace("torch.", "")
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        verification = None
+        if verify:
+            with step("verify"):
+                verification = verify_export(model, tmp, dtype=tdtype)
+        report = {
+            "source": str(source), "target": target, "dtype": DTYPE_NAMES[tdtype], "opset": OPSET,
+            "files": sorted(p.name for p in tmp.iterdir()) + [REPORT_FILE],
+            "model_bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.name in (MODEL_FILE, DATA_FILE)),
+            "inputs": io_names(config.num_hidden_layers)[0], "outputs": io_names(config.num_hidden_layers)[1],
+            "passes": [asdict(r) for r in pass_reports], "lowering": lowered.as_dict(), "onnx_ops": hist,
+            "onnx_nodes": sum(hist.values()), "seconds": step.seconds, "versions": _versions(),
+            "verification": verification,
+        }
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        commit_output_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verification is not None and not verification["passed"]:
+        raise VerificationError(f"ONNX Runtime differs from eager: {verification['summary']} (report: {out_dir / REPORT_FILE})")
+    return report
+
+
+@torch.no_grad()
+def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Eager vs ONNX Runtime on the same seeded prefill (batch 2, 7 tokens) and decode (1 token
+    after those 7) inputs; compares logits and the present caches."""
+    from dsmoe.export.runner import OrtDecoder
+    from dsmoe.ir import sample_inputs
+
+    dec = OrtDecoder(export_dir)
+    config = model.config
+    ids, mask, pos, past = sample_inputs(config, batch=2, seq=7, past=0, seed=seed, dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    nxt = torch.randint(0, config.vocab_size, (2, 1), generator=g)
+    results, tol = {}, TOLERANCE[dtype]
+    ref, ref_past = model(ids, mask, pos, past, use_cache=True)
+    got, got_past = dec(ids, mask, pos, past)
+    results["prefill"] = _compare(ref, got, ref_past, got_past)
+    mask2 = torch.ones(2, 8, dtype=torch.int64)
+    pos2 = torch.full((2, 1), 7, dtype=torch.int64)
+    ref2, ref_past2 = model(nxt, mask2, pos2, ref_past, use_cache=True)
+    got2, got_past2 = dec(nxt, mask2, pos2, ref_past)
+    results["decode"] = _compare(ref2, got2, ref_past2, got_past2)
+    worst = max(r["rel_err"] for r in results.values())
+    max_abs = max(r["max_abs_err"] for r in results.values())
+    passed = bool(worst <= tol)  # NaN fails
+    return {"passed": passed, "tolerance": tol, "max_abs_err": max_abs, "rel_err": worst, "cases": results,
+            "summary": f"max abs error {max_abs:.3g}, relative {worst:.3g} ({'<=' if passed else '>'} {tol:g})"}
+
+
+def _compare(ref, got, ref_past, got_past) -> dict:
+    ref, got = ref.float(), got.float()
+    abs_err = (ref - got).abs().max().item()
+    rel = abs_err / max(ref.abs().max().item(), 1e-12)
+    kv = max(((a.float() - b.float()).abs().max().item() for ra, ga in zip(ref_past, got_past) for a, b in zip(ra, ga)),
+             default=0.0)
+    top1 = float((ref[:, -1].argmax(-1) == got[:, -1].argmax(-1)).float().mean().item())
+    return {"max_abs_err": abs_err, "rel_err": max(rel, kv / max(max(t.float().abs().max().item() for kvp in ref_past for t in kvp), 1e-12)),
+            "cache_max_abs_err": kv, "top1_agreement": top1}
+
+
+def _load_graph_only(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnxscript": onnxscript.__version__, "python": platform.python_version()}
+
+
+class _Stages:
+    """``with step("name"):`` — reports the stage to ``progress`` and times it."""
+
+    def __init__(self, progress):
+        self.progress, self.seconds, self._name = progress, {}, None
+
+    def __call__(self, name: str):
+        self._name = name
+        return self
+
+    def __enter__(self):
+        if self.progress:
+            self.progress(self._name)
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds[self._name] = round(time.perf_counter() - self._t, 3)
+        return False

@@ -1,0 +1,95 @@
+"""Run an exported directory in ONNX Runtime: a decoder step with the KV cache, greedy decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dsmoe.errors import DsmoeError
+from dsmoe.export.onnx_writer import MODEL_FILE, io_names
+
+_NP_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+
+
+def session(path: str | Path, *, threads: int | None = None, optimize: bool = True):
+    """A CPU ``InferenceSession``; ``optimize=False`` turns ORT's graph rewrites off (numerics tests)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class OrtDecoder:
+    """One decoder step of an exported model: ``(input_ids, attention_mask, position_ids, past)
+    -> (logits, present)`` with ``past``/``present`` lists of ``(key, value)`` — the same
+    signature as the eager model and the fused graph. Takes torch tensors or numpy arrays and
+    returns torch tensors."""
+
+    def __init__(self, export_dir: str | Path, threads: int | None = None, *, optimize: bool = True):
+        from dsmoe import load_config
+
+        d = Path(export_dir)
+        if not (d / MODEL_FILE).is_file():
+            raise DsmoeError(f"{d} holds no {MODEL_FILE} (export it with: dsmoe-export SOURCE --out {d})")
+        self.config = load_config(d)
+        self.sess = session(d / MODEL_FILE, threads=threads, optimize=optimize)
+        self.input_names, self.output_names = io_names(self.config.num_hidden_layers)
+        types = {i.name: i.type for i in self.sess.get_inputs()}
+        self.dtype = _NP_TO_TORCH[types["past_key_values.0.key"]]
+
+    def __call__(self, input_ids, attention_mask, position_ids, past):
+        feed = {"input_ids": _np(input_ids, np.int64), "attention_mask": _np(attention_mask, np.int64),
+                "position_ids": _np(position_ids, np.int64)}
+        np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
+        for i, (k, v) in enumerate(past):
+            feed[f"past_key_values.{i}.key"] = _np(k, np_dtype)
+            feed[f"past_key_values.{i}.value"] = _np(v, np_dtype)
+        outs = [torch.from_numpy(o) for o in self.sess.run(self.output_names, feed)]
+        present = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.config.num_hidden_layers)]
+        return outs[0], present
+
+
+def _np(t, dtype) -> np.ndarray:
+    a = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    return np.ascontiguousarray(a.astype(dtype, copy=False))
+
+
+def generate_ort(export_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, *,
+                 threads: int | None = None) -> list[int]:
+    """Greedy decoding in ONNX Runtime with the KV cache (one prefill step, then one per token)."""
+    from dsmoe.runtime import greedy_generate
+
+    dec = OrtDecoder(export_dir, threads=threads)
+    vocab = dec.config.vocab_size
+    bad = [i for i in prompt_ids if not 0 <= i < vocab]
+    if bad:
+        raise DsmoeError(f"prompt id {bad[0]} is outside the vocabulary [0, {vocab})")
+    if not prompt_ids:
+        raise DsmoeError("the prompt is empty")
+    return greedy_generate(dec, dec.config, list(prompt_ids), max_new_tokens, dtype=dec.dtype)
+
+
+def polygraphy_command(export_dir: str | Path, *, batch: int = 1, seq: int = 4, past: int = 0) -> list[str]:
+    """The ``polygraphy run MODEL --onnxrt`` command line for an exported directory.
+
+    The decoder's axes are dynamic and tied together (``attention_mask`` is past + sequence long),
+    so polygraphy needs explicit shapes; ``input_ids`` values must lie in the vocabulary.
+    """
+    from dsmoe import load_config
+
+    d = Path(export_dir)
+    c = load_config(d)
+    kv = f"[{batch},{c.num_key_value_heads},{past},{c.head_dim}]"
+    shapes = [f"input_ids:[{batch},{seq}]", f"attention_mask:[{batch},{past + seq}]", f"position_ids:[{batch},{seq}]"]
+    for i in range(c.num_hidden_layers):
+        shapes += [f"past_key_values.{i}.key:{kv}", f"past_key_values.{i}.value:{kv}"]
+    return ["polygraphy", "run", str(d / MODEL_FILE), "--onnxrt", "--input-shapes", *shapes,
+            "--val-range", f"input_ids:[0,{c.vocab_size - 1}]", "attention_mask:[1,1]", f"position_ids:[0,{seq - 1}]"]
