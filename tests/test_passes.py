@@ -1,0 +1,157 @@
+"""Passes: exact rewrite counts, negative cases, idempotence, numerics for every routing variant."""
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+from conftest import ROUTING_VARIANTS, tiny
+
+from dsmoe.ir import capture, op_histogram, param_bytes, sample_inputs
+from dsmoe.passes import pipeline
+from dsmoe.passes.context import PassContext
+from dsmoe.passes.fuse_gated_mlp import fuse_gated_mlp
+from dsmoe.passes.fuse_router import fuse_router
+from dsmoe.passes.outline_moe import outline_moe
+from dsmoe.passes.pipeline import VerificationError, pass_names, run_pipeline
+from dsmoe.runtime import eager_step, fused_step, greedy_generate
+
+aten = torch.ops.aten
+
+
+@functools.cache
+def _model(variant):
+    return tiny(variant)
+
+
+def _fresh(variant="v1-softmax-greedy"):
+    return capture(_model(variant))
+
+
+def _max_rel(gm, model):
+    worst = 0.0
+    for args in (sample_inputs(model.config, batch=2, seq=7, past=0, seed=4),
+                 sample_inputs(model.config, batch=3, seq=1, past=5, seed=5)):
+        with torch.no_grad():
+            ref = model(*args[:3], args[3], use_cache=True)[0]
+            out = gm(*args)[0]
+        worst = max(worst, ((out - ref).abs().max() / ref.abs().max()).item())
+    return worst
+
+
+def _expert_linears(gm):
+    return [n for n in gm.graph.nodes if n.target == aten.linear.default and ".experts." in str(n.args[1].target)]
+
+
+def test_pass_order_is_pinned():
+    assert [n for n, _ in pipeline.PASSES] == ["fuse_router", "outline_moe", "fuse_gated_mlp", "fold_shared_experts"]
+    assert pass_names() == ["fuse_router", "outline_moe", "fuse_gated_mlp"]
+    assert pass_names(PassContext(fold_shared_experts=True))[-1] == "fold_shared_experts"
+
+
+@pytest.mark.parametrize("variant", list(ROUTING_VARIANTS))
+def test_pipeline_counts_numerics_and_idempotence(variant):
+    model = _model(variant)
+    gm, reports = run_pipeline(_fresh(variant), PassContext(verify=True))
+    assert [(r.name, r.rewrites) for r in reports] == [("fuse_router", 2), ("outline_moe", 2), ("fuse_gated_mlp", 3)]
+    ops = op_histogram(gm)
+    # one route and one moe per MoE layer; one gated_mlp per shared-expert block and dense layer
+    assert (ops["dsmoe::route"], ops["dsmoe::moe"], ops["dsmoe::gated_mlp"]) == (2, 2, 3)
+    assert "aten.topk" not in ops and "aten.index_add_" not in ops and "aten.silu" not in ops
+    assert _expert_linears(gm) == []
+    assert not any(".experts.0." in name for name, _ in gm.named_parameters())
+    assert _max_rel(gm, model) <= 1e-4
+    _, again = run_pipeline(gm, PassContext())
+    assert [r.rewrites for r in again] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("variant", ["v1-softmax-greedy", "v3-noaux-tc"])
+def test_fold_shared_experts(variant):
+    model = _model(variant)
+    gm, reports = run_pipeline(_fresh(variant), PassContext(verify=True, fold_shared_experts=True))
+    assert reports[-1].name == "fold_shared_experts" and reports[-1].rewrites == 2
+    ops = op_histogram(gm)
+    assert (ops["dsmoe::moe"], ops.get("dsmoe::gated_mlp"), ops["dsmoe::route"]) == (2, 1, 2)  # dense layer stays
+    E, ns, I, H = 8, 2, model.config.moe_intermediate_size, model.config.hidden_size
+    w13 = dict(gm.named_parameters())["lm.model.layers.1.mlp.experts.w13_with_shared"]
+    assert w13.shape == (E + ns, 2 * I, H)
+    assert _max_rel(gm, model) <= 1e-4
+    assert run_pipeline(gm, PassContext(fold_shared_experts=True))[1][-1].rewrites == 0
+
+
+def test_each_pass_alone():
+    model = _model("v2-group-limited")
+    gm = _fresh("v2-group-limited")
+    assert fuse_gated_mlp(gm, PassContext()).rewrites == 3  # skips the routed experts, leaves them intact
+    assert len(_expert_linears(gm)) == 3 * 8 * 2
+    assert outline_moe(gm, PassContext()).rewrites == 2  # works on the unfused router (int64 topk ids)
+    assert "aten.topk" in op_histogram(gm)
+    assert fuse_router(gm, PassContext()).rewrites == 2
+    assert _max_rel(gm, model) <= 1e-4
+
+
+def test_outline_moe_replaces_rather_than_doubles_parameters():
+    gm = _fresh()
+    before = param_bytes(gm)
+    outline_moe(gm, PassContext())
+    assert param_bytes(gm) == before
+
+
+def test_region_that_does_not_check_out_is_reported_and_untouched():
+    gm = _fresh()
+    cfg = dataclasses.replace(_model("v1-softmax-greedy").config, num_experts_per_tok=3)
+    n = len(gm.graph.nodes)
+    result = fuse_router(gm, PassContext(config=cfg))
+    assert result.rewrites == 0 and len(result.skipped) == 2 and "top_k 3" in result.skipped[0]
+    assert len(gm.graph.nodes) == n
+    wrong_e = dataclasses.replace(cfg, n_routed_experts=9, num_experts_per_tok=2)
+    result = outline_moe(gm, PassContext(config=wrong_e))
+    assert result.rewrites == 0 and "9 experts" in result.skipped[0]
+
+
+def test_unrelated_graph_is_untouched():
+    class Unrelated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj = torch.nn.Linear(8, 8)
+            self.up_proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            s = torch.softmax(self.gate_proj(x), -1)
+            v, i = torch.topk(s, 2)
+            return torch.nn.functional.silu(self.up_proj(x)) * s, v, i
+
+    gm = torch.export.export(Unrelated(), (torch.randn(4, 8),)).module()
+    gm.meta["dsmoe_config"] = _model("v1-softmax-greedy").config
+    code = gm.code
+    _, reports = run_pipeline(gm, PassContext())
+    assert [r.rewrites for r in reports] == [0, 0, 0]
+    assert gm.code == code
+
+
+def test_verification_names_the_pass_that_breaks_numerics(monkeypatch):
+    def broken(gm, ctx):
+        for n in gm.graph.nodes:
+            if n.target == aten.embedding.default:
+                with gm.graph.inserting_after(n):
+                    m = gm.graph.call_function(aten.mul.Tensor, (n, 1.5))
+                n.replace_all_uses_with(m, delete_user_cb=lambda u: u is not m)
+        gm.recompile()
+        return pipeline.PassResult(rewrites=1)
+
+    monkeypatch.setattr(pipeline, "PASSES", [("fuse_router", fuse_router), ("broken_pass", broken)])
+    with pytest.raises(VerificationError, match="pass broken_pass changed the model's outputs"):
+        run_pipeline(_fresh(), PassContext(verify=True))
+
+
+def test_fused_graph_generates_the_same_tokens_as_eager():
+    model = _model("v3-noaux-tc")
+    want = greedy_generate(eager_step(model), model.config, [1, 2, 3, 4], 10)
+    assert greedy_generate(fused_step(model), model.config, [1, 2, 3, 4], 10) == want
+
+
+def test_bf16_pipeline_within_bf16_tolerance():
+    model = tiny("v1-softmax-greedy", dtype="bfloat16")
+    gm, reports = run_pipeline(capture(model), PassContext(verify=True))
+    assert [r.rewrites for r in reports] == [2, 2, 3]
+    assert all(r.rel_err <= pipeline.TOLERANCE[torch.bfloat16] for r in reports)
