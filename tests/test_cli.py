@@ -1,0 +1,91 @@
+"""The CLI: the README's commands work, and user errors are one line with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dsmoe.cli import main
+
+
+def run(*argv):
+    """Run the installed entry point in a subprocess (what a user runs); returns (code, out, err)."""
+    p = subprocess.run([sys.executable, "-c", "from dsmoe.cli import main; main()", *argv],
+                       capture_output=True, text=True, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    code, _, err = run("init", str(out), "--preset", "tiny", "--seed", "3", "--set", "num_hidden_layers=2")
+    assert code == 0, err
+    return out
+
+
+def test_init_writes_hf_layout(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["model_type"] == "deepseek" and cfg["num_hidden_layers"] == 2
+    assert (ckpt / "model.safetensors").is_file()
+
+
+def test_info_json_for_16b_preset():
+    code, out, _ = run("info", "preset:deepseek-moe-16b", "--json")
+    d = json.loads(out)
+    assert code == 0 and round(d["params_total"] / 1e9, 1) == 16.4 and round(d["params_active"] / 1e9, 1) == 2.8
+
+
+def test_generate_json_is_deterministic_and_fused_matches_eager(ckpt):
+    a = run("generate", str(ckpt), "--prompt-ids", "1 2 3", "--max-new-tokens", "6", "--json")
+    b = run("generate", str(ckpt), "--prompt-ids", "1 2 3", "--max-new-tokens", "6", "--json", "--backend", "fused")
+    assert a[0] == 0 and b[0] == 0, a[2] + b[2]
+    ids = json.loads(a[1])["ids"]
+    assert len(ids) == 6 and json.loads(b[1])["ids"] == ids
+
+
+def test_inspect_json(ckpt):
+    code, out, err = run("inspect", str(ckpt), "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert [p["name"] for p in d["passes"]] == ["fuse_router", "outline_moe", "fuse_gated_mlp"]
+    assert {"name", "rewrites", "nodes_before", "nodes_after", "max_abs_err"} <= set(d["passes"][0])
+    assert d["ops"]["dsmoe::moe"] == 1 and d["ops"]["dsmoe::route"] == 1 and d["ops"]["dsmoe::gated_mlp"] == 2
+
+
+def test_inspect_dump_after(ckpt):
+    code, out, err = run("inspect", str(ckpt), "--dump-after", "outline_moe", "--no-verify")
+    assert code == 0, err
+    assert "torch.ops.dsmoe.moe.default" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["init", "{ckpt}", "--preset", "tiny"], "already exists (use --force"),
+    (["init", "{tmp}/x", "--preset", "huge"], "unknown preset 'huge'"),
+    (["init", "{tmp}/x", "--preset", "tiny", "--set", "num_experts_per_tok=99"], "num_experts_per_tok 99 exceeds"),
+    (["info", "{tmp}/nowhere"], "does not exist"),
+    (["generate", "{ckpt}", "--prompt-ids", "1 x"], "--prompt-ids must be integers"),
+    (["generate", "{ckpt}", "--prompt-ids", "1 99999"], "outside the vocabulary"),
+    (["generate", "{ckpt}", "--prompt", "hello"], "tokenizer.json"),
+    (["generate", "{ckpt}", "--prompt-ids", "1", "--backend", "ort"], "no model.onnx"),
+    (["inspect", "{ckpt}", "--dump-after", "nope"], "unknown pass 'nope'"),
+    (["init", "/proc/forbidden/x", "--preset", "tiny"], "cannot write output"),
+])
+def test_user_errors_are_one_line_exit_2(ckpt, tmp_path, argv, message):
+    argv = [a.format(ckpt=ckpt, tmp=tmp_path) for a in argv]
+    code, out, err = run(*argv)
+    assert code == 2, (out, err)
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_malformed_config_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{")
+    code, _, err = run("info", str(tmp_path))
+    assert code == 2 and err.startswith("error: malformed config")
+
+
+def test_in_process_main_exit_code(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["info", str(tmp_path / "missing")])
+    assert e.value.code == 2
