@@ -144,14 +144,17 @@ def inspect(source, dump_after, fold_shared_experts, no_verify, dtype, overrides
         click.echo(json.dumps(doc, indent=2))
         return
     t = Table(title=f"passes on {source} (capture {doc['capture_seconds']:.1f} s)")
-    for col in ("pass", "rewrites", "nodes before → after", "param MB", "max abs err", "time s", "skipped"):
-        t.add_column(col, justify="left" if col in ("pass", "skipped") else "right")
-    t.add_row("(captured)", "", str(doc["captured_nodes"]), f"{doc['captured_param_bytes'] / 1e6:.1f}", "", "", "")
+    for col in ("pass", "rewrites", "nodes", "param MB", "max abs err", "time s"):
+        t.add_column(col, justify="left" if col == "pass" else "right", no_wrap=True)
+    t.add_row("(captured)", "", str(doc["captured_nodes"]), f"{doc['captured_param_bytes'] / 1e6:.1f}", "", "")
     for p in doc["passes"]:
         e = "-" if p["max_abs_err"] is None else f"{p['max_abs_err']:.2e}"
         t.add_row(p["name"], str(p["rewrites"]), f"{p['nodes_before']} → {p['nodes_after']}",
-                  f"{p['param_bytes'] / 1e6:.1f}", e, f"{p['seconds']:.2f}", "; ".join(p["skipped"]) or "")
+                  f"{p['param_bytes'] / 1e6:.1f}", e, f"{p['seconds']:.2f}")
     out.print(t)
+    for p in doc["passes"]:
+        for reason in p["skipped"]:
+            out.print(f"[yellow]{p['name']} left alone[/yellow] {reason}")
     h = Table(title="final op histogram (top 12 + dsmoe ops)")
     h.add_column("op")
     h.add_column("count", justify="right")

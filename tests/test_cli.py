@@ -89,3 +89,32 @@ def test_in_process_main_exit_code(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["info", str(tmp_path / "missing")])
     assert e.value.code == 2
+
+
+def test_checkpoint_error_through_the_cli(ckpt, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((ckpt / "config.json").read_text())
+    data = (ckpt / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 3])
+    code, _, err = run("generate", str(bad), "--prompt-ids", "1 2")
+    assert code == 2 and "corrupt or truncated safetensors file model.safetensors" in err
+
+
+def test_prompt_text_with_tokenizer_json(ckpt, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(256)} | {"[UNK]": 0}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    src = tmp_path / "with_tok"
+    src.mkdir()
+    for f in ckpt.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    tok.save(str(src / "tokenizer.json"))
+    code, out, err = run("generate", str(src), "--prompt", "w1 w2 w3", "--max-new-tokens", "4", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    code2, out2, _ = run("generate", str(ckpt), "--prompt-ids", "1 2 3", "--max-new-tokens", "4", "--json")
+    assert d["ids"] == json.loads(out2)["ids"]
+    assert d["text"] == " ".join(f"w{i}" for i in d["ids"])
