@@ -178,7 +178,6 @@ def _export_options(f):
     return f
 
 
-@_export_options
 def _export(source, out_dir, target, dtype, verify, force, overrides):
     """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime."""
     from dsmoe.export import export_model
@@ -202,8 +201,8 @@ def _export(source, out_dir, target, dtype, verify, force, overrides):
     err.print(f"wrote {out_dir} (target {target}, {dtype})" + (f"; verified: {v.get('summary', v)}" if v else ""))
 
 
-cli.command("export")(_export)
-export_cmd = click.command("dsmoe-export")(_export)
+cli.add_command(click.command("export")(_export_options(_export)))
+export_cmd = click.command("dsmoe-export")(_export_options(_export))  # its own copy of the options
 
 
 @cli.command()

@@ -1,0 +1,256 @@
+"""End to end: fused IR → per-target lowering → ONNX → ONNX Runtime equals eager.
+
+One capture per routing variant (module-scoped), one ONNX export per (variant, target). The ORT
+sessions run with ORT's graph optimizations off, so the comparison is of our graph's numerics.
+fp32 tolerance: 1e-4 relative (max |ort - eager| / max |eager|); fp16: 1e-2 (both sides round
+every op to fp16, in different orders).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+import dsmoe
+from dsmoe.errors import DsmoeError
+from dsmoe.export import LoweringError, OrtDecoder, TOLERANCE, export_model, generate_ort, lower
+from dsmoe.export.onnx_writer import to_onnx
+from dsmoe.export.runner import polygraphy_command
+from dsmoe.ir import capture, sample_inputs
+from dsmoe.passes.context import PassContext
+from dsmoe.passes.pipeline import run_pipeline
+from dsmoe.runtime import eager_step, greedy_generate
+
+VARIANTS = {
+    "greedy": {},
+    "greedy-norm": dict(norm_topk_prob=True),
+    "v2-group-limited": dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.0),
+    "v3-noaux-tc": dict(topk_method="noaux_tc", scoring_func="sigmoid", n_group=4, topk_group=2, norm_topk_prob=True,
+                        routed_scaling_factor=2.5),
+}
+SLOW_VARIANTS = {"greedy-norm", "v2-group-limited"}  # same lowering paths as greedy / v3 (see lower.py)
+PROMPT = [1, 5, 9, 17, 33]
+
+
+def rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return (ref.float() - got.float()).abs().max().item() / ref.float().abs().max().item()
+
+
+# ---- fixtures: the greedy (default) tiny model through the public API --------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    return dsmoe.load("preset:tiny")
+
+
+@pytest.fixture(scope="module", params=["ort", "portable"])
+def exported(request, tmp_path_factory, tiny):
+    out = tmp_path_factory.mktemp("exp") / request.param
+    stages = []
+    report = export_model("preset:tiny", out=str(out), target=request.param, verify=True, progress=stages.append)
+    return out, report, stages
+
+
+def test_export_dir_and_report(exported):
+    out, report, stages = exported
+    assert stages == ["load", "capture", "passes", "lower", "write", "verify"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "export_report.json", "model.onnx"]
+    on_disk = json.loads((out / "export_report.json").read_text())
+    assert on_disk["target"] == report["target"] and on_disk["dtype"] == "fp32"
+    assert set(on_disk["versions"]) >= {"torch", "onnx", "onnxruntime"}
+    assert on_disk["verification"]["passed"] and on_disk["verification"]["rel_err"] <= 1e-4
+    assert [p["name"] for p in on_disk["passes"]][:3] == ["fuse_router", "outline_moe", "fuse_gated_mlp"]
+    assert sum(on_disk["onnx_ops"].values()) == on_disk["onnx_nodes"]
+    assert dsmoe.load_config(out).to_dict() == dsmoe.load_config("preset:tiny").to_dict()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))  # the temporary dir was renamed away
+
+
+def test_onnx_io_checker_and_domains(exported, tiny):
+    out, report, _ = exported
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    c = tiny.config
+    opset = {o.domain: o.version for o in model.opset_import}
+    assert opset[""] >= 20
+    ins = [i.name for i in model.graph.input]
+    outs = [o.name for o in model.graph.output]
+    assert ins[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert ins[3:] == [f"past_key_values.{i}.{k}" for i in range(c.num_hidden_layers) for k in ("key", "value")]
+    assert outs == ["logits"] + [f"present.{i}.{k}" for i in range(c.num_hidden_layers) for k in ("key", "value")]
+    dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    assert dims(model.graph.input[3]) == ["batch", c.num_key_value_heads, "past_sequence", c.head_dim]
+    assert dims(model.graph.output[0]) == ["batch", "sequence", c.vocab_size]
+    assert dims(model.graph.output[1]) == ["batch", c.num_key_value_heads, "total_sequence", c.head_dim]
+    ops = report["onnx_ops"]
+    domains = {n.domain for n in model.graph.node} - {""}
+    moe_layers = len(c.moe_layers)
+    if report["target"] == "portable":
+        assert domains == set()
+    else:
+        assert domains == {"com.microsoft"}
+        assert ops["com.microsoft::MoE"] == moe_layers
+        # No per-expert MatMul: attention 6 per layer (q, k, v, o, QK, PV), dense MLP 2,
+        # MoE layers router 1 + shared experts 2, lm_head 1 — independent of n_routed_experts.
+        L, dense = c.num_hidden_layers, c.num_hidden_layers - moe_layers
+        assert ops.get("MatMul", 0) + ops.get("Gemm", 0) == 6 * L + 2 * dense + 3 * moe_layers + 1
+
+
+@pytest.mark.parametrize("batch,seq,past", [(1, 1, 0), (3, 1, 0), (1, 17, 0), (3, 17, 0), (1, 1, 9), (3, 17, 4)])
+def test_dynamic_shapes_match_eager(exported, tiny, batch, seq, past):
+    out, _, _ = exported
+    dec = _decoder(out)
+    ids, mask, pos, cache = sample_inputs(tiny.config, batch=batch, seq=seq, past=past, seed=batch * 100 + seq + past)
+    with torch.no_grad():
+        ref, ref_present = tiny(ids, mask, pos, cache, use_cache=True)
+    got, present = dec(ids, mask, pos, cache)
+    assert got.shape == (batch, seq, tiny.config.vocab_size)
+    assert rel_err(ref, got) <= 1e-4
+    for (rk, rv), (k, v) in zip(ref_present, present):
+        assert k.shape == (batch, tiny.config.num_key_value_heads, past + seq, tiny.config.head_dim)
+        assert rel_err(rk, k) <= 1e-4 and rel_err(rv, v) <= 1e-4
+
+
+def test_generate_ort_equals_eager(exported, tiny):
+    out, _, _ = exported
+    want = greedy_generate(eager_step(tiny), tiny.config, PROMPT, 12)
+    assert generate_ort(out, PROMPT, 12) == want
+
+
+def test_polygraphy_runs_the_export(exported):
+    out, _, _ = exported
+    exe = shutil.which("polygraphy") or str(Path(sys.executable).parent / "polygraphy")
+    cmd = polygraphy_command(out, batch=2, seq=5)
+    proc = subprocess.run([exe, *cmd[1:]], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "PASSED" in proc.stdout + proc.stderr
+
+
+# ---- every routing variant, both targets --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fused_variants():
+    """variant → (eager model, fused graph); captured once, deep-copied per target."""
+    cache: dict[str, tuple] = {}
+
+    def get(name):
+        if name not in cache:
+            model = dsmoe.load("preset:tiny", overrides=VARIANTS[name])
+            gm, _ = run_pipeline(capture(model), PassContext())
+            cache[name] = (model, gm)
+        return cache[name]
+
+    return get
+
+
+def _variant_params():
+    for name in VARIANTS:
+        for target in ("ort", "portable"):
+            if name == "greedy":
+                continue  # covered through export_model above
+            marks = [pytest.mark.slow] if name in SLOW_VARIANTS else []
+            yield pytest.param(name, target, marks=marks, id=f"{name}-{target}")
+
+
+@pytest.mark.parametrize("variant,target", list(_variant_params()))
+def test_routing_variant_matches_eager(fused_variants, tmp_path, variant, target):
+    model, fused = fused_variants(variant)
+    gm = copy.deepcopy(fused)
+    report = lower(gm, target=target)
+    how = next(iter(report.lowered["dsmoe::moe"]))
+    if target == "ort":
+        direct = model.config.scoring_func == "softmax" and model.config.topk_method == "greedy"
+        assert ("router logits" in how) == direct
+    _write(gm, model, tmp_path)
+    dec = _decoder(tmp_path)
+    for batch, seq, past in [(2, 7, 0), (3, 1, 6)]:
+        args = sample_inputs(model.config, batch=batch, seq=seq, past=past, seed=seq)
+        with torch.no_grad():
+            ref, _ = model(*args, use_cache=True)
+        assert rel_err(ref, dec(*args)[0]) <= 1e-4
+    want = greedy_generate(eager_step(model), model.config, PROMPT, 8)
+    assert greedy_generate(dec, model.config, PROMPT, 8) == want
+    domains = {n.domain for n in onnx.load(str(tmp_path / "model.onnx")).graph.node} - {""}
+    assert domains == (set() if target == "portable" else {"com.microsoft"})
+
+
+@pytest.mark.slow
+def test_folded_shared_experts_lower_to_one_moe(tmp_path):
+    model = dsmoe.load("preset:tiny")
+    gm, _ = run_pipeline(capture(model), PassContext(fold_shared_experts=True))
+    report = lower(gm, target="ort")
+    assert report.lowered["dsmoe::moe"] == {"com.microsoft.MoE (masked logits, rescaled)": 2}
+    _write(gm, model, tmp_path)
+    args = sample_inputs(model.config, batch=2, seq=5, past=3, seed=3)
+    with torch.no_grad():
+        ref, _ = model(*args, use_cache=True)
+    assert rel_err(ref, _decoder(tmp_path)(*args)[0]) <= 1e-4
+
+
+# ---- fp16 ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["ort", pytest.param("portable", marks=pytest.mark.slow)])
+def test_fp16_export_matches_eager(tmp_path, target):
+    out = tmp_path / "fp16"
+    report = export_model("preset:tiny", out=str(out), target=target, dtype="fp16", verify=True)
+    v = report["verification"]
+    assert report["dtype"] == "fp16" and v["passed"] and v["rel_err"] <= TOLERANCE[torch.float16]
+    dec = OrtDecoder(out)
+    assert dec.dtype == torch.float16
+    model16 = dsmoe.load("preset:tiny", dtype="float16")
+    assert generate_ort(out, PROMPT, 6) == greedy_generate(eager_step(model16), model16.config, PROMPT, 6,
+                                                           dtype=torch.float16)
+
+
+# ---- refusals and unsupported nodes (fast: nothing is exported) ---------------------------------
+
+def test_existing_output_is_refused_unless_force(tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(DsmoeError, match="already exists"):
+        export_model("preset:tiny", out=str(out))
+    assert (out / "keep").exists()
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(target="tensorrt-nope"), "unsupported target"),
+                                          (dict(dtype="int8"), "unsupported dtype"),
+                                          (dict(dtype="bf16"), "unsupported dtype")])
+def test_unsupported_target_or_dtype(tmp_path, kwargs, match):
+    out = tmp_path / "o"
+    with pytest.raises(DsmoeError, match=match):
+        export_model("preset:tiny", out=str(out), **kwargs)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_unlowerable_node_is_reported(fused_variants):
+    _, fused = fused_variants("v3-noaux-tc")
+    gm = copy.deepcopy(fused)
+    node = next(n for n in gm.graph.nodes if n.target is torch.ops.dsmoe.moe.default)
+    node.args = (*node.args[:5], "gelu")
+    for target in ("ort", "portable"):
+        with pytest.raises(LoweringError, match=r"activation 'gelu' has no lowering"):
+            lower(copy.deepcopy(gm), target=target)
+
+
+def test_missing_export_dir_is_a_user_error(tmp_path):
+    with pytest.raises(DsmoeError, match="no model.onnx"):
+        OrtDecoder(tmp_path)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def _write(gm, model, out: Path) -> None:
+    to_onnx(gm, out / "model.onnx", config=model.config, dtype=torch.float32)
+    (out / "config.json").write_text(model.config.to_json_string())
+
+
+def _decoder(out: Path) -> OrtDecoder:
+    return OrtDecoder(out, optimize=False)
