@@ -24,11 +24,18 @@ $(STAMP): pyproject.toml .ci/constraints.txt | $(PY)
 
 install: $(STAMP)
 
+PROMPT ?= 1 17 42 7
+
 demo: $(STAMP)
 	@test -f $(MODEL)/config.json || $(VENV)/bin/dsmoe init $(MODEL) --preset small --seed 0
 	$(VENV)/bin/dsmoe info $(MODEL)
 	$(VENV)/bin/dsmoe inspect $(MODEL)
-	$(VENV)/bin/dsmoe generate $(MODEL) --prompt-ids "1 17 42 7" --max-new-tokens 16 --backend fused
+	$(VENV)/bin/dsmoe-export $(MODEL) --out $(OUT) --verify --force
+	@echo "--- greedy tokens: eager, fused graph, ONNX Runtime (must agree)"
+	$(VENV)/bin/dsmoe generate $(MODEL) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend eager
+	$(VENV)/bin/dsmoe generate $(MODEL) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend fused
+	$(VENV)/bin/dsmoe generate $(OUT) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend ort
+	$(VENV)/bin/dsmoe bench --quick --suite model --preset small --out out/bench
 
 test: $(STAMP)
 	$(PY) -m pytest -q ; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

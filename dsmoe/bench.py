@@ -33,13 +33,14 @@ from dsmoe.errors import DsmoeError
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 DEFAULT_BACKENDS = ("eager", "fused", "ort", "ort-cuda")
 
-# What each suite measures, full and quick. `model` quick uses the `small` preset: the 16B-wide
-# model's setup alone (init, capture, ONNX export of 4.4 GB) does not fit a 2-minute run.
+# What each suite measures, full and quick. `model` quick uses the `tiny` preset (a smoke run of
+# every backend): the 16B-wide model's setup alone (init, capture, ONNX export of 4.4 GB) takes
+# minutes here, and even `small`'s ONNX export does not fit a 2-minute run on 2 cores.
 SIZES = {
     ("moe-layer", False): dict(source="preset:deepseek-moe-16b", overrides={}, tokens=[1, 8, 32, 128, 512]),
-    ("moe-layer", True): dict(source="preset:deepseek-moe-16b", overrides={}, tokens=[1, 32]),
+    ("moe-layer", True): dict(source="preset:deepseek-moe-16b", overrides={}, tokens=[1, 16]),
     ("model", False): dict(source="preset:deepseek-moe-16b", overrides={"num_hidden_layers": 2}, prefill=128, decode=32),
-    ("model", True): dict(source="preset:small", overrides={"num_hidden_layers": 2}, prefill=32, decode=8),
+    ("model", True): dict(source="preset:tiny", overrides={"num_hidden_layers": 2}, prefill=32, decode=8),
 }
 
 GOALS = {

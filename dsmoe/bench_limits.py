@@ -1,7 +1,7 @@
 """This machine's limits, measured in the benchmark run, and the floor of a case.
 
-Two microbenchmarks: memory *read* bandwidth (sum of a buffer far larger than the caches) and
-the fp32 GEMM rate (square ``torch.mm``), both with the run's thread count, best of a few runs
+Two microbenchmarks: memory *read* bandwidth (sum / GEMV over a buffer far larger than the
+caches) and the fp32 GEMM rate (``torch.mm``), both with the run's thread count, best of a few runs
 (a limit is what the machine can do, not what it did on average). A case's floor is then
 
     floor = max(bytes_touched / bandwidth, flops / gemm_rate)
@@ -34,17 +34,27 @@ class Limits:
 
 def measure_limits(*, quick: bool = False, bandwidth_mb: int | None = None, gemm_n: int | None = None,
                    repeats: int | None = None) -> Limits:
-    """Measure read bandwidth and fp32 GEMM rate (best of ``repeats``)."""
+    """Measure read bandwidth and fp32 GEMM rate (best of ``repeats`` and of two kernels each).
+
+    Bandwidth: the faster of ``sum`` over the buffer and ``mv`` (GEMV: the access pattern of
+    decode, which MKL streams better than the reduction). GEMM: the faster of a square ``mm`` and
+    a wide ``[512, n] × [n, 4n]`` one (the lm_head / expert-batch shape).
+    """
     mb = bandwidth_mb or (256 if quick else 1024)
     n = gemm_n or (1024 if quick else 2048)
     reps = repeats or (3 if quick else 7)
-    buf = torch.ones(mb * (1 << 20) // 4, dtype=torch.float32)
+    cols = 4096
+    buf = torch.ones(mb * (1 << 20) // 4 // cols, cols, dtype=torch.float32)
+    vec = torch.ones(cols)
     buf.sum()  # fault the pages in
-    bw = max(buf.numel() * 4 / _time(lambda: buf.sum()) for _ in range(reps))
+    nbytes = buf.numel() * 4
+    bw = max(nbytes / min(_time(lambda: buf.sum()), _time(lambda: torch.mv(buf, vec))) for _ in range(reps))
     del buf
     a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    gemm = max(2.0 * n ** 3 / _time(lambda: torch.mm(a, b)) for _ in range(reps))
+    c, d = torch.randn(512, n), torch.randn(n, 4 * n)
+    torch.mm(a, b), torch.mm(c, d)
+    gemm = max(max(2.0 * n ** 3 / _time(lambda: torch.mm(a, b)), 2.0 * 512 * n * 4 * n / _time(lambda: torch.mm(c, d)))
+               for _ in range(reps))
     return Limits(bandwidth_gbs=bw / 1e9, gemm_gflops=gemm / 1e9, bandwidth_bytes=mb << 20, gemm_n=n)
 
 

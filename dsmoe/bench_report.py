@@ -75,7 +75,9 @@ def write_files(doc: dict, out_dir: Path) -> list[Path]:
 # ---- table ----------------------------------------------------------------------------------
 
 def _ms(s: float | None) -> str:
-    return "—" if s is None else f"{s * 1e3:.3g} ms" if s < 10 else f"{s:.3g} s"
+    if s is None:
+        return "—"
+    return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.1f} ms" if s >= 0.01 else f"{s * 1e3:.2f} ms"
 
 
 def rows(doc: dict) -> list[list[str]]:
@@ -92,7 +94,7 @@ def rows(doc: dict) -> list[list[str]]:
             t = r["timing"]
             out.append([case["case"], name, _ms(r["latency_s"]), f"±{t['spread'] * 50:.0f}%", str(t["iters"]),
                         f"{r['vs_eager']:.2f}×" if r["vs_eager"] else "—",
-                        f"{_ms(fl['floor_s'])} {fl['bound'][:3]}", f"{r['floor_fraction'] * 100:.0f}%",
+                        f"{_ms(fl['floor_s'])} ({fl['bound'][:3]})", f"{r['floor_fraction'] * 100:.0f}%",
                         f"ok ({r['check']['max_abs_err']:.0e})"])
     return out
 
@@ -137,8 +139,9 @@ def markdown(doc: dict) -> str:
              "interquartile range, or half the range below 4 calls); the counts used are in the `iters` column. "
              "Every backend's output is checked against eager before it is timed.",
              f"- **Limits measured in this run**: read bandwidth {lim['bandwidth_gbs']:.2f} GB/s "
-             f"({lim['bandwidth_bytes'] >> 20} MiB sum), fp32 GEMM {lim['gemm_gflops']:.1f} GFLOP/s "
-             f"({lim['gemm_n']}² torch.mm); best of several runs.",
+             f"({lim['bandwidth_bytes'] >> 20} MiB, faster of sum and GEMV), fp32 GEMM {lim['gemm_gflops']:.1f} GFLOP/s "
+             f"(faster of {lim['gemm_n']}² and 512×{lim['gemm_n']}×{4 * lim['gemm_n']} torch.mm); best of several runs. "
+             "A backend can beat a floor where its kernels beat these two torch kernels.",
              "- **Floor** of a case = max(bytes of weights touched — distinct experts the router hit — ÷ bandwidth, "
              "FLOPs ÷ GEMM rate); `of floor` = floor ÷ latency (100% = at the machine's limit).", "",
              "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]

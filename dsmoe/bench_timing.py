@@ -27,7 +27,7 @@ class Method:
         return asdict(self)
 
 
-FULL = Method(warmup=2, min_iters=3, max_iters=30, budget_s=4.0)
+FULL = Method(warmup=1, min_iters=3, max_iters=20, budget_s=3.0)
 QUICK = Method(warmup=1, min_iters=2, max_iters=5, budget_s=0.5)
 ONCE = Method(warmup=0, min_iters=1, max_iters=1, budget_s=0.0)  # tests
 

@@ -211,13 +211,15 @@ export_cmd = click.command("dsmoe-export")(_export_options(_export))  # its own 
 @click.option("--quick", is_flag=True, help="fewer sizes and iterations (< 2 minutes)")
 @click.option("--out", "out_dir", default="benchmarks/results", show_default=True, type=click.Path(path_type=Path))
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores)")
-def bench(suite, backends, quick, out_dir, threads):
+@click.option("--preset", default=None, help="model preset instead of the suite's default (e.g. small)")
+@set_option
+def bench(suite, backends, quick, out_dir, threads, preset, overrides):
     """Benchmark eager vs fused vs ONNX Runtime against this machine's limits."""
     from dsmoe.bench import run_bench
 
     suites = ["moe-layer", "model"] if suite == "all" else [suite]
     run_bench(suites=suites, backends=list(backends) or None, quick=quick, out_dir=str(out_dir), threads=threads,
-              progress=lambda s: err.print(f"[dim]· {s}[/dim]"))
+              preset=preset, overrides=_overrides(overrides) or None, progress=lambda s: err.print(f"[dim]· {s}[/dim]"))
 
 
 def _arch_line(config) -> str:

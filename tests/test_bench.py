@@ -112,11 +112,11 @@ def test_floor_arithmetic_by_hand():
     # tiny: H=64, E=8, K=2, I=32, shared I=64. T=2 tokens hitting 3 distinct experts, fp32.
     cfg = DeepseekConfig.from_name("tiny")
     w = moe_layer_work(cfg, T=2, hit_experts=3)
-    weights = 8 * 64 + 3 * (3 * 64 * 32) + 3 * 64 * 64       # router + 3 experts + shared = 30_976
-    assert w.bytes == (weights + 2 * 2 * 64) * 4 == 124_928
+    weights = 8 * 64 + 3 * (3 * 64 * 32) + 3 * 64 * 64       # router + 3 experts + shared = 31_232
+    assert w.bytes == (weights + 2 * 2 * 64) * 4 == 125_952
     assert w.flops == 2 * 2 * (8 * 64 + 2 * 3 * 64 * 32 + 3 * 64 * 64) == 100_352
     f = floor_s(w, Limits(bandwidth_gbs=1.0, gemm_gflops=1.0, bandwidth_bytes=0, gemm_n=0))
-    assert f["memory_s"] == pytest.approx(124_928e-9) and f["compute_s"] == pytest.approx(100_352e-9)
+    assert f["memory_s"] == pytest.approx(125_952e-9) and f["compute_s"] == pytest.approx(100_352e-9)
     assert f["floor_s"] == f["memory_s"] and f["bound"] == "memory"
     f = floor_s(w, Limits(bandwidth_gbs=1000.0, gemm_gflops=1.0, bandwidth_bytes=0, gemm_n=0))
     assert f["bound"] == "compute" and f["floor_s"] == pytest.approx(100_352e-9)
