@@ -44,12 +44,13 @@ def parse_export_dtype(dtype: str) -> torch.dtype:
 
 def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp32", verify: bool = False,
                  force: bool = False, overrides: dict | None = None, fold_shared_experts: bool = False,
-                 progress: Callable[[str], None] | None = None) -> dict:
+                 ort_fusions: bool = True, progress: Callable[[str], None] | None = None) -> dict:
     """Export ``source`` (checkpoint dir or ``preset:NAME``) to ONNX in ``out``; returns the report.
 
     Raises :class:`DsmoeError` for user errors (unknown target/dtype, existing ``out`` without
     ``force``, bad source) and :class:`VerificationError` (``exit_code = 1``) when ``verify``
-    finds ONNX Runtime and eager apart beyond :data:`TOLERANCE`.
+    finds ONNX Runtime and eager apart beyond :data:`TOLERANCE`. ``ort_fusions`` (target ``ort``
+    only) applies ONNX Runtime's contrib fusions for norms, rotary and attention.
     """
     import dsmoe
     from dsmoe.ir import capture
@@ -72,7 +73,8 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
         with step("lower"):
             lowered = lower(gm, target=target)
         with step("write"):
-            proto = to_onnx(gm, tmp / MODEL_FILE, config=config, dtype=tdtype)
+            proto, fusions = to_onnx(gm, tmp / MODEL_FILE, config=config, dtype=tdtype,
+                                     ort_fusions=ort_fusions and target == "ort")
             del gm
             hist = op_histogram(proto if proto is not None else _load_graph_only(tmp / MODEL_FILE))
             cfg = config.to_dict()
@@ -87,7 +89,7 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
             "files": sorted(p.name for p in tmp.iterdir()) + [REPORT_FILE],
             "model_bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.name in (MODEL_FILE, DATA_FILE)),
             "inputs": io_names(config.num_hidden_layers)[0], "outputs": io_names(config.num_hidden_layers)[1],
-            "passes": [asdict(r) for r in pass_reports], "lowering": lowered.as_dict(), "onnx_ops": hist,
+            "passes": [asdict(r) for r in pass_reports], "lowering": lowered.as_dict(), "ort_fusions": fusions, "onnx_ops": hist,
             "onnx_nodes": sum(hist.values()), "seconds": step.seconds, "versions": _versions(),
             "verification": verification,
         }

@@ -47,9 +47,17 @@ class _Decoder(nn.Module):
         return (logits, *[t for kv in present for t in kv])
 
 
-def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype) -> onnx.ModelProto | None:
+def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype,
+            ort_fusions: bool = False) -> tuple[onnx.ModelProto | None, dict[str, int]]:
     """Export the lowered ``gm`` to ``path`` (+ external data when large); return the proto when
-    it is held in memory (small models), else ``None``."""
+    it is held in memory (small models), else ``None``, and the ORT fusions applied.
+
+    ``ort_fusions`` runs onnxscript's ``optimize_for_ort`` (RMSNorm → SimplifiedLayerNormalization,
+    residual + RMSNorm → SkipSimplifiedLayerNormalization, RotaryEmbedding, attention →
+    MultiHeadAttention). Kept for the ``ort`` target because it measured faster: on the ``small``
+    preset, fp32, 2-core CPU, decode (1 token after 128) 12.7–13.8 ms → 10.6–10.9 ms, prefill of
+    128 tokens unchanged (97–110 ms either way), outputs equal to 8e-7 relative.
+    """
     args = sample_inputs(config, batch=2, seq=3, past=5, dtype=dtype)
     B = Dim("batch", min=1, max=MAX_BATCH)
     S = Dim("seq", min=1, max=MAX_SEQ)
@@ -63,11 +71,58 @@ def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype) -> onnx.
                                  dynamic_shapes=dynamic, input_names=names_in, output_names=names_out,
                                  opset_version=OPSET, optimize=True, verbose=False, report=False)
     _name_dynamic_axes(prog.model, config.num_hidden_layers)
+    fusions: dict[str, int] = {}
+    if ort_fusions:
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+        result = optimize_for_ort(prog.model)
+        fused = result[1] if isinstance(result, tuple) else result
+        fusions = {k: v for k, v in (fused or {}).items() if v}
     size = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values() if v.const_value is not None)
     large = size >= TWO_GB
     prog.save(str(path), external_data=large)
+    if ort_fusions:
+        _expand_unregistered_norms(path)
     onnx.checker.check_model(str(path), full_check=True)
-    return None if large else onnx.load(str(path))
+    return (None if large else onnx.load(str(path))), fusions
+
+
+def _expand_unregistered_norms(path: Path) -> None:
+    """Expand the plain RMSNorm fusion's ``SimplifiedLayerNormalization`` back into standard ops.
+
+    ORT registers that op in the *default* ONNX domain, which the ONNX checker (rightly) rejects;
+    the fusions that matter (``com.microsoft::SkipSimplifiedLayerNormalization``) are kept, and
+    the one norm with no residual (layer 0's input norm) goes back to
+    ``x · 1/sqrt(mean(x²) + eps) · weight`` computed in fp32, as the model does.
+    """
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    nodes, changed = [], False
+    for n in model.graph.node:
+        if n.domain not in ("", "ai.onnx") or n.op_type != "SimplifiedLayerNormalization":
+            nodes.append(n)
+            continue
+        changed = True
+        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-6)
+        x, w, y, p = n.input[0], n.input[1], n.output[0], f"{n.name or n.output[0]}/rms"
+        nodes += [
+            helper.make_node("Cast", [x], [f"{p}/xf"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{p}/xf", f"{p}/xf"], [f"{p}/sq"]),
+            helper.make_node("Constant", [], [f"{p}/axes"], value=helper.make_tensor("axes", TensorProto.INT64, [1], [-1])),
+            helper.make_node("ReduceMean", [f"{p}/sq", f"{p}/axes"], [f"{p}/ms"], keepdims=1),
+            helper.make_node("Constant", [], [f"{p}/eps"], value=helper.make_tensor("eps", TensorProto.FLOAT, [], [eps])),
+            helper.make_node("Add", [f"{p}/ms", f"{p}/eps"], [f"{p}/var"]),
+            helper.make_node("Sqrt", [f"{p}/var"], [f"{p}/std"]),
+            helper.make_node("Reciprocal", [f"{p}/std"], [f"{p}/inv"]),
+            helper.make_node("Mul", [f"{p}/xf", f"{p}/inv"], [f"{p}/nf"]),
+            helper.make_node("CastLike", [f"{p}/nf", x], [f"{p}/n"]),
+            helper.make_node("Mul", [w, f"{p}/n"], [y]),
+        ]
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        onnx.save(model, str(path))
 
 
 def _name_dynamic_axes(model, num_layers: int) -> None:

@@ -97,10 +97,13 @@ def test_onnx_io_checker_and_domains(exported, tiny):
     else:
         assert domains == {"com.microsoft"}
         assert ops["com.microsoft::MoE"] == moe_layers
-        # No per-expert MatMul: attention 6 per layer (q, k, v, o, QK, PV), dense MLP 2,
-        # MoE layers router 1 + shared experts 2, lm_head 1 — independent of n_routed_experts.
+        # No per-expert MatMul: attention 4 per layer (q, k, v, o; QK and PV are inside the fused
+        # com.microsoft::MultiHeadAttention), dense MLP 2, MoE layers router 1 + shared experts 2,
+        # lm_head 1 — independent of n_routed_experts.
         L, dense = c.num_hidden_layers, c.num_hidden_layers - moe_layers
-        assert ops.get("MatMul", 0) + ops.get("Gemm", 0) == 6 * L + 2 * dense + 3 * moe_layers + 1
+        assert report["ort_fusions"].get("sdpa_via_mha") == L
+        assert ops["com.microsoft::MultiHeadAttention"] == L
+        assert ops.get("MatMul", 0) + ops.get("Gemm", 0) == 4 * L + 2 * dense + 3 * moe_layers + 1
 
 
 @pytest.mark.parametrize("batch,seq,past", [(1, 1, 0), (3, 1, 0), (1, 17, 0), (3, 17, 0), (1, 1, 9), (3, 17, 4)])
