@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dsmoe.config import DeepseekConfig
+from dsmoe.errors import DsmoeError
 
 Step = Callable[..., tuple[torch.Tensor, list]]
 BACKENDS = ("eager", "fused", "ort")
@@ -82,6 +83,11 @@ def empty_cache(config: DeepseekConfig, batch: int, dtype: torch.dtype, device="
 def greedy_generate(step: Step, config: DeepseekConfig, prompt_ids: list[int], max_new_tokens: int, *,
                     dtype: torch.dtype = torch.float32, stop_at_eos: bool = False) -> list[int]:
     """Greedy decoding with the KV cache: one prefill step, then one step per new token."""
+    if not prompt_ids:
+        raise DsmoeError("the prompt is empty")
+    bad = [i for i in prompt_ids if not 0 <= i < config.vocab_size]
+    if bad:
+        raise DsmoeError(f"prompt id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
     ids = torch.tensor([prompt_ids], dtype=torch.int64)
     past = empty_cache(config, 1, dtype)
     out: list[int] = []

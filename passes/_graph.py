@@ -15,6 +15,7 @@ from dsmoe.ir import module_class, module_path
 aten = torch.ops.aten
 # Nodes that only check or describe values: they die with the values they talk about.
 CHECKS = {aten._assert_scalar.default, aten._assert_tensor_metadata.default, aten.sym_constrain_range_for_size.default}
+CASTS = {aten.to.dtype, aten._to_copy.default}
 SYM_OPS = {aten.sym_size.int, operator.ge, operator.le, operator.gt, operator.lt, operator.eq,
            operator.add, operator.mul, operator.sub, operator.floordiv}
 
@@ -28,6 +29,19 @@ def modules_of_class(gm: GraphModule, cls_name: str) -> list[str]:
             if name.split(".")[-1] == cls_name:
                 seen.setdefault(path.removeprefix("lm."), None)
     return list(seen)
+
+
+def strip_casts(n: Node, region: set[Node] | None = None) -> Node:
+    """Follow dtype casts back to the value they cast (staying inside ``region`` when given)."""
+    while isinstance(n, Node) and (region is None or n in region) and n.target in CASTS:
+        n = n.args[0]
+    return n
+
+
+def is_tensor_valued(n: Node) -> bool:
+    """Whether a node computes tensors (not symbolic sizes or checks)."""
+    v = n.meta.get("val")
+    return isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in v))
 
 
 def in_scope(node: Node, path: str) -> bool:

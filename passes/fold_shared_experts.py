@@ -20,11 +20,10 @@ import torch
 from torch.fx import GraphModule, Node
 
 from dsmoe.ops import GATED_MLP, MOE
-from dsmoe.passes._graph import add_param, attr, cleanup, is_call, modules_of_class, new_node, scope_nodes
+from dsmoe.passes._graph import add_param, attr, cleanup, modules_of_class, new_node, scope_nodes, strip_casts
 from dsmoe.passes.context import PassContext, PassResult
 
 aten = torch.ops.aten
-CASTS = {aten.to.dtype, aten._to_copy.default}
 
 
 def fold_shared_experts(gm: GraphModule, ctx: PassContext) -> PassResult:
@@ -41,7 +40,7 @@ def fold_shared_experts(gm: GraphModule, ctx: PassContext) -> PassResult:
         if add is None:
             result.skip(path, "shared output is not added to the routed output")
             continue
-        if _source(moe.args[0]) is not _source(mlp.args[0]):
+        if strip_casts(moe.args[0]) is not strip_casts(mlp.args[0]):
             result.skip(path, "shared and routed experts read different inputs")
             continue
         sw13, sw2 = attr(gm, mlp.args[1]), attr(gm, mlp.args[2])
@@ -74,18 +73,12 @@ def fold_shared_experts(gm: GraphModule, ctx: PassContext) -> PassResult:
     return result
 
 
-def _source(n: Node) -> Node:
-    while is_call(n, aten.to.dtype) or is_call(n, aten._to_copy.default):
-        n = n.args[0]
-    return n
-
-
 def _combine(moe: Node, mlp: Node) -> Node | None:
     """The add of (moe through casts) and the shared MLP output, if that is what joins them."""
     for add in mlp.users:
         if add.target not in (aten.add.Tensor, operator.add) or len(mlp.users) != 1:
             continue
         other = add.args[0] if add.args[1] is mlp else add.args[1]
-        if _source(other) is moe:
+        if strip_casts(other) is moe:
             return add
     return None

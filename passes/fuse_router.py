@@ -22,7 +22,8 @@ import torch
 from torch.fx import GraphModule
 
 from dsmoe.ops import ROUTE
-from dsmoe.passes._graph import attr_owner_path, cleanup, erase_region, is_call, modules_of_class, new_node, scope_nodes
+from dsmoe.passes._graph import (CASTS, CHECKS, attr_owner_path, cleanup, erase_region, is_call, is_tensor_valued,
+                                 modules_of_class, new_node, scope_nodes, strip_casts)
 from dsmoe.passes.context import PassContext, PassResult
 
 aten = torch.ops.aten
@@ -37,7 +38,7 @@ def fuse_router(gm: GraphModule, ctx: PassContext) -> PassResult:
         if any(n.target == ROUTE for n in region):
             continue  # already fused (idempotence)
         linears = [n for n in region if is_call(n, aten.linear.default)]
-        w_gate = _strip_casts(linears[0].args[1]) if len(linears) == 1 else None
+        w_gate = strip_casts(linears[0].args[1]) if len(linears) == 1 else None
         if w_gate is None or w_gate.op != "get_attr" or attr_owner_path(w_gate) != path:
             result.skip(path, f"expected one linear on {path}.weight, found {len(linears)}")
             continue
@@ -56,8 +57,8 @@ def fuse_router(gm: GraphModule, ctx: PassContext) -> PassResult:
             continue
         # region inputs: the hidden states (the linear's input, traced back through dtype casts),
         # the gate weight and the optional correction bias
-        x = _strip_casts(linears[0].args[0])
-        inputs = {_strip_casts(a) for n in region for a in n.all_input_nodes}
+        x = strip_casts(linears[0].args[0])
+        inputs = {strip_casts(a) for n in region for a in n.all_input_nodes}
         bias = [a for a in inputs if a.op == "get_attr" and a.target.endswith("e_score_correction_bias")]
         if (spec.topk_method == "noaux_tc") != bool(bias):
             result.skip(path, "correction bias presence does not match topk_method")
@@ -81,30 +82,16 @@ def fuse_router(gm: GraphModule, ctx: PassContext) -> PassResult:
 
 
 def _region(gm, path):
-    """The gate's tensor-valued nodes, minus casts of values coming from outside (export may
-    share ``x.float()`` with the experts) and symbolic-size nodes (shared shape arithmetic)."""
-    nodes = [n for n in scope_nodes(gm, path) if _is_tensorish(n)]
+    """The gate's tensor-valued nodes and checks, minus casts (and checks) of values coming from
+    outside (export may share ``x.float()`` with the experts); symbolic-size nodes (shared shape
+    arithmetic) are never part of it."""
+    nodes = [n for n in scope_nodes(gm, path) if is_tensor_valued(n) or n.target in CHECKS]
     inside = set(nodes)
-    shared = {n for n in nodes if n.target in CASTS and _strip_casts(n, inside) not in inside}
+    shared = {n for n in nodes if n.target in CASTS | CHECKS
+              and strip_casts(n.args[0] if n.target in CHECKS else n, inside) not in inside}
     return [n for n in nodes if n not in shared]
-
-
-def _is_tensorish(n) -> bool:
-    v = n.meta.get("val")
-    return isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in v)) \
-        or n.target in CASTS
 
 
 def _is_int(n) -> bool:
     v = n.meta.get("val")
     return isinstance(v, torch.Tensor) and not v.is_floating_point()
-
-
-CASTS = {aten.to.dtype, aten._to_copy.default, aten._assert_tensor_metadata.default}
-
-
-def _strip_casts(n, region=None):
-    """Follow dtype casts back to the value they cast (inside ``region`` when given)."""
-    while (region is None or n in region) and n.target in CASTS:
-        n = n.args[0]
-    return n

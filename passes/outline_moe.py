@@ -25,7 +25,8 @@ from torch.fx import GraphModule, Node
 
 from dsmoe.ir import module_path
 from dsmoe.ops import MOE, ROUTE
-from dsmoe.passes._graph import add_param, attr, cleanup, erase_region, in_scope, is_call, modules_of_class, new_node, scope_nodes
+from dsmoe.passes._graph import (add_param, attr, cleanup, erase_region, in_scope, is_call, is_tensor_valued,
+                                 modules_of_class, new_node, scope_nodes)
 from dsmoe.passes.context import PassContext, PassResult
 
 aten = torch.ops.aten
@@ -122,16 +123,11 @@ def _backward_slice(out: Node, *, stop: set[Node], scope: set[Node]) -> set[Node
     region, frontier = set(), [out]
     while frontier:
         n = frontier.pop()
-        if n in region or n in stop or n not in scope or not _tensorish(n):
+        if n in region or n in stop or n not in scope or not is_tensor_valued(n):
             continue  # symbolic sizes (shared shape arithmetic) stay outside
         region.add(n)
         frontier.extend(a for a in n.all_input_nodes if a.op == "call_function")
     return region
-
-
-def _tensorish(n: Node) -> bool:
-    v = n.meta.get("val")
-    return isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in v))
 
 
 def _rewrite(gm: GraphModule, path: str, m: dict) -> None:
