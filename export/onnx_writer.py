@@ -8,6 +8,7 @@ External data is used once the model passes 2 GB; ``onnx.checker`` runs its full
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -65,11 +66,17 @@ def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype,
     kv = [({0: B, 2: P}, {0: B, 2: P})] * config.num_hidden_layers
     dynamic = ({0: B, 1: S}, {0: B, 1: Dim.AUTO}, {0: B, 1: S}, kv)
     names_in, names_out = io_names(config.num_hidden_layers)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(_Decoder(gm), (args[0], args[1], args[2], args[3]), dynamo=True,
-                                 dynamic_shapes=dynamic, input_names=names_in, output_names=names_out,
-                                 opset_version=OPSET, optimize=True, verbose=False, report=False)
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed" for every exporter run
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(_Decoder(gm), (args[0], args[1], args[2], args[3]), dynamo=True,
+                                     dynamic_shapes=dynamic, input_names=names_in, output_names=names_out,
+                                     opset_version=OPSET, optimize=True, verbose=False, report=False)
+    finally:
+        onnx_log.setLevel(level)
     _name_dynamic_axes(prog.model, config.num_hidden_layers)
     fusions: dict[str, int] = {}
     if ort_fusions:
