@@ -31,7 +31,7 @@ from dsmoe.bench_timing import FULL, QUICK, Method, cross_check, measure
 from dsmoe.errors import DsmoeError
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
-DEFAULT_BACKENDS = ("eager", "fused", "ort", "ort-cuda")
+DEFAULT_BACKENDS = ("eager", "fused", "grouped_mm", "ort", "ort-cuda")
 
 # What each suite measures, full and quick. `model` quick uses the `tiny` preset (a smoke run of
 # every backend): the 16B-wide model's setup alone (init, capture, ONNX export of 4.4 GB) takes

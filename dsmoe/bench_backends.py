@@ -90,19 +90,8 @@ def fused_graph(w: Workload) -> tuple[torch.fx.GraphModule, dict]:
 
 def _run_passes(gm) -> dict:
     from dsmoe.passes.context import PassContext
+    from dsmoe.passes.pipeline import run_pipeline
 
-    try:
-        from dsmoe.passes.pipeline import run_pipeline
-    except ImportError:  # a checkout without passes/pipeline.py: run the passes in their order
-        from dsmoe.passes.fuse_gated_mlp import fuse_gated_mlp
-        from dsmoe.passes.fuse_router import fuse_router
-        from dsmoe.passes.outline_moe import outline_moe
-
-        out = {}
-        for fn in (fuse_router, outline_moe, fuse_gated_mlp):
-            r = fn(gm, PassContext())
-            out[fn.__name__] = {"rewrites": r.rewrites, "skipped": r.skipped}
-        return out
     _, reports = run_pipeline(gm, PassContext())
     return {r.name: {"rewrites": r.rewrites, "skipped": list(r.skipped)} for r in reports}
 
@@ -117,6 +106,38 @@ def cached_fused_graph(w: Workload) -> tuple[torch.fx.GraphModule, dict]:
 def _prepare_fused(w: Workload, threads: int) -> Prepared:
     gm, notes = cached_fused_graph(w)
     return Prepared(gm, dict(notes))
+
+
+# ---- grouped_mm: the fused graph with dsmoe::moe on torch._grouped_mm ---------------------
+
+def _grouped_mm_available() -> tuple[bool, str]:
+    from dsmoe.plugins import grouped_mm_available
+
+    ok = grouped_mm_available()
+    return ok, "" if ok else f"torch {torch.__version__} has no torch._grouped_mm"
+
+
+def _grouped_moe(x, weights, ids, w13, w2, activation):
+    from dsmoe.plugins import grouped_mm_moe
+
+    if activation != "silu":
+        raise Unsupported(f"grouped_mm baseline supports silu only, got {activation!r}")
+    return grouped_mm_moe(x, weights, ids, w13, w2)
+
+
+def _prepare_grouped_mm(w: Workload, threads: int) -> Prepared:
+    """The fused graph (shared parameters, its own graph copy) with every ``dsmoe::moe`` node
+    calling PyTorch's grouped GEMM instead: the path transformers takes, as a baseline."""
+    import copy
+
+    from dsmoe.ops import MOE
+
+    gm, notes = cached_fused_graph(w)
+    graph = copy.deepcopy(gm.graph)
+    for n in graph.nodes:
+        if n.target == MOE:
+            n.target = _grouped_moe
+    return Prepared(torch.fx.GraphModule(gm, graph), {"what": "fused graph, dsmoe::moe → torch._grouped_mm"})
 
 
 # ---- ONNX Runtime ---------------------------------------------------------------------------
@@ -243,6 +264,8 @@ def _ort_decoder(w: Workload, tmp: Path, threads: int):
 
 register(Backend("eager", "reference PyTorch model", _always, _prepare_eager))
 register(Backend("fused", "captured IR after the pass pipeline, dsmoe CPU ops", _always, _prepare_fused))
+register(Backend("grouped_mm", "fused graph with MoE on torch._grouped_mm (transformers' grouped path)",
+                 _grouped_mm_available, _prepare_grouped_mm))
 register(Backend("ort", "ONNX Runtime CPU EP (com.microsoft.MoE), threads = cores", _ort_available, _prepare_ort))
 register(Backend("ort-cuda", "ONNX Runtime CUDA EP", _ort_cuda_available,
                  lambda w, t: _prepare_ort(w, t, "CUDAExecutionProvider")))

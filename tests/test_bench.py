@@ -29,14 +29,14 @@ def _run(tmp_path, suite, backends=None, **kw):
 @pytest.fixture(scope="module")
 def layer_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    return out, _run(out, "moe-layer", ["eager", "fused", "ort", "ort-cuda"], tokens=[1, 5])
+    return out, _run(out, "moe-layer", ["eager", "fused", "grouped_mm", "ort", "ort-cuda"], tokens=[1, 5])
 
 
 def test_every_backend_runs_on_the_layer(layer_run):
     _, r = layer_run
     doc = r["suites"]["moe-layer"]
     for case in doc["cases"]:
-        for name in ("eager", "fused", "ort"):
+        for name in ("eager", "fused", "grouped_mm", "ort"):
             res = case["results"][name]
             assert res["status"] == "ok", (name, res)
             assert res["check"]["ok"] and res["timing"]["iters"] == 1
