@@ -11,9 +11,10 @@ from dsmoe.errors import DsmoeError
 def run_inspect(*, source: str, dump_after: str | None = None, fold_shared_experts: bool = False, verify: bool = True,
                 dtype: str | None = None, overrides: dict | None = None, dump: Callable[[str], None] = print,
                 status: Callable = lambda text: nullcontext()) -> dict:
-    """Returns ``{"passes": [...], "ops": {...}, "captured_nodes", "captured_param_bytes", "capture_seconds"}``."""
+    """Returns ``{"passes": [...], "ops": {...}, "captured_nodes", "captured_param_bytes",
+    "captured_nodes_per_layer", "capture_seconds"}``."""
     import dsmoe
-    from dsmoe.ir import param_bytes, node_count, timed_capture
+    from dsmoe.ir import summary, timed_capture
     from dsmoe.passes.context import PassContext
     from dsmoe.passes.pipeline import PASSES, report_json, run_pipeline
 
@@ -24,7 +25,9 @@ def run_inspect(*, source: str, dump_after: str | None = None, fold_shared_exper
         model = dsmoe.load(source, dtype=dtype, overrides=overrides)
     with status("capturing (torch.export)"):
         gm, seconds = timed_capture(model)
-    captured = dict(captured_nodes=node_count(gm), captured_param_bytes=param_bytes(gm), capture_seconds=seconds)
+    s = summary(gm)
+    captured = dict(captured_nodes=s.nodes, captured_param_bytes=s.params, captured_nodes_per_layer=s.per_layer,
+                    capture_seconds=seconds)
     del model
 
     def on_pass(rep, g):

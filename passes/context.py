@@ -22,7 +22,6 @@ class PassContext:
     fold_shared_experts: bool = False
     verify: bool = False
     verify_seed: int = 0
-    dump_after: str | None = None
 
     def config_of(self, gm: GraphModule) -> DeepseekConfig:
         cfg = self.config or gm.meta.get("dsmoe_config")

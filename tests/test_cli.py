@@ -50,6 +50,7 @@ def test_inspect_json(ckpt):
     d = json.loads(out)
     assert [p["name"] for p in d["passes"]] == ["fuse_router", "outline_moe", "fuse_gated_mlp"]
     assert {"name", "rewrites", "nodes_before", "nodes_after", "max_abs_err"} <= set(d["passes"][0])
+    assert sum(d["captured_nodes_per_layer"].values()) == d["captured_nodes"]
     assert d["ops"]["dsmoe::moe"] == 1 and d["ops"]["dsmoe::route"] == 1 and d["ops"]["dsmoe::gated_mlp"] == 2
 
 
