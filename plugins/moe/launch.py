@@ -125,6 +125,8 @@ def moe_cuda(x: Tensor, weights: Tensor, ids: Tensor, w13: Tensor, w2: Tensor, a
     plan = plan_moe(tuple(x.shape), tuple(ids.shape), tuple(w13.shape), tuple(w2.shape), x.dtype, activation,
                     path=path or os.environ.get("DSMOE_MOE_PATH", "auto"),
                     combine=combine or os.environ.get("DSMOE_MOE_COMBINE", "auto"))
+    if tuple(weights.shape) != tuple(ids.shape):  # the kernels index weights by pair id t·K + k
+        raise ValueError(f"dsmoe::moe: weights {tuple(weights.shape)} must have ids' shape {tuple(ids.shape)}")
     if w13.dtype != x.dtype or w2.dtype != x.dtype:
         raise ValueError(f"dsmoe::moe: weights must be in x's dtype {x.dtype}, got {w13.dtype}, {w2.dtype}")
     x, w13, w2 = (_aligned16(t.contiguous()) for t in (x, w13, w2))  # cp.async moves 16 bytes

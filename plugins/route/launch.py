@@ -21,6 +21,10 @@ WARPS = 8
 TOKENS_PER_CTA = 8   # large T: each W_gate row read from L2 serves 8 tokens
 SMALL_T = 256        # below this, one token per CTA so that more CTAs run
 SMEM_LIMIT = 48 * 1024
+# The 48 KiB default limit covers static + dynamic shared memory: route.cu also has a static
+# `__shared__ int is_last` (ptxas reports 16 bytes), so the dynamic part must leave room for it.
+STATIC_SMEM_RESERVE = 64
+DYNAMIC_SMEM_LIMIT = SMEM_LIMIT - STATIC_SMEM_RESERVE
 MAX_TOP_K = 32       # one lane per selected expert
 MAX_GROUPS = 32      # one lane per group
 # kernel arguments (build.Module.launch codes): x, w, bias, weights, ids, logits_ws, counters,
@@ -93,9 +97,9 @@ def validate_route_attrs(T: int, H: int, E: int, *, scoring: str, topk_method: s
                              f"of the kept groups")
         if method == 2 and E // n_group < 2:
             raise ValueError("dsmoe::route: noaux_tc scores a group by its top-2 experts: need E/n_group >= 2")
-    tpc = TOKENS_PER_CTA if T >= SMALL_T and 2 * TOKENS_PER_CTA * E * 4 <= SMEM_LIMIT else 1
-    if 2 * tpc * E * 4 > SMEM_LIMIT:
-        raise ValueError(f"dsmoe::route: E={E} is too large for the kernel (at most {SMEM_LIMIT // 8})")
+    tpc = TOKENS_PER_CTA if T >= SMALL_T and 2 * TOKENS_PER_CTA * E * 4 <= DYNAMIC_SMEM_LIMIT else 1
+    if 2 * tpc * E * 4 > DYNAMIC_SMEM_LIMIT:
+        raise ValueError(f"dsmoe::route: E={E} is too large for the kernel (at most {DYNAMIC_SMEM_LIMIT // 8})")
     return RouteLaunch(T=T, H=H, E=E, K=top_k, scoring=SCORINGS[scoring], method=method,
                        n_group=n_group if grouped else 1, topk_group=topk_group if grouped else 1,
                        normalize=bool(norm_topk_prob), scaling=float(scaling),

@@ -89,14 +89,22 @@ __device__ __forceinline__ void route_body(
   if (S > 1) {
     __threadfence();  // publish this CTA's logits before counting it
     __syncthreads();
-    if (threadIdx.x == 0) is_last = atomicAdd(&counters[blockIdx.x], 1u) == (unsigned)(S - 1);
+    if (threadIdx.x == 0) {
+      // Release/acquire by the thread that does the atomic (as cooperative groups' grid sync
+      // does): the fence after the barrier covers the logits the other warps stored, and the
+      // fence after the atomic orders the other CTAs' logits before this CTA's reads below.
+      __threadfence();
+      is_last = atomicAdd(&counters[blockIdx.x], 1u) == (unsigned)(S - 1);
+      __threadfence();
+    }
     __syncthreads();
     if (!is_last) return;
     __threadfence();
     for (int i = threadIdx.x; i < TPC * E; i += blockDim.x) {
       const int t = i / E;
       float v = 0.f;
-      if (t0 + t < T) asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(logits_ws + (long long)t0 * E + i));
+      if (t0 + t < T)
+        asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(logits_ws + (long long)t0 * E + i) : "memory");
       scores[i] = v;
     }
     if (threadIdx.x == 0) counters[blockIdx.x] = 0u;  // ready for the next launch
