@@ -19,7 +19,7 @@ import torch
 
 from dsmoe.config import PRESETS, DeepseekConfig
 from dsmoe.errors import ConfigError, DsmoeError
-from dsmoe.model import DeepseekForCausalLM, init_weights
+from dsmoe.model import DeepseekForCausalLM, init_weights, rebuild_rotary
 from dsmoe import ops as _ops  # noqa: F401  (registers torch.ops.dsmoe.*)
 
 __version__ = "0.1.0"
@@ -40,12 +40,24 @@ def load_config(source: str | Path, overrides: dict[str, Any] | None = None) -> 
     return DeepseekConfig.from_json(p).override(overrides)
 
 
-def init_model(config: DeepseekConfig, *, seed: int = 0, dtype: str | torch.dtype | None = "float32") -> DeepseekForCausalLM:
-    """A random-weight model (deterministic for a seed), in eval mode."""
+def init_model(config: DeepseekConfig, *, seed: int = 0, dtype: str | torch.dtype | None = "float32",
+               device: str | torch.device = "cpu") -> DeepseekForCausalLM:
+    """A random-weight model (deterministic for a seed and device), in eval mode.
+
+    The model is allocated on ``device`` in ``dtype`` and filled in place (the 16B preset is 33 GB
+    in bf16: building it in fp32 first would not fit a GPU).
+    """
     from dsmoe.checkpoint import parse_dtype
 
-    model = init_weights(DeepseekForCausalLM(config.validate()), seed)
-    return cast_model(model.eval(), parse_dtype(dtype))
+    config.validate()
+    tdtype = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(config).to(tdtype)
+    model = model.to_empty(device=device)
+    if config.tie_word_embeddings:  # to_empty gives each module its own storage
+        model.lm_head.weight = model.model.embed_tokens.weight
+    rebuild_rotary(model)
+    return cast_model(init_weights(model, seed).eval(), tdtype)
 
 
 def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -58,30 +70,27 @@ def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def load(source: str | Path, *, dtype: str | torch.dtype | None = None, overrides: dict[str, Any] | None = None,
-         seed: int = 0) -> DeepseekForCausalLM:
+         seed: int = 0, device: str | torch.device = "cpu") -> DeepseekForCausalLM:
     """Load a checkpoint directory (safetensors) or build ``preset:NAME`` with random weights.
 
-    ``dtype`` defaults to float32 for presets and to the checkpoint's ``torch_dtype`` otherwise.
+    ``dtype`` defaults to float32 for presets and to the checkpoint's ``torch_dtype`` otherwise;
+    ``device`` is where the model ends up (checkpoints are read on the CPU, then moved).
     """
     from dsmoe.checkpoint import load_state_dict, parse_dtype
 
     config = load_config(source, overrides)
     if str(source).startswith(PRESET_PREFIX):
-        return init_model(config, seed=seed, dtype=dtype or "float32")
+        return init_model(config, seed=seed, dtype=dtype or "float32", device=device)
     tdtype = parse_dtype(dtype or config.torch_dtype)
     with torch.device("meta"):
         model = DeepseekForCausalLM(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
     sd = load_state_dict(source, config, expected, tdtype)
     model.load_state_dict(sd, strict=False, assign=True)
-    # non-persistent buffers are not in the checkpoint: rebuild them on the CPU
-    for mod in model.modules():
-        if hasattr(mod, "inv_freq"):
-            d = mod.inv_freq.shape[0] * 2
-            mod.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rebuild_rotary(model)  # non-persistent: not in the checkpoint
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return cast_model(model.eval(), tdtype)
+    return cast_model(model.eval(), tdtype).to(device)
 
 
 def _check_presets() -> None:  # import-time sanity: every preset validates

@@ -24,14 +24,20 @@ import torch
 from rich.console import Console
 
 from dsmoe.bench_backends import REGISTRY, Unsupported
-from dsmoe.bench_limits import Limits, floor_s, measure_limits
+from dsmoe.bench_limits import Limits, floor_s, measure_gpu_limits, measure_limits
 from dsmoe.bench_report import SCHEMA, machine_info, print_table, versions, write_files
 from dsmoe.bench_suites import SEED, SUITES, Workload, model_workload, moe_layer_workload
-from dsmoe.bench_timing import FULL, QUICK, Method, cross_check, measure
+from dsmoe.bench_timing import FULL, GPU_FULL, GPU_QUICK, QUICK, Method, cross_check, measure
 from dsmoe.errors import DsmoeError
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
-DEFAULT_BACKENDS = ("eager", "fused", "grouped_mm", "ort", "ort-cuda")
+DEFAULT_BACKENDS = ("eager", "fused", "grouped_mm", "cuda", "cuda-graph", "ort", "ort-cuda")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# cross-check against eager: max|out − ref| ≤ rtol · max|ref| (16-bit runs differ from eager in
+# rounding order; the model suite compounds it over 28 layers)
+CHECK_RTOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 # What each suite measures, full and quick. `model` quick uses the `tiny` preset (a smoke run of
 # every backend): the 16B-wide model's setup alone (init, capture, ONNX export of 4.4 GB) takes
@@ -41,6 +47,13 @@ SIZES = {
     ("moe-layer", True): dict(source="preset:deepseek-moe-16b", overrides={}, tokens=[1, 16]),
     ("model", False): dict(source="preset:deepseek-moe-16b", overrides={"num_hidden_layers": 2}, prefill=128, decode=32),
     ("model", True): dict(source="preset:tiny", overrides={"num_hidden_layers": 2}, prefill=32, decode=8),
+    # on a GPU: the issue's sizes, T up to 4096, and the whole 28-layer model (33 GB in bf16)
+    ("moe-layer", False, "cuda"): dict(source="preset:deepseek-moe-16b", overrides={},
+                                       tokens=[1, 4, 16, 64, 256, 1024, 4096]),
+    ("moe-layer", True, "cuda"): dict(source="preset:deepseek-moe-16b", overrides={}, tokens=[1, 64, 4096]),
+    ("model", False, "cuda"): dict(source="preset:deepseek-moe-16b", overrides={}, prefill=128, decode=32),
+    ("model", True, "cuda"): dict(source="preset:deepseek-moe-16b", overrides={"num_hidden_layers": 4},
+                                  prefill=32, decode=8),
 }
 
 GOALS = {
@@ -54,13 +67,19 @@ def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None 
               out_dir: str | Path | None = None, threads: int | None = None,
               progress: bool | Callable[[str], None] = True, preset: str | None = None,
               overrides: dict | None = None, tokens: Sequence[int] | None = None,
-              method: Method | None = None, limits: Limits | None = None, write: bool = True) -> dict:
+              method: Method | None = None, limits: Limits | None = None, write: bool = True,
+              device: str = "cpu", dtype: str | None = None) -> dict:
     """Run the benchmark; returns ``{"machine", "suites": {suite: document}, "files": [...]}``.
 
     ``preset``/``overrides``/``tokens``/``method``/``limits`` override the sizes, timing method and
-    limits (tests use the tiny preset, one iteration and fixed limits). Unknown suite or backend
-    names raise :class:`DsmoeError`.
+    limits (tests use the tiny preset, one iteration and fixed limits). ``device="cuda"`` runs the
+    workloads on the GPU (default dtype bf16; sizes, timing and limits for a GPU). Unknown suite or
+    backend names raise :class:`DsmoeError`.
     """
+    from dsmoe.runtime import resolve_device
+
+    dev = resolve_device(device)
+    tdtype = _dtype(dtype, dev)
     suites = list(suites)
     backends = list(backends or [b for b in DEFAULT_BACKENDS if b in REGISTRY])
     for s in suites:
@@ -76,10 +95,13 @@ def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None 
     console = Console(width=max(Console().width, 130))
     say = progress if callable(progress) else (lambda msg: console.print(f"[dim]{msg}[/]")) if progress else (lambda msg: None)
     out_dir = Path(out_dir) if out_dir else DEFAULT_OUT
-    meth = method or (QUICK if quick else FULL)
-    result = {"machine": machine_info(threads), "suites": {}, "files": []}
+    if dev.type == "cuda":
+        meth = method or (GPU_QUICK if quick else GPU_FULL)
+    else:
+        meth = method or (QUICK if quick else FULL)
+    result = {"machine": machine_info(threads, dev), "suites": {}, "files": []}
     for suite in suites:
-        doc = _run_suite(suite, backends, quick, threads, meth, say, preset, overrides, tokens, limits)
+        doc = _run_suite(suite, backends, quick, threads, meth, say, preset, overrides, tokens, limits, dev, tdtype)
         doc["machine"] = result["machine"]
         result["suites"][suite] = doc
         if progress:
@@ -91,8 +113,17 @@ def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None 
     return result
 
 
-def _run_suite(suite, backends, quick, threads, meth, say, preset, overrides, tokens, limits) -> dict:
-    size = dict(SIZES[(suite, quick)])
+def _dtype(name: str | None, dev: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise DsmoeError(f"unknown dtype {name!r} (float32, bfloat16, float16)")
+    return DTYPES[name]
+
+
+def _run_suite(suite, backends, quick, threads, meth, say, preset, overrides, tokens, limits,
+               dev=torch.device("cpu"), dtype=torch.float32) -> dict:
+    size = dict(SIZES[(suite, quick, "cuda") if dev.type == "cuda" else (suite, quick)])
     if preset:
         size["source"] = f"preset:{preset}"
     if overrides is not None:
@@ -101,13 +132,17 @@ def _run_suite(suite, backends, quick, threads, meth, say, preset, overrides, to
         size["tokens" if suite == "moe-layer" else "prefill"] = list(tokens) if suite == "moe-layer" else tokens[0]
     load_start = os.getloadavg()[0]
     say(f"[{suite}] measuring this machine's bandwidth and GEMM rate")
-    lim = limits or measure_limits(quick=quick)
-    say(f"[{suite}] building the workload ({size['source']}, {size['overrides'] or 'no overrides'})")
+    if limits is None:
+        lim = measure_gpu_limits(dev, dtype, quick=quick) if dev.type == "cuda" else measure_limits(quick=quick)
+    else:
+        lim = limits
+    say(f"[{suite}] building the workload ({size['source']}, {size['overrides'] or 'no overrides'}, "
+        f"{DTYPE_TAGS[dtype]} on {dev})")
     t = time.perf_counter()
     if suite == "moe-layer":
-        w = moe_layer_workload(size["source"], size["overrides"], size["tokens"])
+        w = moe_layer_workload(size["source"], size["overrides"], size["tokens"], device=dev, dtype=dtype)
     else:
-        w = model_workload(size["source"], size["overrides"], size["prefill"], size["decode"])
+        w = model_workload(size["source"], size["overrides"], size["prefill"], size["decode"], device=dev, dtype=dtype)
     say(f"[{suite}] workload ready in {time.perf_counter() - t:.1f} s")
     prepared, binfo = _prepare_all(w, backends, threads, say)
     cases = [_run_case(w, c, prepared, binfo, meth, lim, say) for c in w.cases]
@@ -116,7 +151,8 @@ def _run_suite(suite, backends, quick, threads, meth, say, preset, overrides, to
             p.cleanup()
     doc = {"schema": SCHEMA, "suite": suite, "quick": quick,
            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "versions": versions(), "dtype": "fp32", "seed": SEED, "shapes": w.shapes, "method": meth.as_dict(),
+           "versions": versions(), "dtype": DTYPE_TAGS[dtype], "device": str(dev), "seed": SEED, "shapes": w.shapes,
+           "method": meth.as_dict(),
            "limits": lim.as_dict(), "backends": binfo, "cases": cases,
            "load": {"start": load_start, "end": os.getloadavg()[0]}}
     doc["goals"] = evaluate_goals(doc)
@@ -159,6 +195,7 @@ def _run_case(w: Workload, case, prepared, binfo, meth: Method, lim: Limits, say
            "work": {"bytes": case.work.bytes, "flops": case.work.flops}, "floor": fl, "results": {}}
     with torch.inference_mode():
         ref = case.run(prepared["eager"].fn)
+    rtol = CHECK_RTOL[w.dtype]
     res = out["results"]
     for name in binfo:
         if name not in prepared:
@@ -166,7 +203,7 @@ def _run_case(w: Workload, case, prepared, binfo, meth: Method, lim: Limits, say
             continue
         try:
             with torch.inference_mode():
-                chk = cross_check(case.run(prepared[name].fn), ref)
+                chk = cross_check(case.run(prepared[name].fn), ref, rtol=rtol)
         except Exception as e:
             res[name] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:500]}
             continue
@@ -176,7 +213,7 @@ def _run_case(w: Workload, case, prepared, binfo, meth: Method, lim: Limits, say
             continue
         say(f"[{w.suite}] {case.name} {name}: timing")
         fn = prepared[name].fn
-        t = measure(lambda: case.run(fn), meth)
+        t = measure(lambda: case.run(fn), meth, w.device)
         lat = t.median_s / case.per
         res[name] = {"status": "ok", "check": chk.as_dict(), "timing": t.as_dict(), "latency_s": lat,
                      "floor_fraction": fl["floor_s"] / lat}
@@ -189,6 +226,8 @@ def _run_case(w: Workload, case, prepared, binfo, meth: Method, lim: Limits, say
 
 def evaluate_goals(doc: dict) -> list[dict]:
     """The issue's targets, evaluated on this run (reported, never asserted)."""
+    if doc.get("device", "cpu").startswith("cuda"):
+        return gpu_goals(doc)
     out = []
     cases = doc["cases"]
     for text, backend, target in GOALS[doc["suite"]]:
@@ -215,3 +254,59 @@ def evaluate_goals(doc: dict) -> list[dict]:
                     "detail": "speed-ups " + ", ".join(f"{n}: {r['vs_eager']:.2f}×" for n, r in got)
                               + f"; worst {worst[0]} at {worst[1]['vs_eager']:.2f}× (target {target}×)"})
     return out
+
+
+# ---- GPU goals (issue: CUDA kernels) ----------------------------------------------------------
+
+def _ok(case: dict, backend: str) -> dict | None:
+    r = case["results"].get(backend, {})
+    return r if r.get("status") == "ok" else None
+
+
+def _goal(text: str, values: list[tuple[str, float | None]], target: float, *, at_most: bool = False,
+          unit: str = "×") -> dict:
+    """One goal over cases: each (case, value) must be >= target (<= with ``at_most``)."""
+    missing = [c for c, v in values if v is None]
+    if not values or missing:
+        return {"goal": text, "met": None, "detail": f"not measured at {', '.join(missing) or 'any case'}"}
+    worst = max(values, key=lambda cv: cv[1]) if at_most else min(values, key=lambda cv: cv[1])
+    met = worst[1] <= target if at_most else worst[1] >= target
+    fmt = (lambda v: f"{v:.0%}") if unit == "%" else (lambda v: f"{v:.2f}×")
+    return {"goal": text, "met": met, "value": worst[1],
+            "detail": ", ".join(f"{c}: {fmt(v)}" for c, v in values) + f"; worst {worst[0]} (target {fmt(target)})"}
+
+
+def gpu_goals(doc: dict) -> list[dict]:
+    """The CUDA issue's goals: T=1 vs the weight-read floor and vs eager, bandwidth at T=16…256,
+    GEMM rate at T=4096, vs torch._grouped_mm at T ≤ 256; decode per token vs its floor."""
+    cases = doc["cases"]
+    if doc["suite"] == "model":
+        dec = [c for c in cases if c["case"].startswith("decode")]
+        vals = [(c["case"], (r["latency_s"] / c["floor"]["floor_s"]) if (r := _ok(c, "cuda-graph")) else None)
+                for c in dec]
+        return [_goal("cuda-graph decode ≤ 2× the floor of reading the active weights", vals, 2.0, at_most=True)]
+    by_t = {c["tokens"]: c for c in cases}
+
+    def vals(ts, f):
+        return [(by_t[t]["case"], f(by_t[t])) for t in ts if t in by_t]
+
+    def lat(c, b):
+        r = _ok(c, b)
+        return r["latency_s"] if r else None
+
+    small = [t for t in by_t if t <= 256]
+    mid = [t for t in by_t if 16 <= t <= 256]
+    return [
+        _goal("cuda at T=1 within 1.5× of the weight-read floor",
+              vals([1], lambda c: lat(c, "cuda") / c["floor"]["memory_s"] if lat(c, "cuda") else None), 1.5,
+              at_most=True),
+        _goal("cuda ≥ 20× eager at T=1", vals([1], lambda c: (_ok(c, "cuda") or {}).get("vs_eager")), 20.0),
+        _goal("cuda ≥ 70% of the measured HBM bandwidth on the bytes touched, T=16…256",
+              vals(mid, lambda c: c["floor"]["memory_s"] / lat(c, "cuda") if lat(c, "cuda") else None), 0.7, unit="%"),
+        _goal("cuda ≥ 50% of the measured GEMM rate at T=4096",
+              vals([4096], lambda c: c["floor"]["compute_s"] / lat(c, "cuda") if lat(c, "cuda") else None), 0.5,
+              unit="%"),
+        _goal("cuda ≥ 1.5× torch._grouped_mm at every T ≤ 256",
+              vals(small, lambda c: lat(c, "grouped_mm") / lat(c, "cuda")
+                   if lat(c, "cuda") and lat(c, "grouped_mm") else None), 1.5),
+    ]

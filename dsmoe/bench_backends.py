@@ -73,7 +73,7 @@ def fused_graph(w: Workload) -> tuple[torch.fx.GraphModule, dict]:
         if w.suite == "moe-layer":
             # the export is cached on the workload; each backend unlifts its own graph from it
             if "exported" not in w.cache:
-                x = torch.randn(3, w.config.hidden_size)
+                x = torch.randn(3, w.config.hidden_size, device=w.device, dtype=w.dtype)
                 w.cache["exported"] = torch.export.export(w.eager, (x,), dynamic_shapes=({0: Dim("T", min=1, max=1 << 16)},),
                                                           strict=False)
             gm = w.cache["exported"].module(check_guards=False)
@@ -85,7 +85,32 @@ def fused_graph(w: Workload) -> tuple[torch.fx.GraphModule, dict]:
     skipped = [s for p in passes.values() for s in p["skipped"]]
     if skipped:
         raise Unsupported(f"pass pipeline left regions unfused: {'; '.join(skipped)}")
+    if w.suite == "model":
+        share_expert_weights(w.eager.lm, gm)
     return gm, {"passes": passes, "ops": op_histogram(gm)}
+
+
+def share_expert_weights(model: torch.nn.Module, gm: torch.fx.GraphModule) -> int:
+    """Point the eager model's expert weights at views of the fused graph's stacked ``w13``/``w2``
+    (same values), so the two backends hold one copy: the 16B model is 33 GB in bf16, two copies
+    do not fit an 80 GB GPU. Returns the number of layers tied."""
+    tied = 0
+    root = gm.lm if hasattr(gm, "lm") else gm
+    for i, layer in enumerate(model.model.layers):
+        try:
+            experts = root.get_submodule(f"model.layers.{i}.mlp.experts")
+        except AttributeError:
+            continue
+        w13, w2 = getattr(experts, "w13", None), getattr(experts, "w2", None)
+        if w13 is None or w2 is None:
+            continue
+        I = w2.shape[2]
+        for e, mlp in enumerate(layer.mlp.experts):
+            mlp.gate_proj.weight = torch.nn.Parameter(w13[e, :I], requires_grad=False)
+            mlp.up_proj.weight = torch.nn.Parameter(w13[e, I:], requires_grad=False)
+            mlp.down_proj.weight = torch.nn.Parameter(w2[e], requires_grad=False)
+        tied += 1
+    return tied
 
 
 def _run_passes(gm) -> dict:
@@ -104,8 +129,28 @@ def cached_fused_graph(w: Workload) -> tuple[torch.fx.GraphModule, dict]:
 
 
 def _prepare_fused(w: Workload, threads: int) -> Prepared:
+    """The fused graph with the ops' default (torch) implementations, on the workload's device."""
+    from dsmoe.ops import MOE, ROUTE, moe_cpu, route_reference
+
     gm, notes = cached_fused_graph(w)
-    return Prepared(gm, dict(notes))
+    if w.device.type == "cpu":
+        return Prepared(gm, dict(notes))
+    # on a GPU the ops would dispatch to the registered CUDA kernels (backend `cuda`)
+    return Prepared(graph_with(gm, {ROUTE: route_reference, MOE: moe_cpu}),
+                    {**notes, "what": "fused graph, dsmoe ops' torch implementations (one host sync per MoE)"})
+
+
+def graph_with(gm: torch.fx.GraphModule, targets: dict) -> torch.fx.GraphModule:
+    """A GraphModule sharing ``gm``'s parameters whose call targets are replaced per ``targets``."""
+    import copy
+
+    with warnings.catch_warnings():  # deepcopy of a graph warns about pytree internals
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in targets:
+            n.target = targets[n.target]
+    return torch.fx.GraphModule(gm, graph)
 
 
 # ---- grouped_mm: the fused graph with dsmoe::moe on torch._grouped_mm ---------------------
@@ -127,17 +172,50 @@ def _grouped_moe(x, weights, ids, w13, w2, activation):
 
 def _prepare_grouped_mm(w: Workload, threads: int) -> Prepared:
     """The fused graph (shared parameters, its own graph copy) with every ``dsmoe::moe`` node
-    calling PyTorch's grouped GEMM instead: the path transformers takes, as a baseline."""
-    import copy
-
-    from dsmoe.ops import MOE
+    calling PyTorch's grouped GEMM instead: the path transformers takes, as a baseline. The router
+    is the torch implementation, so this backend uses none of dsmoe's kernels."""
+    from dsmoe.ops import MOE, ROUTE, route_reference
 
     gm, notes = cached_fused_graph(w)
-    graph = copy.deepcopy(gm.graph)
-    for n in graph.nodes:
-        if n.target == MOE:
-            n.target = _grouped_moe
-    return Prepared(torch.fx.GraphModule(gm, graph), {"what": "fused graph, dsmoe::moe → torch._grouped_mm"})
+    return Prepared(graph_with(gm, {MOE: _grouped_moe, ROUTE: route_reference}),
+                    {"what": "fused graph, dsmoe::moe → torch._grouped_mm, router in torch ops"})
+
+
+# ---- cuda: the fused graph with the plugins' CUDA kernels -------------------------------------
+
+def _cuda_available() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, f"no CUDA device (torch {torch.__version__})"
+    from dsmoe.plugins import cuda_kernels_status, register_cuda_kernels
+
+    return (True, "") if register_cuda_kernels() else (False, cuda_kernels_status()[1] or "?")
+
+
+def _need_cuda_workload(w: Workload) -> None:
+    if w.device.type != "cuda":
+        raise Unsupported("the workload is on the CPU: run with --device cuda")
+
+
+def _prepare_cuda(w: Workload, threads: int) -> Prepared:
+    _need_cuda_workload(w)
+    gm, notes = cached_fused_graph(w)
+    return Prepared(gm, {**notes, "what": "fused graph, dsmoe::route / dsmoe::moe on the plugins' CUDA kernels"})
+
+
+def _prepare_cuda_graph(w: Workload, threads: int) -> Prepared:
+    """The ``cuda`` backend's graph behind :class:`dsmoe.runtime.StaticDecoder`: decode steps
+    replay one CUDA graph over a static KV cache sized to the case."""
+    from dsmoe.runtime import StaticDecoder, static_length
+
+    _need_cuda_workload(w)
+    if w.suite != "model":
+        raise Unsupported("CUDA-graph replay is for the model suite's decode step (the layer is one launch "
+                          "sequence per call already; see backend cuda)")
+    gm, notes = cached_fused_graph(w)
+    length = static_length(w.shapes["prefill"] + w.shapes["decode_steps"])
+    dec = StaticDecoder(gm, w.config, max_len=length, dtype=w.dtype, device=w.device, cuda_graph=True)
+    return Prepared(dec, {**notes, "static_cache_len": length,
+                          "what": "cuda backend, decode replayed from one CUDA graph (static KV cache)"})
 
 
 # ---- ONNX Runtime ---------------------------------------------------------------------------
@@ -213,6 +291,8 @@ def _scratch() -> Path:
 def _prepare_ort(w: Workload, threads: int, provider: str = "CPUExecutionProvider") -> Prepared:
     import shutil
 
+    if w.device.type != "cpu":
+        raise Unsupported(f"ONNX Runtime backends take the CPU workload (this one is on {w.device})")
     tmp = _scratch()
     try:
         if w.suite == "moe-layer":
@@ -266,6 +346,9 @@ register(Backend("eager", "reference PyTorch model", _always, _prepare_eager))
 register(Backend("fused", "captured IR after the pass pipeline, dsmoe CPU ops", _always, _prepare_fused))
 register(Backend("grouped_mm", "fused graph with MoE on torch._grouped_mm (transformers' grouped path)",
                  _grouped_mm_available, _prepare_grouped_mm))
+register(Backend("cuda", "fused graph, dsmoe CUDA kernels (plugins/)", _cuda_available, _prepare_cuda))
+register(Backend("cuda-graph", "cuda backend, decode step replayed from a CUDA graph", _cuda_available,
+                 _prepare_cuda_graph))
 register(Backend("ort", "ONNX Runtime CPU EP (com.microsoft.MoE), threads = cores", _ort_available, _prepare_ort))
 register(Backend("ort-cuda", "ONNX Runtime CUDA EP", _ort_cuda_available,
                  lambda w, t: _prepare_ort(w, t, "CUDAExecutionProvider")))

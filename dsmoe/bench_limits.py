@@ -1,8 +1,11 @@
 """This machine's limits, measured in the benchmark run, and the floor of a case.
 
 Two microbenchmarks: memory *read* bandwidth (sum / GEMV over a buffer far larger than the
-caches) and the fp32 GEMM rate (``torch.mm``), both with the run's thread count, best of a few runs
-(a limit is what the machine can do, not what it did on average). A case's floor is then
+caches) and the GEMM rate (``torch.mm`` in the run's dtype), best of a few runs (a limit is what
+the machine can do, not what it did on average). On the CPU: fp32, the run's thread count. On a
+GPU (:func:`measure_gpu_limits`): HBM bandwidth as the faster of a 4 GiB ``sum`` (bytes read) and
+a 2 GiB device-to-device copy (bytes read + written), and an 8192³ GEMM in the run's dtype,
+timed with CUDA events. A case's floor is then
 
     floor = max(bytes_touched / bandwidth, flops / gemm_rate)
 
@@ -24,9 +27,11 @@ from dsmoe.config import DeepseekConfig
 @dataclass
 class Limits:
     bandwidth_gbs: float     # GB/s (1e9 bytes) read
-    gemm_gflops: float       # fp32 GFLOP/s
+    gemm_gflops: float       # GFLOP/s in gemm_dtype
     bandwidth_bytes: int     # buffer size used
     gemm_n: int              # square GEMM size used
+    device: str = "cpu"
+    gemm_dtype: str = "fp32"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +61,39 @@ def measure_limits(*, quick: bool = False, bandwidth_mb: int | None = None, gemm
     gemm = max(max(2.0 * n ** 3 / _time(lambda: torch.mm(a, b)), 2.0 * 512 * n * 4 * n / _time(lambda: torch.mm(c, d)))
                for _ in range(reps))
     return Limits(bandwidth_gbs=bw / 1e9, gemm_gflops=gemm / 1e9, bandwidth_bytes=mb << 20, gemm_n=n)
+
+
+def measure_gpu_limits(device, dtype, *, quick: bool = False, repeats: int | None = None) -> Limits:
+    """HBM bandwidth and the GEMM rate in ``dtype`` on a CUDA device (CUDA events, best of repeats)."""
+    dev = torch.device(device)
+    reps = repeats or (3 if quick else 10)
+    nbytes = (1 if quick else 4) << 30
+    buf = torch.randn(nbytes // 4, device=dev)         # random, not zeros: see the device's METHOD.md
+    dst = torch.empty(nbytes // 8, device=dev)
+    src = buf[: nbytes // 8]
+    read = max(nbytes / _time_cuda(lambda: buf.sum()) for _ in range(reps))
+    copy = max(2 * (nbytes // 2) / _time_cuda(lambda: dst.copy_(src)) for _ in range(reps))
+    del buf, dst, src
+    n = 4096 if quick else 8192
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    gemm = max(2.0 * n ** 3 / _time_cuda(lambda: torch.mm(a, b)) for _ in range(reps))
+    del a, b
+    torch.cuda.empty_cache()
+    tag = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    return Limits(bandwidth_gbs=max(read, copy) / 1e9, gemm_gflops=gemm / 1e9, bandwidth_bytes=nbytes, gemm_n=n,
+                  device=str(dev), gemm_dtype=tag)
+
+
+def _time_cuda(fn, inner: int = 5) -> float:
+    """Seconds per call: ``inner`` back-to-back calls between two CUDA events, after one warm-up."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(inner):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / inner
 
 
 def _time(fn) -> float:

@@ -18,7 +18,19 @@ from rich.table import Table
 SCHEMA = 1
 
 
-def machine_info(threads: int) -> dict:
+def machine_info(threads: int, device=None) -> dict:
+    """The CPU (and, for a CUDA run, the GPU: its name then names the result files)."""
+    info = _cpu_info(threads)
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count,
+                    cuda=torch.version.cuda, name=re.sub(r"[^a-z0-9]+", "-", p.name.lower()).strip("-"))
+    return info
+
+
+def _cpu_info(threads: int) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -77,6 +89,8 @@ def write_files(doc: dict, out_dir: Path) -> list[Path]:
 def _ms(s: float | None) -> str:
     if s is None:
         return "—"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} µs"
     return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.1f} ms" if s >= 0.01 else f"{s * 1e3:.2f} ms"
 
 
@@ -109,7 +123,8 @@ HEADERS = ["case", "backend", "median", "spread", "iters", "vs eager", "floor", 
 def print_table(doc: dict, console: Console | None = None) -> None:
     console = console or Console()
     m = doc["machine"]
-    table = Table(title=f"{doc['suite']} — {m['cpu']}, {m['cores']} cores, {doc['dtype']}, {m['threads']} threads")
+    where = f"{m['gpu']} ({m['sms']} SMs)" if m.get("gpu") else f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads"
+    table = Table(title=f"{doc['suite']} — {where}, {doc['dtype']}")
     for h in HEADERS:
         table.add_column(h, justify="left" if h in ("case", "backend", "check") else "right")
     for row in rows(doc):
@@ -126,8 +141,11 @@ def print_table(doc: dict, console: Console | None = None) -> None:
 
 def markdown(doc: dict) -> str:
     m, v, lim, meth = doc["machine"], doc["versions"], doc["limits"], doc["method"]
-    lines = [f"# `{doc['suite']}` benchmark — {m['cpu']} ({m['cores']} cores)" + (" — quick run" if doc["quick"] else ""), "",
-             f"- **Machine**: {m['cpu']}, {m['cores']} cores ({', '.join(m['simd']) or 'no AVX flags'}), "
+    title = f"{m['gpu']}" if m.get("gpu") else f"{m['cpu']} ({m['cores']} cores)"
+    gpu = (f"- **GPU**: {m['gpu']}, {m['sms']} SMs, {m['gpu_memory_gb']} GiB, CUDA {m['cuda']}; timings with CUDA "
+           "events around each call, started from an idle GPU.\n") if m.get("gpu") else ""
+    lines = [f"# `{doc['suite']}` benchmark — {title}" + (" — quick run" if doc["quick"] else ""), "",
+             gpu + f"- **Machine**: {m['cpu']}, {m['cores']} cores ({', '.join(m['simd']) or 'no AVX flags'}), "
              f"{m['memory_gb']} GiB memory, {m['os']}; {m['threads']} threads for torch and ONNX Runtime.",
              f"- **Load**: load average {doc['load']['start']:.2f} at start, {doc['load']['end']:.2f} at end "
              "(the machine is shared; other work running at the same time shows up as spread).",
@@ -138,10 +156,7 @@ def markdown(doc: dict) -> str:
              f"(at least {meth['min_iters']}, at most {meth['max_iters']}); median and spread (± half the "
              "interquartile range, or half the range below 4 calls); the counts used are in the `iters` column. "
              "Every backend's output is checked against eager before it is timed.",
-             f"- **Limits measured in this run**: read bandwidth {lim['bandwidth_gbs']:.2f} GB/s "
-             f"({lim['bandwidth_bytes'] >> 20} MiB, faster of sum and GEMV), fp32 GEMM {lim['gemm_gflops']:.1f} GFLOP/s "
-             f"(faster of {lim['gemm_n']}² and 512×{lim['gemm_n']}×{4 * lim['gemm_n']} torch.mm); best of several runs. "
-             "A backend can beat a floor where its kernels beat these two torch kernels.",
+             _limits_line(lim),
              "- **Floor** of a case = max(bytes of weights touched — distinct experts the router hit — ÷ bandwidth, "
              "FLOPs ÷ GEMM rate); `of floor` = floor ÷ latency (100% = at the machine's limit).", "",
              "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
@@ -162,6 +177,18 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {c['case']} | {c['work']['bytes'] / 1e6:.1f} MB | {c['work']['flops'] / 1e9:.2f} G | "
                      f"{_ms(f['memory_s'])} | {_ms(f['compute_s'])} | {c['info'].get('hit_experts', c['info'].get('hit_experts_mean', ''))} |")
     return "\n".join(lines) + "\n"
+
+
+def _limits_line(lim: dict) -> str:
+    if lim.get("device", "cpu").startswith("cuda"):
+        return (f"- **Limits measured in this run** on {lim['device']}: HBM bandwidth {lim['bandwidth_gbs']:.0f} GB/s "
+                f"(faster of a {lim['bandwidth_bytes'] >> 30} GiB sum, bytes read, and a device-to-device copy, bytes "
+                f"read + written), {lim['gemm_dtype']} GEMM {lim['gemm_gflops'] / 1e3:.0f} TFLOP/s ({lim['gemm_n']}³ "
+                "torch.mm); best of several runs, CUDA events.")
+    return (f"- **Limits measured in this run**: read bandwidth {lim['bandwidth_gbs']:.2f} GB/s "
+            f"({lim['bandwidth_bytes'] >> 20} MiB, faster of sum and GEMV), fp32 GEMM {lim['gemm_gflops']:.1f} GFLOP/s "
+            f"(faster of {lim['gemm_n']}² and 512×{lim['gemm_n']}×{4 * lim['gemm_n']} torch.mm); best of several runs. "
+            "A backend can beat a floor where its kernels beat these two torch kernels.")
 
 
 # ---- plot -----------------------------------------------------------------------------------
@@ -199,7 +226,8 @@ def plot(doc: dict, path: Path) -> bool:
     ax.set_yscale("log")
     ax.set_ylabel("latency (ms)")
     m = doc["machine"]
-    ax.set_title(f"{doc['suite']}: {m['cpu']}, {m['cores']} cores, {doc['dtype']}", fontsize=10)
+    where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
+    ax.set_title(f"{doc['suite']}: {where}, {doc['dtype']}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

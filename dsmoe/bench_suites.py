@@ -50,6 +50,7 @@ class Workload:
     cases: list[Case]
     shapes: dict
     dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
     cache: dict = field(default_factory=dict)  # shared between backends (e.g. the exported program)
 
 
@@ -75,25 +76,27 @@ def random_layer(config: DeepseekConfig, seed: int = SEED) -> LayerModule:
     return layer
 
 
-def moe_layer_workload(source: str, overrides: dict, tokens: list[int]) -> Workload:
+def moe_layer_workload(source: str, overrides: dict, tokens: list[int], *, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32) -> Workload:
     import dsmoe
 
     config = dsmoe.load_config(source, overrides)
-    layer = random_layer(config)
+    device = torch.device(device)
+    layer = dsmoe.cast_model(random_layer(config), dtype).to(device)
     cases = []
     for T in tokens:
-        x = torch.randn(T, config.hidden_size, generator=torch.Generator().manual_seed(1000 + T))
+        x = torch.randn(T, config.hidden_size, generator=torch.Generator().manual_seed(1000 + T)).to(device, dtype)
         with torch.no_grad():
             ids, _ = layer.mlp.gate(x)
         hits = int(torch.unique(ids).numel())
-        cases.append(Case(name=f"T={T}", tokens=T, run=_call_with(x), work=moe_layer_work(config, T, hits),
-                          info={"hit_experts": hits}))
+        cases.append(Case(name=f"T={T}", tokens=T, run=_call_with(x),
+                          work=moe_layer_work(config, T, hits, itemsize=dtype.itemsize), info={"hit_experts": hits}))
     E, H, I, K = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, config.num_experts_per_tok
     shapes = {"source": source, "overrides": overrides, "H": H, "E": E, "K": K, "I": I,
               "I_shared": config.shared_intermediate_size, "tokens": tokens,
               "layer_params": sum(p.numel() for p in layer.parameters()),
               "routing": config.routing.as_kwargs()}
-    return Workload("moe-layer", source, overrides, config, layer, cases, shapes)
+    return Workload("moe-layer", source, overrides, config, layer, cases, shapes, dtype=dtype, device=device)
 
 
 def _call_with(*args):
@@ -102,21 +105,24 @@ def _call_with(*args):
 
 # ---- model suite ----------------------------------------------------------------------------
 
-def model_workload(source: str, overrides: dict, prefill: int, decode: int) -> Workload:
+def model_workload(source: str, overrides: dict, prefill: int, decode: int, *, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> Workload:
     import dsmoe
     from dsmoe.ir import DecoderStep
 
-    model = dsmoe.load(source, overrides=overrides, dtype="float32", seed=SEED)
+    device = torch.device(device)
+    model = dsmoe.load(source, overrides=overrides, dtype=dtype, seed=SEED, device=device)
     config = model.config
     step = DecoderStep(model).eval()
     hits: list[int] = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: hits.append(int(torch.unique(out[0]).numel())))
              for m in model.modules() if isinstance(m, MoEGate)]
     g = torch.Generator().manual_seed(SEED)
-    ids = torch.randint(0, config.vocab_size, (1, prefill), generator=g)
-    empty = [(torch.zeros(1, config.num_key_value_heads, 0, config.head_dim),) * 2
+    ids = torch.randint(0, config.vocab_size, (1, prefill), generator=g).to(device)
+    empty = [(torch.zeros(1, config.num_key_value_heads, 0, config.head_dim, dtype=dtype, device=device),) * 2
              for _ in range(config.num_hidden_layers)]
-    prefill_args = (ids, torch.ones(1, prefill, dtype=torch.int64), torch.arange(prefill).unsqueeze(0), empty)
+    prefill_args = (ids, torch.ones(1, prefill, dtype=torch.int64, device=device),
+                    torch.arange(prefill, device=device).unsqueeze(0), empty)
     with torch.inference_mode():
         logits, cache = step(*prefill_args)
         prefill_hits, hits[:] = list(hits), []
@@ -124,7 +130,7 @@ def model_workload(source: str, overrides: dict, prefill: int, decode: int) -> W
         nxt, past = logits[:, -1:].argmax(-1), cache
         for i in range(decode):  # eager's greedy tokens: the inputs every backend is fed
             tokens.append(nxt)
-            args = _decode_args(nxt, prefill + i)
+            args = _decode_args(nxt, prefill + i, device)
             out, past = step(*args, past)
             step_hits.append(list(hits))
             hits[:] = []
@@ -134,18 +140,19 @@ def model_workload(source: str, overrides: dict, prefill: int, decode: int) -> W
     cache = [(k.clone(), v.clone()) for k, v in cache]
     decode_work = Work(0.0, 0.0)
     for i, h in enumerate(step_hits):
-        decode_work = decode_work + model_step_work(config, 1, prefill + i, h)
+        decode_work = decode_work + model_step_work(config, 1, prefill + i, h, itemsize=dtype.itemsize)
 
     def run_decode(f):
         past, outs = cache, []
         for i, tok in enumerate(tokens):
-            out, past = f(*_decode_args(tok, prefill + i), past)
+            out, past = f(*_decode_args(tok, prefill + i, device), past)
             outs.append(out)
         return outs
 
     cases = [
         Case(name=f"prefill {prefill}", tokens=prefill, run=_call_with(*prefill_args),
-             work=model_step_work(config, prefill, 0, prefill_hits), info={"hit_experts": prefill_hits}),
+             work=model_step_work(config, prefill, 0, prefill_hits, itemsize=dtype.itemsize),
+             info={"hit_experts": prefill_hits}),
         Case(name=f"decode ×{decode} (per token)", tokens=1, run=run_decode, work=decode_work.scaled(1 / decode),
              per=decode, info={"steps": decode, "past_start": prefill,
                                "hit_experts_mean": [sum(c) / len(c) for c in zip(*step_hits)] if step_hits else []}),
@@ -155,8 +162,9 @@ def model_workload(source: str, overrides: dict, prefill: int, decode: int) -> W
               "E": config.n_routed_experts, "K": config.num_experts_per_tok, "batch": 1,
               "prefill": prefill, "decode_steps": decode,
               "model_params": sum(p.numel() for p in model.parameters())}
-    return Workload("model", source, overrides, config, step, cases, shapes)
+    return Workload("model", source, overrides, config, step, cases, shapes, dtype=dtype, device=device)
 
 
-def _decode_args(tok: torch.Tensor, pos: int):
-    return (tok.reshape(1, 1), torch.ones(1, pos + 1, dtype=torch.int64), torch.tensor([[pos]]))
+def _decode_args(tok: torch.Tensor, pos: int, device: torch.device):
+    return (tok.reshape(1, 1), torch.ones(1, pos + 1, dtype=torch.int64, device=device),
+            torch.full((1, 1), pos, dtype=torch.int64, device=device))

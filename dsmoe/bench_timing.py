@@ -29,6 +29,10 @@ class Method:
 
 FULL = Method(warmup=1, min_iters=3, max_iters=20, budget_s=3.0)
 QUICK = Method(warmup=1, min_iters=2, max_iters=5, budget_s=0.5)
+# GPU: calls take microseconds to milliseconds; more warm-up (graph capture, kernel builds, cuBLAS
+# heuristics) and many more timed calls, each between CUDA events
+GPU_FULL = Method(warmup=3, min_iters=20, max_iters=200, budget_s=1.0)
+GPU_QUICK = Method(warmup=2, min_iters=5, max_iters=30, budget_s=0.2)
 ONCE = Method(warmup=0, min_iters=1, max_iters=1, budget_s=0.0)  # tests
 
 
@@ -50,15 +54,28 @@ class Timing:
         return {**asdict(self), "spread": self.spread}
 
 
-def measure(fn: Callable[[], object], method: Method) -> Timing:
+def measure(fn: Callable[[], object], method: Method, device: str | torch.device | None = None) -> Timing:
+    """Time ``fn``. On a CUDA device each call is bracketed by CUDA events and waited for: the
+    latency of one call starting from an idle GPU, launch overheads included."""
+    cuda = device is not None and torch.device(device).type == "cuda"
     with torch.inference_mode():
         for _ in range(method.warmup):
             fn()
+        if cuda:
+            torch.cuda.synchronize(device)
         times: list[float] = []
         while len(times) < method.max_iters:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
             if len(times) >= method.min_iters and sum(times) >= method.budget_s:
                 break
     if len(times) >= 4:

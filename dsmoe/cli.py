@@ -110,15 +110,19 @@ def info(source, overrides, as_json):
 @click.option("--backend", type=click.Choice(["eager", "fused", "ort"]), default="eager", show_default=True)
 @click.option("--dtype", default=None, help="float32 | float16 | bfloat16 (default: checkpoint's)")
 @click.option("--fold-shared-experts", is_flag=True, help="fused backend: fold shared experts into dsmoe::moe")
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N (eager and fused backends)")
+@click.option("--cuda-graph/--no-cuda-graph", default=None,
+              help="fused on cuda: replay decode steps from a CUDA graph over a static KV cache [default: on]")
 @set_option
 @click.option("--json", "as_json", is_flag=True, help='print {"ids": [...]}')
-def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, overrides, as_json):
+def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, device, cuda_graph,
+             overrides, as_json):
     """Greedy decoding with the KV cache (eager, fused graph, or an exported model in ORT)."""
     from dsmoe.generate import run_generate
 
     ids, text = run_generate(source=source, prompt_ids=prompt_ids, prompt=prompt, max_new_tokens=max_new_tokens,
                              backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts,
-                             overrides=_overrides(overrides))
+                             overrides=_overrides(overrides), device=device, cuda_graph=cuda_graph)
     if as_json:
         click.echo(json.dumps({"ids": ids} | ({"text": text} if text is not None else {})))
     else:
@@ -212,14 +216,17 @@ export_cmd = click.command("dsmoe-export")(_export_options(_export))  # its own 
 @click.option("--out", "out_dir", default="benchmarks/results", show_default=True, type=click.Path(path_type=Path))
 @click.option("--threads", default=None, type=int, help="CPU threads (default: all cores)")
 @click.option("--preset", default=None, help="model preset instead of the suite's default (e.g. small)")
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N (GPU sizes and limits)")
+@click.option("--dtype", default=None, help="float32 | bfloat16 | float16 [default: float32 on cpu, bfloat16 on cuda]")
 @set_option
-def bench(suite, backends, quick, out_dir, threads, preset, overrides):
-    """Benchmark eager vs fused vs ONNX Runtime against this machine's limits."""
+def bench(suite, backends, quick, out_dir, threads, preset, device, dtype, overrides):
+    """Benchmark eager vs fused vs ONNX Runtime (and the CUDA kernels) against this machine's limits."""
     from dsmoe.bench import run_bench
 
     suites = ["moe-layer", "model"] if suite == "all" else [suite]
     run_bench(suites=suites, backends=list(backends) or None, quick=quick, out_dir=str(out_dir), threads=threads,
-              preset=preset, overrides=_overrides(overrides) or None, progress=lambda s: err.print(f"[dim]· {s}[/dim]"))
+              preset=preset, overrides=_overrides(overrides) or None, progress=lambda s: err.print(f"[dim]· {s}[/dim]"),
+              device=device, dtype=dtype)
 
 
 def _arch_line(config) -> str:

@@ -1,4 +1,9 @@
-"""``dsmoe generate``: greedy decoding on the eager model, the fused graph, or ONNX Runtime."""
+"""``dsmoe generate``: greedy decoding on the eager model, the fused graph, or ONNX Runtime.
+
+On ``--device cuda`` the model is built or loaded on the GPU; the fused graph runs the plugins'
+CUDA kernels, and its decode steps replay one CUDA graph over a static KV cache
+(:class:`dsmoe.runtime.StaticDecoder`) unless ``--no-cuda-graph``.
+"""
 
 from __future__ import annotations
 
@@ -32,10 +37,12 @@ def _prompt(source: str, prompt_ids: str | None, prompt: str | None):
 
 def run_generate(*, source: str, prompt_ids: str | None = None, prompt: str | None = None, max_new_tokens: int = 16,
                  backend: str = "eager", dtype: str | None = None, fold_shared_experts: bool = False,
-                 overrides: dict | None = None) -> tuple[list[int], str | None]:
+                 overrides: dict | None = None, device: str = "cpu",
+                 cuda_graph: bool | None = None) -> tuple[list[int], str | None]:
     """Returns the generated ids (and their text when a tokenizer was used)."""
     import dsmoe
-    from dsmoe.runtime import eager_step, fused_step, greedy_generate
+    from dsmoe.runtime import (StaticDecoder, eager_step, fused_step, greedy_generate, require_cuda_kernels,
+                               resolve_device, static_length)
 
     if max_new_tokens < 1:
         raise DsmoeError("--max-new-tokens must be at least 1")
@@ -47,12 +54,25 @@ def run_generate(*, source: str, prompt_ids: str | None = None, prompt: str | No
                              f"(run: dsmoe-export {source} --out DIR)")
         if backend not in ("ort",):
             raise DsmoeError(f"{source} is an ONNX export: use --backend ort")
+        if device != "cpu":
+            raise DsmoeError("the ort backend runs on ONNX Runtime's CPU execution provider: drop --device")
         from dsmoe.export import generate_ort
 
         new = generate_ort(source, ids, max_new_tokens)
     else:
-        model = dsmoe.load(source, dtype=dtype, overrides=overrides)
-        config = model.config
-        step = eager_step(model) if backend == "eager" else fused_step(model, fold_shared_experts=fold_shared_experts)
-        new = greedy_generate(step, config, ids, max_new_tokens, dtype=next(model.parameters()).dtype)
+        dev = resolve_device(device)
+        if cuda_graph and (backend != "fused" or dev.type != "cuda"):
+            raise DsmoeError("--cuda-graph needs --backend fused --device cuda")
+        if dev.type == "cuda" and backend == "fused":
+            require_cuda_kernels()
+        model = dsmoe.load(source, dtype=dtype, overrides=overrides, device=dev)
+        config, mdtype = model.config, next(model.parameters()).dtype
+        if backend == "eager":
+            step = eager_step(model)
+        else:
+            step = fused_step(model, fold_shared_experts=fold_shared_experts)
+            if dev.type == "cuda" and cuda_graph is not False:
+                step = StaticDecoder(step, config, max_len=static_length(len(ids) + max_new_tokens), dtype=mdtype,
+                                     device=dev, cuda_graph=True)
+        new = greedy_generate(step, config, ids, max_new_tokens, dtype=mdtype, device=dev)
     return new, (tok.decode(new) if tok is not None else None)

@@ -238,6 +238,7 @@ class DeepseekRMSNorm(nn.Module):
 class DeepseekRotaryEmbedding(nn.Module):
     def __init__(self, dim: int, theta: float):
         super().__init__()
+        self.theta = theta
         inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -275,9 +276,11 @@ def init_weights(model: DeepseekForCausalLM, seed: int = 0) -> DeepseekForCausal
     """Deterministic random init (normal(0, initializer_range), norms at 1, biases 0).
 
     Draws on a private generator in a fixed parameter order, so a seed gives the same weights
-    whatever else the process did.
+    whatever else the process did. The generator lives on the parameters' device (a model built
+    on a GPU is filled there, at HBM speed; its draws differ from the CPU's for the same seed).
     """
-    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    g = torch.Generator(device).manual_seed(seed)
     std = model.config.initializer_range
     for name, p in model.named_parameters():
         if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
@@ -285,8 +288,17 @@ def init_weights(model: DeepseekForCausalLM, seed: int = 0) -> DeepseekForCausal
         elif name.endswith(".bias"):
             p.zero_()
         else:
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32, device=device) * std)
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
-            b.copy_(torch.randn(b.shape, generator=g, dtype=torch.float32) * 0.01)
+            b.copy_(torch.randn(b.shape, generator=g, dtype=torch.float32, device=device) * 0.01)
     return model
+
+
+def rebuild_rotary(model: nn.Module) -> None:
+    """Recompute the non-persistent rotary buffers (absent from checkpoints and meta-built models)."""
+    for mod in model.modules():
+        if isinstance(mod, DeepseekRotaryEmbedding):
+            d = mod.inv_freq.shape[0] * 2
+            device = mod.inv_freq.device if mod.inv_freq.device.type != "meta" else "cpu"
+            mod.inv_freq = 1.0 / (mod.theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))

@@ -39,6 +39,13 @@ def route(
 
     Every DeepSeek routing variant (see :func:`dsmoe.model.route` for the order of operations).
     """
+    return route_reference(x, w_gate, bias, scoring, topk_method, top_k, n_group, topk_group, norm_topk_prob,
+                           scaling, scale_when)
+
+
+def route_reference(x, w_gate, bias, scoring, topk_method, top_k, n_group, topk_group, norm_topk_prob, scaling,
+                    scale_when):
+    """The default implementation of ``dsmoe::route`` (torch ops, any device)."""
     ids, weights = _model.route(
         x, w_gate, bias, scoring=scoring, topk_method=topk_method, top_k=top_k, n_group=n_group,
         topk_group=topk_group, norm_topk_prob=norm_topk_prob, scaling=scaling, scale_when=scale_when,
@@ -87,7 +94,8 @@ def _act(x: Tensor, activation: str) -> Tensor:
 
 
 def moe_cpu(x, weights, ids, w13, w2, activation):
-    """Grouped reference kernel: sort the T·K (token, slot) pairs by expert once, then one
+    """The default implementation of ``dsmoe::moe`` (torch ops, any device; one host sync for the
+    per-expert counts). Grouped reference kernel: sort the T·K (token, slot) pairs by expert once, then one
     gate/up matmul and one down matmul per expert that received tokens; combine in fp32."""
     T, H = x.shape
     K = ids.shape[1]

@@ -149,3 +149,60 @@ def test_cross_check_and_measure():
     assert not cross_check(torch.ones(3), a).ok
     t = measure(lambda: None, Method(warmup=1, min_iters=3, max_iters=3, budget_s=0.0))
     assert t.iters == 3 and t.min_s <= t.median_s <= t.max_s
+
+
+# ---- the GPU side, as far as it can be checked without a GPU ---------------------------------
+
+def test_cuda_backends_are_listed_as_skipped_without_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    r = _run(tmp_path, "moe-layer", None, tokens=[2], write=False)
+    doc = r["suites"]["moe-layer"]
+    for name in ("cuda", "cuda-graph"):
+        assert doc["backends"][name]["status"] == "skipped" and "no CUDA device" in doc["backends"][name]["reason"]
+        assert doc["cases"][0]["results"][name]["status"] == "skipped"
+    with pytest.raises(DsmoeError, match="no CUDA device here"):
+        bench.run_bench(suites=["moe-layer"], device="cuda", out_dir=tmp_path, progress=False)
+
+
+def test_share_expert_weights_keeps_eager_output_and_one_copy():
+    from dsmoe.bench_backends import cached_fused_graph
+    from dsmoe.bench_suites import model_workload
+
+    w = model_workload("preset:tiny", {"num_hidden_layers": 2}, prefill=4, decode=1)
+    args = w.cases[0].run(lambda *a: a)  # the prefill inputs
+    before = w.eager(*args)[0]
+    gm, _ = cached_fused_graph(w)
+    after = w.eager(*args)[0]
+    assert torch.equal(before, after)
+    w13 = gm.get_submodule("lm.model.layers.1.mlp.experts").w13
+    gate = w.eager.lm.model.layers[1].mlp.experts[3].gate_proj.weight
+    assert gate.untyped_storage().data_ptr() == w13.untyped_storage().data_ptr()
+    torch.testing.assert_close(gm(*args)[0], before, rtol=1e-4, atol=1e-5)
+
+
+def _case(T, floor_mem, floor_comp, **lat):
+    res = {b: {"status": "ok", "latency_s": v, "vs_eager": lat["eager"] / v} for b, v in lat.items()}
+    return {"case": f"T={T}", "tokens": T, "floor": {"memory_s": floor_mem, "compute_s": floor_comp,
+                                                       "floor_s": max(floor_mem, floor_comp)}, "results": res}
+
+
+def test_gpu_goals_by_hand():
+    doc = {"suite": "moe-layer", "device": "cuda:0", "cases": [
+        _case(1, 40e-6, 1e-7, eager=2e-3, cuda=50e-6, grouped_mm=100e-6),      # 1.25× floor, 40× eager, 2× gm
+        _case(64, 100e-6, 5e-6, eager=3e-3, cuda=125e-6, grouped_mm=150e-6),   # 80% bandwidth, 1.2× gm
+        _case(4096, 1e-3, 2e-3, eager=9e-3, cuda=5e-3, grouped_mm=5e-3),       # 40% GEMM rate
+    ]}
+    g = {x["goal"].split(" ")[0] + str(i): x for i, x in enumerate(bench.gpu_goals(doc))}
+    assert g["cuda0"]["met"] is True and g["cuda0"]["value"] == pytest.approx(1.25)
+    assert g["cuda1"]["met"] is True and g["cuda1"]["value"] == pytest.approx(40)
+    assert g["cuda2"]["met"] is True and g["cuda2"]["value"] == pytest.approx(0.8)
+    assert g["cuda3"]["met"] is False and g["cuda3"]["value"] == pytest.approx(0.4)
+    assert g["cuda4"]["met"] is False and g["cuda4"]["value"] == pytest.approx(1.2)  # worst of T=1, 64
+    doc["cases"][0]["results"]["cuda"] = {"status": "failed", "reason": "x"}
+    assert bench.gpu_goals(doc)[0]["met"] is None
+    model = {"suite": "model", "device": "cuda", "cases": [
+        {"case": "decode ×8 (per token)", "tokens": 1, "floor": {"floor_s": 1.7e-3, "memory_s": 1.7e-3, "compute_s": 0},
+         "results": {"cuda-graph": {"status": "ok", "latency_s": 3e-3}}}]}
+    (goal,) = bench.gpu_goals(model)
+    assert goal["met"] is True and goal["value"] == pytest.approx(3 / 1.7)

@@ -71,6 +71,8 @@ def test_inspect_dump_after(ckpt):
     (["generate", "{ckpt}", "--prompt-ids", "1", "--backend", "ort"], "no model.onnx"),
     (["inspect", "{ckpt}", "--dump-after", "nope"], "unknown pass 'nope'"),
     (["init", "/proc/forbidden/x", "--preset", "tiny"], "cannot write output"),
+    (["generate", "{ckpt}", "--prompt-ids", "1", "--device", "tpu"], "unknown device 'tpu'"),
+    (["generate", "{ckpt}", "--prompt-ids", "1", "--cuda-graph"], "--cuda-graph needs --backend fused --device cuda"),
 ])
 def test_user_errors_are_one_line_exit_2(ckpt, tmp_path, argv, message):
     argv = [a.format(ckpt=ckpt, tmp=tmp_path) for a in argv]
@@ -119,3 +121,11 @@ def test_prompt_text_with_tokenizer_json(ckpt, tmp_path):
     code2, out2, _ = run("generate", str(ckpt), "--prompt-ids", "1 2 3", "--max-new-tokens", "4", "--json")
     assert d["ids"] == json.loads(out2)["ids"]
     assert d["text"] == " ".join(f"w{i}" for i in d["ids"])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("argv", [["generate", "{ckpt}", "--prompt-ids", "1", "--device", "cuda", "--backend", "fused"],
+                                  ["bench", "--suite", "moe-layer", "--device", "cuda", "--preset", "tiny"]])
+def test_cuda_without_a_gpu_is_one_line(ckpt, argv):
+    code, out, err = run(*[a.format(ckpt=ckpt) for a in argv])
+    assert code == 2 and "no CUDA device here" in err and len(err.strip().splitlines()) == 1, (out, err)
