@@ -67,7 +67,7 @@ def _prepare_eager(w: Workload, threads: int) -> Prepared:
 def fused_graph(w: Workload) -> tuple[torch.fx.GraphModule, dict]:
     """Capture the workload's subject and run the pass pipeline; returns the graph and the
     per-pass rewrite counts (regions a pass skipped are listed with the reason)."""
-    from dsmoe.ir import capture, op_histogram
+    from dsmoe.ir import capture, op_histogram, unlift
 
     with torch.no_grad():
         if w.suite == "moe-layer":
@@ -76,7 +76,7 @@ def fused_graph(w: Workload) -> tuple[torch.fx.GraphModule, dict]:
                 x = torch.randn(3, w.config.hidden_size, device=w.device, dtype=w.dtype)
                 w.cache["exported"] = torch.export.export(w.eager, (x,), dynamic_shapes=({0: Dim("T", min=1, max=1 << 16)},),
                                                           strict=False)
-            gm = w.cache["exported"].module(check_guards=False)
+            gm = unlift(w.cache["exported"])
             gm.meta["dsmoe_config"] = w.config
             gm.meta["dsmoe_dtype"] = w.dtype
         else:

@@ -69,10 +69,19 @@ def capture(model: nn.Module) -> GraphModule:
         ep = torch.export.export(DecoderStep(model), args, dynamic_shapes=dynamic, strict=False)
     # Export's input guards are specialized to the sample's past length; the graph itself is
     # generic (checked by the tests at past 0 and seq 1), so the unlifted module skips them.
-    gm = ep.module(check_guards=False)
+    gm = unlift(ep)
     gm.meta["dsmoe_config"] = config
     gm.meta["dsmoe_dtype"] = dtype
     return gm
+
+
+def unlift(ep: torch.export.ExportedProgram) -> GraphModule:
+    """``ep.module()`` without the input guards (torch >= 2.9 has ``check_guards``; older
+    versions, such as a GPU machine's preinstalled torch, only check the dynamic ranges)."""
+    try:
+        return ep.module(check_guards=False)
+    except TypeError:
+        return ep.module()
 
 
 # ---- inspection ---------------------------------------------------------------------------

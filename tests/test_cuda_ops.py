@@ -189,3 +189,71 @@ def test_grouped_mm_baseline_on_cuda():
     except RuntimeError as e:
         pytest.skip(f"torch._grouped_mm unsupported here: {e}")
     assert ((got.double().cpu() - ref).norm() / ref.norm()) < 2e-2
+
+
+# ---- the fused graph on CUDA: generation, CUDA-graph decode, the bench backends ---------------
+
+def test_fused_generation_on_cuda_equals_eager_on_cpu():
+    """fp32 (SIMT moe path, fp32 routing): greedy tokens of the fused graph on the GPU, with and
+    without CUDA-graph decode, equal the eager model's on the CPU."""
+    import dsmoe
+    from dsmoe.runtime import StaticDecoder, eager_step, fused_step, greedy_generate, static_length
+
+    prompt, n = [1, 17, 42, 7, 99], 12
+    cpu = dsmoe.load("preset:tiny", overrides=VARIANT_OVERRIDES)
+    ref = greedy_generate(eager_step(cpu), cpu.config, prompt, n)
+    gpu = dsmoe.load("preset:tiny", overrides=VARIANT_OVERRIDES, device="cuda")
+    for (a, b) in zip(cpu.state_dict().values(), gpu.state_dict().values()):
+        if a.dtype.is_floating_point:  # built on the GPU from the CUDA generator: copy the CPU weights
+            b.copy_(a)
+    gm = fused_step(gpu)
+    assert greedy_generate(gm, gpu.config, prompt, n, device="cuda") == ref
+    dec = StaticDecoder(gm, gpu.config, max_len=static_length(len(prompt) + n), device="cuda", cuda_graph=True)
+    assert greedy_generate(dec, gpu.config, prompt, n, device="cuda") == ref
+    assert dec.replays == n - 1  # every decode step replayed the graph
+
+
+VARIANT_OVERRIDES = {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 4, "topk_group": 2,
+                     "norm_topk_prob": True, "routed_scaling_factor": 2.5}
+
+
+def test_cuda_graph_decode_matches_plain_cuda_steps_bf16():
+    import dsmoe
+    from dsmoe.runtime import StaticDecoder, empty_cache, fused_step
+
+    m = dsmoe.load("preset:small", overrides={"num_hidden_layers": 2}, dtype="bfloat16", device="cuda")
+    gm = fused_step(m)
+    c = m.config
+    dec = StaticDecoder(gm, c, max_len=64, dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(0, c.vocab_size, (1, 9), device="cuda")
+    args = (ids, torch.ones(1, 9, dtype=torch.int64, device="cuda"), torch.arange(9, device="cuda")[None])
+    empty = empty_cache(c, 1, torch.bfloat16, "cuda")
+    (_, p_ref), (_, p_got) = gm(*args, empty), dec(*args, empty)
+    for i in range(5):
+        pos = 9 + i
+        a = (torch.full((1, 1), 3 + i, device="cuda"), torch.ones(1, pos + 1, dtype=torch.int64, device="cuda"),
+             torch.full((1, 1), pos, device="cuda"))
+        (l_ref, p_ref), (l_got, p_got) = gm(*a, p_ref), dec(*a, p_got)
+        err = ((l_got.float() - l_ref.float()).norm() / l_ref.float().norm()).item()
+        assert err < 2e-2, (i, err)
+    assert dec.replays == 5
+
+
+def test_bench_cuda_backends_run(tmp_path):
+    from dsmoe import bench
+    from dsmoe.bench_limits import Limits
+    from dsmoe.bench_timing import ONCE
+
+    lim = Limits(bandwidth_gbs=3000.0, gemm_gflops=7e5, bandwidth_bytes=0, gemm_n=0, device="cuda", gemm_dtype="bf16")
+    r = bench.run_bench(suites=["moe-layer", "model"], backends=["eager", "fused", "grouped_mm", "cuda", "cuda-graph"],
+                        quick=True, out_dir=tmp_path, progress=False, preset="small", method=ONCE, limits=lim,
+                        device="cuda", tokens=[1, 33], overrides={"num_hidden_layers": 2})
+    layer, model = r["suites"]["moe-layer"], r["suites"]["model"]
+    for case in layer["cases"]:
+        for name in ("eager", "fused", "cuda"):
+            assert case["results"][name]["status"] == "ok", (case["case"], name, case["results"][name])
+    assert layer["backends"]["cuda-graph"]["status"] == "skipped"
+    for case in model["cases"]:
+        for name in ("eager", "fused", "cuda", "cuda-graph"):
+            assert case["results"][name]["status"] == "ok", (case["case"], name, case["results"][name])
+    assert layer["machine"]["gpu"] and layer["dtype"] == "bf16" and len(layer["goals"]) == 5

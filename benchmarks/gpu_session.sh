@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU checks of dsmoe in one call on a lent GPU machine (see README, "GPU").
+#
+#   bash benchmarks/gpu_session.sh [tests|layer|model|all] [extra dsmoe bench options]
+#
+# Uses the machine's preinstalled python3 (torch with CUDA, cuda-python, pytest, hypothesis,
+# click, rich, safetensors) and installs dsmoe itself without dependencies or an index. Writes
+# at most 8 files under $OUT (default out/gpu): nvidia-smi.txt, gpu-tests.log and the
+# benchmark's <gpu>-<suite>.{json,md,png}. Ends with a short summary (the device tool returns
+# the end of the output).
+set -uo pipefail
+what=${1:-all}
+shift || true
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 DSMOE_KERNEL_CACHE=${DSMOE_KERNEL_CACHE:-/tmp/dsmoe-kernels}
+PY=${PYTHON:-python3}
+
+$PY -m pip install -q --no-deps --no-index --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+  || { cat "$OUT/install.log"; exit 1; }
+rm -f "$OUT/install.log"
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+$PY -c "import torch, dsmoe; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+
+rc=0
+if [[ $what == tests || $what == all ]]; then
+  # kernels vs the CPU ops, fused generation on CUDA, CUDA-graph decode, the bench backends
+  timeout 540 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py tests/test_runtime.py \
+    2>&1 | tee "$OUT/gpu-tests.log" | tail -n 40
+  rc=${PIPESTATUS[0]}
+fi
+bench() {
+  $PY -c "from dsmoe.cli import main; main()" bench --device cuda --out "$OUT" "$@" 2>&1 \
+    | grep -v '^· ' | tail -n 40
+}
+if [[ $what == layer || $what == all ]]; then
+  bench --suite moe-layer "$@" || rc=1
+fi
+if [[ $what == model || $what == all ]]; then
+  bench --suite model "$@" || rc=1
+fi
+ls -la "$OUT"
+exit "$rc"
