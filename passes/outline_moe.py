@@ -1,8 +1,10 @@
 """outline_moe: Rewrite the routed-experts region of each MoE layer → one ``dsmoe::moe``.
 
-Pattern (in a ``DeepseekMoE`` scope, outside its ``gate`` and ``shared_experts``): for every
-expert e, ``tok, k = where(ids == e)``; ``h = experts.e(x[tok])`` (linear gate → silu, linear up,
-mul, linear down); ``acc = index_add(acc, 0, tok, h·w[tok, k])``, the chain starting from zeros.
+Pattern (in a ``DeepseekMoE`` scope, outside its ``gate`` and ``shared_experts``; the form the
+reference model traces under ``torch.export``): a chain ``acc = acc + f(expert_e(x)) · w_e``
+starting from zeros, one link per expert e, where ``expert_e(x)`` is ``down(silu(gate(x)) *
+up(x))`` on the layer's ``x``, ``f`` is an optional fp32 cast and ``w_e = sum(w * (ids == e),
+-1, keepdim)`` is the routing weight token t gives expert e (0 when it did not pick e).
 
 Result: ``y = dsmoe::moe(x, w, ids, w13, w2, "silu")`` with the experts' weights stacked into
 two new parameters of ``model.layers.N.mlp.experts`` — ``w13 [E, 2I, H]`` (gate rows, then up
@@ -10,9 +12,10 @@ rows) and ``w2 [E, H, I]`` — and the per-expert parameters removed from the mo
 stacked copies replace them rather than doubling memory). ``ids`` produced by ``dsmoe::route``
 are consumed as int32 directly (the int64 cast ``fuse_router`` left for other users dies).
 
-Preconditions (else the region is left alone and reported): one index_add chain of exactly E
-links from a zeros accumulator; every expert 0..E-1 present with the SwiGLU pattern; one shared
-``x``, ``ids`` and ``w`` for all experts; nothing inside the region used outside it.
+Preconditions (else the region is left alone and reported): one add chain of exactly E expert
+links from a zeros accumulator; every expert 0..E-1 present, once, with the SwiGLU pattern and
+its own ``ids == e`` weight; one shared ``x``, ``ids`` and ``w`` for all experts; nothing inside
+the region used outside it.
 """
 
 from __future__ import annotations
@@ -26,11 +29,10 @@ from torch.fx import GraphModule, Node
 from dsmoe.ir import module_path
 from dsmoe.ops import MOE, ROUTE
 from dsmoe.passes._graph import (add_param, attr, cleanup, erase_region, in_scope, is_call, is_tensor_valued,
-                                 modules_of_class, new_node, scope_nodes)
+                                 modules_of_class, new_node, scope_nodes, strip_casts)
 from dsmoe.passes.context import PassContext, PassResult
 
 aten = torch.ops.aten
-INDEX_ADD = {aten.index_add_.default, aten.index_add.default}
 ZEROS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default}
 
 
@@ -59,22 +61,7 @@ def outline_moe(gm: GraphModule, ctx: PassContext) -> PassResult:
 def _match(gm: GraphModule, path: str, E: int) -> dict:
     nodes = [n for n in scope_nodes(gm, path)
              if not in_scope(n, f"{path}.gate") and not in_scope(n, f"{path}.shared_experts")]
-    adds = [n for n in nodes if n.target in INDEX_ADD]
-    if not adds:
-        raise NoMatch("no index_add combine chain")
-    chain = [n for n in adds if n.args[0] not in adds]
-    if len(chain) != 1:
-        raise NoMatch(f"expected one combine chain, found {len(chain)}")
-    while True:
-        nxt = [u for u in chain[-1].users if u.target in INDEX_ADD and u.args[0] is chain[-1]]
-        if not nxt:
-            break
-        chain.append(nxt[0])
-    if len(chain) != E or len(adds) != E:
-        raise NoMatch(f"combine chain has {len(chain)} links for {E} experts")
-    if chain[0].args[0].target not in ZEROS:
-        raise NoMatch("combine chain does not start from zeros")
-
+    scope = set(nodes)
     experts: dict[int, dict[str, Node]] = {}
     pat = re.compile(re.escape(path) + r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
     for n in nodes:
@@ -82,38 +69,76 @@ def _match(gm: GraphModule, path: str, E: int) -> dict:
         if mm and is_call(n, aten.linear.default):
             experts.setdefault(int(mm.group(1)), {})[mm.group(2)] = n
     if sorted(experts) != list(range(E)) or any(len(v) != 3 for v in experts.values()):
-        raise NoMatch(f"expected experts 0..{E - 1} each with gate/up/down linears, found {len(experts)}")
+        raise NoMatch(f"found {len(experts)} experts with gate/up/down linears; the config has {E} experts")
+    down_of = {lin["down_proj"]: e for e, lin in experts.items()}
 
+    chains = [c for c in (_chain(z, scope, down_of) for z in nodes if z.target in ZEROS) if c]
+    if len(chains) != 1:
+        raise NoMatch(f"expected one add chain of expert contributions from zeros, found {len(chains)}")
+    chain = chains[0]
+    if len(chain) != E:
+        raise NoMatch(f"combine chain has {len(chain)} links for {E} experts")
     xs, idss, ws = set(), set(), set()
-    for e, lin in experts.items():
-        g, u, d = lin["gate_proj"], lin["up_proj"], lin["down_proj"]
+    seen = set()
+    for link in chain:
+        e, ids, w = _contribution(link.args[1], down_of)
+        if e in seen:
+            raise NoMatch(f"expert {e} contributes twice")
+        seen.add(e)
+        idss.add(ids)
+        ws.add(w)
+        g, u, d = (experts[e][k] for k in ("gate_proj", "up_proj", "down_proj"))
         act = d.args[0]
-        if not (is_call(act, aten.mul.Tensor) and {a.target for a in act.args if isinstance(a, Node)} >= {aten.silu.default}
-                and u in act.args and any(is_call(a, aten.silu.default) and a.args[0] is g for a in act.args)):
+        if not (is_call(act, aten.mul.Tensor) and u in act.args
+                and any(is_call(a, aten.silu.default) and a.args[0] is g for a in act.args)):
             raise NoMatch(f"expert {e} is not down(silu(gate(x)) * up(x))")
-        if g.args[0] is not u.args[0] or not is_call(g.args[0], aten.index.Tensor):
-            raise NoMatch(f"expert {e} does not read gathered tokens x[tok]")
-        xs.add(g.args[0].args[0])
-    for add in chain:
-        tok = add.args[2]
-        where = tok.args[0] if is_call(tok, operator.getitem) else None
-        if where is None or not is_call(where, aten.where.default) or not is_call(where.args[0], aten.eq.Scalar):
-            raise NoMatch("combine index is not where(ids == e)")
-        idss.add(where.args[0].args[0])
-        src = add.args[3]
-        wi = [a for a in src.all_input_nodes if is_call(a, aten.unsqueeze.default)]
-        if not wi or not is_call(wi[0].args[0], aten.index.Tensor):
-            raise NoMatch("expert output is not scaled by w[tok, k]")
-        ws.add(wi[0].args[0].args[0])
+        if g.args[0] is not u.args[0]:
+            raise NoMatch(f"expert {e}'s gate and up read different inputs")
+        xs.add(g.args[0])
     if len(xs) != 1 or len(idss) != 1 or len(ws) != 1:
         raise NoMatch(f"experts read {len(xs)} inputs, {len(idss)} id tensors, {len(ws)} weight tensors (expected 1 each)")
     x, ids, w = xs.pop(), idss.pop(), ws.pop()
 
-    region = _backward_slice(chain[-1], stop={x, ids, w}, scope=set(nodes))
+    region = _backward_slice(chain[-1], stop={x, ids, w}, scope=scope)
     leaks = [n.name for n in region if n is not chain[-1] and any(u not in region and u.target not in _SIDE for u in n.users)]
     if leaks:
         raise NoMatch(f"values of the region are used outside it: {leaks[:3]}")
     return dict(x=x, ids=ids, w=w, out=chain[-1], region=region, experts=experts)
+
+
+def _chain(acc: Node, scope: set[Node], down_of: dict[Node, int]) -> list[Node]:
+    """The links ``acc = add(acc, contribution)`` following ``acc`` while they add an expert's output."""
+    links = []
+    while True:
+        nxt = [u for u in acc.users if is_call(u, aten.add.Tensor) and u.args[0] is acc and u in scope]
+        if len(nxt) != 1 or _contribution(nxt[0].args[1], down_of) is None:
+            return links
+        links.append(nxt[0])
+        acc = nxt[0]
+
+
+def _contribution(n: Node, down_of: dict[Node, int]):
+    """``(e, ids, w)`` when ``n`` is ``cast?(down_e) * sum(w * (ids == e), -1, keepdim)``, else None."""
+    if not is_call(n, aten.mul.Tensor) or len(n.args) != 2:
+        return None
+    for a, b in (n.args, n.args[::-1]):
+        d = strip_casts(a) if isinstance(a, Node) else None
+        if d not in down_of or not is_call(b, aten.sum.dim_IntList):
+            continue
+        dims = [int(x) for x in b.args[1]] if len(b.args) > 1 else []
+        if dims not in ([-1], [1]) or not (len(b.args) > 2 and b.args[2]) or not is_call(b.args[0], aten.mul.Tensor):
+            return None
+        m = b.args[0]
+        eqs = [x for x in m.args if is_call(x, aten.eq.Scalar)]
+        if len(eqs) != 1 or len(m.args) != 2:
+            return None
+        eq = eqs[0]
+        w = m.args[1] if m.args[0] is eq else m.args[0]
+        e = down_of[d]
+        if eq.args[1] != e or not isinstance(w, Node):
+            return None
+        return e, eq.args[0], w
+    return None
 
 
 _SIDE = {aten._assert_scalar.default, aten._assert_tensor_metadata.default, aten.sym_size.int}

@@ -109,6 +109,21 @@ def test_region_that_does_not_check_out_is_reported_and_untouched():
     assert result.rewrites == 0 and "9 experts" in result.skipped[0]
 
 
+def test_expert_weighted_by_another_experts_ids_is_not_outlined():
+    """outline_moe checks that link e of the chain is weighted by ``ids == e``: a graph where
+    expert 3 takes expert 4's routing weight is reported, not rewritten."""
+    gm = _fresh()
+    eqs = [n for n in gm.graph.nodes if n.target == torch.ops.aten.eq.Scalar and n.args[1] == 3]
+    assert len(eqs) == 2  # one per MoE layer
+    for n in eqs:
+        n.args = (n.args[0], 4)
+    gm.recompile()
+    n = len(gm.graph.nodes)
+    result = outline_moe(gm, PassContext())
+    assert result.rewrites == 0 and len(result.skipped) == 2
+    assert "3 links for 8 experts" in result.skipped[0] and len(gm.graph.nodes) == n
+
+
 def test_unrelated_graph_is_untouched():
     class Unrelated(torch.nn.Module):
         def __init__(self):
