@@ -4,8 +4,10 @@
 #   bash benchmarks/gpu_session.sh [tests|layer|model|all] [extra dsmoe bench options]
 #
 # Uses the machine's preinstalled python3 (torch with CUDA, cuda-python, pytest, hypothesis,
-# click, rich, safetensors) and installs dsmoe itself without dependencies or an index. Writes
-# at most 8 files under $OUT (default out/gpu): nvidia-smi.txt, gpu-tests.log and the
+# click, rich, safetensors) and imports dsmoe from this checkout through a symlinked package
+# (passes/, plugins/, export/ as dsmoe.passes, .plugins, .export: what the wheel installs), so no
+# build tools are needed. Writes at most 8 files under $OUT (default out/gpu): nvidia-smi.txt,
+# gpu-tests.log and the
 # benchmark's <gpu>-<suite>.{json,md,png}. Ends with a short summary (the device tool returns
 # the end of the output).
 set -uo pipefail
@@ -16,11 +18,15 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 DSMOE_KERNEL_CACHE=${DSMOE_KERNEL_CACHE:-/tmp/dsmoe-kernels}
 PY=${PYTHON:-python3}
 
-$PY -m pip install -q --no-deps --no-index --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
-  || { cat "$OUT/install.log"; exit 1; }
-rm -f "$OUT/install.log"
+SITE=$(mktemp -d /tmp/dsmoe-site.XXXX)
+mkdir "$SITE/dsmoe"
+ln -s "$PWD"/dsmoe/*.py "$SITE/dsmoe/"
+for sub in passes plugins export; do ln -s "$PWD/$sub" "$SITE/dsmoe/$sub"; done
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+PY="$PY -P"   # no checkout directory on sys.path: dsmoe comes from $SITE
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-$PY -c "import torch, dsmoe; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+$PY -c "import torch, dsmoe.passes, dsmoe.plugins; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA', dsmoe.plugins.__file__)"
 
 rc=0
 if [[ $what == tests || $what == all ]]; then

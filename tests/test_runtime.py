@@ -10,7 +10,7 @@ import dsmoe
 from dsmoe.errors import DsmoeError
 from dsmoe.runtime import (StaticDecoder, eager_step, empty_cache, fused_step, greedy_generate, resolve_device,
                            static_length)
-from tests.conftest import ROUTING_VARIANTS
+from conftest import ROUTING_VARIANTS
 
 PROMPT = [1, 17, 42, 7, 99]
 
