@@ -203,15 +203,15 @@ def _prepare_cuda(w: Workload, threads: int) -> Prepared:
 
 
 def _prepare_cuda_graph(w: Workload, threads: int) -> Prepared:
-    """The ``cuda`` backend's graph behind :class:`dsmoe.runtime.StaticDecoder`: decode steps
-    replay one CUDA graph over a static KV cache sized to the case."""
-    from dsmoe.runtime import StaticDecoder, static_length
+    """The ``cuda`` backend's graph replayed from CUDA graphs: the layer, one graph per T
+    (:class:`dsmoe.runtime.CudaGraphed`); the model, behind :class:`dsmoe.runtime.StaticDecoder`
+    (decode steps replay one graph over a static KV cache sized to the case; prefill runs as is)."""
+    from dsmoe.runtime import CudaGraphed, StaticDecoder, static_length
 
     _need_cuda_workload(w)
-    if w.suite != "model":
-        raise Unsupported("CUDA-graph replay is for the model suite's decode step (the layer is one launch "
-                          "sequence per call already; see backend cuda)")
     gm, notes = cached_fused_graph(w)
+    if w.suite == "moe-layer":
+        return Prepared(CudaGraphed(gm), {**notes, "what": "cuda backend, each T replayed from its CUDA graph"})
     length = static_length(w.shapes["prefill"] + w.shapes["decode_steps"])
     dec = StaticDecoder(gm, w.config, max_len=length, dtype=w.dtype, device=w.device, cuda_graph=True)
     return Prepared(dec, {**notes, "static_cache_len": length,

@@ -216,18 +216,9 @@ class StaticDecoder:
         return logits
 
     def _capture(self):
-        # Warm up on a side stream (kernel builds, cuBLAS handles, allocator), then capture. A
-        # decode step is idempotent for fixed inputs: it writes slot P, which it does not read.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._decode()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._decode()
-        self.graph = graph
+        # A decode step is idempotent for fixed inputs (it writes slot P, which it does not
+        # read), so the warm-up runs of the capture are harmless.
+        self.graph, self.logits = capture_cuda_graph(self._decode, self.device)
 
     def _is_own(self, past, P: int) -> bool:
         return P == self.fill and all(pk.data_ptr() == k.data_ptr() for (pk, _), k in zip(past, self.k))
@@ -247,3 +238,48 @@ class StaticDecoder:
 def static_length(tokens: int, multiple: int = 64) -> int:
     """The static cache length for a sequence of ``tokens``: rounded up to ``multiple``."""
     return max(multiple, -(-tokens // multiple) * multiple)
+
+
+def capture_cuda_graph(fn: Callable[[], object], device, *, warmup: int = 2):
+    """``(graph, outputs)``: ``fn()`` captured into a CUDA graph after ``warmup`` runs on a side
+    stream (kernel builds and module loads, cuBLAS handles and the allocator settle there, as
+    capture requires). Replaying the graph recomputes ``outputs`` in place."""
+    device = torch.device(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
+class CudaGraphed:
+    """``fn(*tensors)`` replayed from one CUDA graph per input signature (shapes, dtypes): the
+    inputs are copied into the graph's static buffers, the outputs cloned out. For callables
+    whose launches do not depend on input *values* beyond what the kernels read on the device
+    (the fused MoE layer: ``dsmoe::route`` and ``dsmoe::moe`` plan from shapes only)."""
+
+    def __init__(self, fn: Callable, *, max_graphs: int = 32):
+        self.fn, self.max_graphs = fn, max_graphs
+        self.graphs: dict[tuple, tuple] = {}
+        self.replays = 0
+
+    def __call__(self, *args):
+        key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if len(self.graphs) >= self.max_graphs:
+                raise DsmoeError(f"more than {self.max_graphs} input shapes: CUDA graphs are per shape")
+            static = [a.clone() for a in args]
+            graph, out = capture_cuda_graph(lambda: self.fn(*static), args[0].device)
+            entry = self.graphs[key] = (graph, static, out)
+        graph, static, out = entry
+        for s, a in zip(static, args):
+            s.copy_(a)
+        graph.replay()
+        self.replays += 1
+        return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
