@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 
 from dsmoe.bench_backends import REGISTRY, Unsupported
-from dsmoe.bench_limits import Limits, floor_s, measure_gpu_limits, measure_limits
+from dsmoe.bench_limits import DTYPE_TAGS, Limits, floor_s, measure_gpu_limits, measure_limits
 from dsmoe.bench_report import SCHEMA, machine_info, print_table, versions, write_files
 from dsmoe.bench_suites import SEED, SUITES, Workload, model_workload, moe_layer_workload
 from dsmoe.bench_timing import FULL, GPU_FULL, GPU_QUICK, QUICK, Method, cross_check, measure
@@ -32,9 +32,6 @@ from dsmoe.errors import DsmoeError
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 DEFAULT_BACKENDS = ("eager", "fused", "grouped_mm", "cuda", "cuda-graph", "ort", "ort-cuda")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # cross-check against eager: max|out − ref| ≤ rtol · max|ref| (16-bit runs differ from eager in
 # rounding order; the model suite compounds it over 28 layers)
 CHECK_RTOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -114,11 +111,9 @@ def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None 
 
 
 def _dtype(name: str | None, dev: torch.device) -> torch.dtype:
-    if name is None:
-        return torch.bfloat16 if dev.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise DsmoeError(f"unknown dtype {name!r} (float32, bfloat16, float16)")
-    return DTYPES[name]
+    from dsmoe.checkpoint import parse_dtype
+
+    return parse_dtype(name, default="bfloat16" if dev.type == "cuda" else "float32")
 
 
 def _run_suite(suite, backends, quick, threads, meth, say, preset, overrides, tokens, limits,

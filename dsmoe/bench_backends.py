@@ -23,6 +23,7 @@ import torch
 from torch.export import Dim
 
 from dsmoe.bench_suites import Workload
+from dsmoe.errors import DsmoeError
 
 
 class Unsupported(Exception):
@@ -90,11 +91,10 @@ def fused_graph(w: Workload) -> tuple[torch.fx.GraphModule, dict]:
     return gm, {"passes": passes, "ops": op_histogram(gm)}
 
 
-def share_expert_weights(model: torch.nn.Module, gm: torch.fx.GraphModule) -> int:
+def share_expert_weights(model: torch.nn.Module, gm: torch.fx.GraphModule) -> None:
     """Point the eager model's expert weights at views of the fused graph's stacked ``w13``/``w2``
     (same values), so the two backends hold one copy: the 16B model is 33 GB in bf16, two copies
-    do not fit an 80 GB GPU. Returns the number of layers tied."""
-    tied = 0
+    do not fit an 80 GB GPU."""
     root = gm.lm if hasattr(gm, "lm") else gm
     for i, layer in enumerate(model.model.layers):
         try:
@@ -109,8 +109,6 @@ def share_expert_weights(model: torch.nn.Module, gm: torch.fx.GraphModule) -> in
             mlp.gate_proj.weight = torch.nn.Parameter(w13[e, :I], requires_grad=False)
             mlp.up_proj.weight = torch.nn.Parameter(w13[e, I:], requires_grad=False)
             mlp.down_proj.weight = torch.nn.Parameter(w2[e], requires_grad=False)
-        tied += 1
-    return tied
 
 
 def _run_passes(gm) -> dict:
@@ -184,11 +182,15 @@ def _prepare_grouped_mm(w: Workload, threads: int) -> Prepared:
 # ---- cuda: the fused graph with the plugins' CUDA kernels -------------------------------------
 
 def _cuda_available() -> tuple[bool, str]:
+    from dsmoe.runtime import require_cuda_kernels
+
     if not torch.cuda.is_available():
         return False, f"no CUDA device (torch {torch.__version__})"
-    from dsmoe.plugins import cuda_kernels_status, register_cuda_kernels
-
-    return (True, "") if register_cuda_kernels() else (False, cuda_kernels_status()[1] or "?")
+    try:
+        require_cuda_kernels()
+    except DsmoeError as e:
+        return False, str(e)
+    return True, ""
 
 
 def _need_cuda_workload(w: Workload) -> None:

@@ -24,6 +24,9 @@ import torch
 from dsmoe.config import DeepseekConfig
 
 
+DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 @dataclass
 class Limits:
     bandwidth_gbs: float     # GB/s (1e9 bytes) read
@@ -79,9 +82,8 @@ def measure_gpu_limits(device, dtype, *, quick: bool = False, repeats: int | Non
     gemm = max(2.0 * n ** 3 / _time_cuda(lambda: torch.mm(a, b)) for _ in range(reps))
     del a, b
     torch.cuda.empty_cache()
-    tag = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
     return Limits(bandwidth_gbs=max(read, copy) / 1e9, gemm_gflops=gemm / 1e9, bandwidth_bytes=nbytes, gemm_n=n,
-                  device=str(dev), gemm_dtype=tag)
+                  device=str(dev), gemm_dtype=DTYPE_TAGS[dtype])
 
 
 def _time_cuda(fn, inner: int = 5) -> float:

@@ -184,11 +184,12 @@ class StaticDecoder:
         if P + S > self.L:
             raise DsmoeError(f"sequence of {P + S} tokens exceeds the static cache ({self.L}); "
                              f"build the decoder with a larger max_len")
-        if S != 1 or B != self.B:  # prefill: dynamic shapes, then keep the result
+        if B != self.B:  # not this cache's batch size: run the step as is
+            return self.step(input_ids, attention_mask, position_ids, past)
+        if S != 1:  # prefill: dynamic shapes, then keep the result
             logits, present = self.step(input_ids, attention_mask, position_ids, past)
-            if B == self.B:
-                self._load(present)
-            return logits, present if B != self.B else self._views(P + S)
+            self._load(present)
+            return logits, self._views(P + S)
         if not self._is_own(past, P):
             self._load(past)
         self.ids.copy_(input_ids)

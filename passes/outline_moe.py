@@ -80,8 +80,7 @@ def _match(gm: GraphModule, path: str, E: int) -> dict:
         raise NoMatch(f"combine chain has {len(chain)} links for {E} experts")
     xs, idss, ws = set(), set(), set()
     seen = set()
-    for link in chain:
-        e, ids, w = _contribution(link.args[1], down_of)
+    for _, (e, ids, w) in chain:
         if e in seen:
             raise NoMatch(f"expert {e} contributes twice")
         seen.add(e)
@@ -99,21 +98,24 @@ def _match(gm: GraphModule, path: str, E: int) -> dict:
         raise NoMatch(f"experts read {len(xs)} inputs, {len(idss)} id tensors, {len(ws)} weight tensors (expected 1 each)")
     x, ids, w = xs.pop(), idss.pop(), ws.pop()
 
-    region = _backward_slice(chain[-1], stop={x, ids, w}, scope=scope)
-    leaks = [n.name for n in region if n is not chain[-1] and any(u not in region and u.target not in _SIDE for u in n.users)]
+    out = chain[-1][0]
+    region = _backward_slice(out, stop={x, ids, w}, scope=scope)
+    leaks = [n.name for n in region if n is not out and any(u not in region and u.target not in _SIDE for u in n.users)]
     if leaks:
         raise NoMatch(f"values of the region are used outside it: {leaks[:3]}")
-    return dict(x=x, ids=ids, w=w, out=chain[-1], region=region, experts=experts)
+    return dict(x=x, ids=ids, w=w, out=out, region=region, experts=experts)
 
 
-def _chain(acc: Node, scope: set[Node], down_of: dict[Node, int]) -> list[Node]:
-    """The links ``acc = add(acc, contribution)`` following ``acc`` while they add an expert's output."""
+def _chain(acc: Node, scope: set[Node], down_of: dict[Node, int]) -> list[tuple[Node, tuple]]:
+    """The links ``acc = add(acc, contribution)`` following ``acc`` while they add an expert's
+    output, each with its :func:`_contribution` ``(e, ids, w)``."""
     links = []
     while True:
         nxt = [u for u in acc.users if is_call(u, aten.add.Tensor) and u.args[0] is acc and u in scope]
-        if len(nxt) != 1 or _contribution(nxt[0].args[1], down_of) is None:
+        got = _contribution(nxt[0].args[1], down_of) if len(nxt) == 1 else None
+        if got is None:
             return links
-        links.append(nxt[0])
+        links.append((nxt[0], got))
         acc = nxt[0]
 
 
