@@ -5,7 +5,7 @@
 #
 # Uses the machine's preinstalled python3 (torch with CUDA, cuda-python, pytest, hypothesis,
 # click, rich, safetensors) and imports dsmoe from this checkout through a symlinked package
-# (passes/, plugins/, export/ as dsmoe.passes, .plugins, .export: what the wheel installs), so no
+# (passes/, plugins/, export/, benchmarks/ as dsmoe.passes, .plugins, .export, .bench: what the wheel installs), so no
 # build tools are needed. Writes at most 8 files under $OUT (default out/gpu): nvidia-smi.txt,
 # gpu-tests.log and the
 # benchmark's <gpu>-<suite>.{json,md,png}. Ends with a short summary (the device tool returns
@@ -21,11 +21,13 @@ PY=${PYTHON:-python3}
 SITE=$(mktemp -d /tmp/dsmoe-site.XXXX)
 mkdir "$SITE/dsmoe"
 ln -s "$PWD"/dsmoe/*.py "$SITE/dsmoe/"
+ln -s "$PWD/dsmoe/app" "$SITE/dsmoe/app"
 for sub in passes plugins export; do ln -s "$PWD/$sub" "$SITE/dsmoe/$sub"; done
+ln -s "$PWD/benchmarks" "$SITE/dsmoe/bench"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 PY="$PY -P"   # no checkout directory on sys.path: dsmoe comes from $SITE
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-$PY -c "import torch, dsmoe.passes, dsmoe.plugins; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+$PY -c "import torch, dsmoe.passes, dsmoe.plugins, dsmoe.bench, dsmoe.app.cli; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA', dsmoe.plugins.__file__)"
 
 rc=0
@@ -36,7 +38,7 @@ if [[ $what == tests || $what == all ]]; then
   rc=${PIPESTATUS[0]}
 fi
 bench() {
-  $PY -c "from dsmoe.cli import main; main()" bench --device cuda --out "$OUT" "$@" 2>&1 \
+  $PY -c "from dsmoe.app.cli import main; main()" bench --device cuda --out "$OUT" "$@" 2>&1 \
     | grep -v '^· ' | tail -n 40
 }
 if [[ $what == layer || $what == all ]]; then

@@ -1,7 +1,7 @@
 """Where the time goes in the `moe-layer` suite: torch profiler for eager and fused, ONNX Runtime's
 own per-node profile for ort. Usage::
 
-    .venv/bin/python benchmarks/profile_moe_layer.py [--preset deepseek-moe-16b] [--tokens 1 32] [--iters 5]
+    .venv/bin/python -m dsmoe.bench.profile_moe_layer [--preset deepseek-moe-16b] [--tokens 1 32] [--iters 5]
 
 Prints, per T, the top operators of each backend (self time) and ORT's time per node type.
 """
@@ -14,11 +14,12 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import onnxruntime as ort
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dsmoe.bench_backends import REGISTRY
-from dsmoe.bench_suites import moe_layer_workload
+from dsmoe.bench.backends import REGISTRY, _scratch, layer_onnx
+from dsmoe.bench.suites import moe_layer_workload
 
 
 def torch_top(fn, x, iters: int, rows: int = 8) -> str:
@@ -31,10 +32,6 @@ def torch_top(fn, x, iters: int, rows: int = 8) -> str:
 
 
 def ort_nodes(w, x_by_t: dict[int, torch.Tensor], iters: int, threads: int) -> dict[int, dict[str, float]]:
-    import onnxruntime as ort
-
-    from dsmoe.bench_backends import _scratch, layer_onnx
-
     tmp = _scratch()
     try:
         layer_onnx(w, tmp / "layer.onnx")

@@ -17,16 +17,28 @@ from typing import Any
 
 import torch
 
+from dsmoe import ops as _ops  # noqa: F401  (registers torch.ops.dsmoe.*)
+from dsmoe.checkpoint import load_state_dict
 from dsmoe.config import PRESETS, DeepseekConfig
+from dsmoe.contract import FP32_KEY, INV_FREQ
+from dsmoe.dtypes import parse_dtype
 from dsmoe.errors import ConfigError, DsmoeError
 from dsmoe.model import DeepseekForCausalLM, init_weights, rebuild_rotary
-from dsmoe import ops as _ops  # noqa: F401  (registers torch.ops.dsmoe.*)
 
 __version__ = "0.1.0"
 PRESET_PREFIX = "preset:"
 
-__all__ = ["load", "init_model", "cast_model", "load_config", "DeepseekConfig", "DeepseekForCausalLM",
-           "DsmoeError", "PRESETS", "__version__"]
+__all__ = [
+    "PRESETS",
+    "DeepseekConfig",
+    "DeepseekForCausalLM",
+    "DsmoeError",
+    "__version__",
+    "cast_model",
+    "init_model",
+    "load",
+    "load_config",
+]
 
 
 def load_config(source: str | Path, overrides: dict[str, Any] | None = None) -> DeepseekConfig:
@@ -47,8 +59,6 @@ def init_model(config: DeepseekConfig, *, seed: int = 0, dtype: str | torch.dtyp
     The model is allocated on ``device`` in ``dtype`` and filled in place (the 16B preset is 33 GB
     in bf16: building it in fp32 first would not fit a GPU).
     """
-    from dsmoe.checkpoint import parse_dtype
-
     config.validate()
     tdtype = parse_dtype(dtype)
     with torch.device("meta"):
@@ -64,7 +74,7 @@ def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Cast weights to ``dtype``, keeping the fp32 routing bias fp32."""
     model.to(dtype).requires_grad_(False)
     for name, buf in model.named_buffers():
-        if name.endswith("e_score_correction_bias") or name.endswith("inv_freq"):
+        if FP32_KEY.search(name) or name.endswith(INV_FREQ):
             buf.data = buf.data.float()
     return model
 
@@ -76,8 +86,6 @@ def load(source: str | Path, *, dtype: str | torch.dtype | None = None, override
     ``dtype`` defaults to float32 for presets and to the checkpoint's ``torch_dtype`` otherwise;
     ``device`` is where the model ends up (checkpoints are read on the CPU, then moved).
     """
-    from dsmoe.checkpoint import load_state_dict, parse_dtype
-
     config = load_config(source, overrides)
     if str(source).startswith(PRESET_PREFIX):
         return init_model(config, seed=seed, dtype=dtype or "float32", device=device)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,24 +27,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dsmoe.config import DeepseekConfig
+from dsmoe.contract import FP32_KEY, HF_STACKED, NON_PERSISTENT_KEY
+from dsmoe.dtypes import torch_name
 from dsmoe.errors import CheckpointError, DsmoeError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-STACKED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-FP32_KEYS = re.compile(r"e_score_correction_bias$")  # routing bias stays fp32 whatever the model dtype
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def parse_dtype(name: str | torch.dtype | None, default: str = "float32") -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    key = (name or default).replace("torch.", "")
-    if key not in DTYPES:
-        raise DsmoeError(f"unsupported dtype {name!r} (supported: float32, float16, bfloat16)")
-    return DTYPES[key]
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -75,11 +62,11 @@ def read_tensors(path: Path, dtype: torch.dtype):
     for f in shard_files(path):
         try:
             with safe_open(str(f), framework="pt") as sf:
-                for key in sf.keys():
-                    if IGNORED.search(key):
+                for key in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    if NON_PERSISTENT_KEY.search(key):
                         continue
                     t = sf.get_tensor(key)
-                    want = torch.float32 if FP32_KEYS.search(key) else dtype
+                    want = torch.float32 if FP32_KEY.search(key) else dtype
                     yield key, (t.to(want) if t.is_floating_point() and t.dtype != want else t)
         except SafetensorError as e:
             raise CheckpointError(f"corrupt or truncated safetensors file {f.name}: {e}") from None
@@ -89,7 +76,7 @@ def read_tensors(path: Path, dtype: torch.dtype):
 
 def unstack_experts(key: str, t: torch.Tensor, config: DeepseekConfig) -> dict[str, torch.Tensor]:
     """transformers-v5 stacked expert tensors → per-expert keys (views, no copy)."""
-    prefix, kind = STACKED.match(key).groups()
+    prefix, kind = HF_STACKED.match(key).groups()
     E, I, H = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
     want = (E, 2 * I, H) if kind == "gate_up_proj" else (E, H, I)
     if tuple(t.shape) != want:
@@ -110,7 +97,7 @@ def load_state_dict(path: str | Path, config: DeepseekConfig, expected: dict[str
     path = Path(path)
     sd: dict[str, torch.Tensor] = {}
     for key, t in read_tensors(path, dtype):
-        if STACKED.match(key):
+        if HF_STACKED.match(key):
             sd.update(unstack_experts(key, t, config))
         else:
             sd[key] = t
@@ -139,15 +126,15 @@ def save_checkpoint(model: torch.nn.Module, out_dir: str | Path, *, dtype: torch
         config: DeepseekConfig = model.config
         sd = {}
         for k, t in model.state_dict().items():
-            if IGNORED.search(k) or (config.tie_word_embeddings and k == "lm_head.weight"):
+            if NON_PERSISTENT_KEY.search(k) or (config.tie_word_embeddings and k == "lm_head.weight"):
                 continue
-            if dtype is not None and t.is_floating_point() and not FP32_KEYS.search(k):
+            if dtype is not None and t.is_floating_point() and not FP32_KEY.search(k):
                 t = t.to(dtype)
             sd[k] = t.detach().contiguous()
         shards = _split_shards(sd, max_shard_bytes)
         cfg = config.to_dict()
         if dtype is not None:
-            cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+            cfg["torch_dtype"] = torch_name(dtype)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})

@@ -16,34 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from dsmoe.errors import ConfigError
+from dsmoe.functional import ACTIVATIONS
+from dsmoe.routing import SCORING_FUNCS, TOPK_METHODS, RoutingSpec
 
-SCORING_FUNCS = ("softmax", "sigmoid")
-TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 TOPK_METHOD_ALIASES = {"gready": "greedy"}  # some DeepSeek code spells it so
-ACTIVATIONS = ("silu",)
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2")
-
-
-@dataclass(frozen=True)
-class RoutingSpec:
-    """Everything ``dsmoe::route`` needs, resolved from the config (one place for family rules).
-
-    ``norm_topk_prob`` is the *effective* flag: V1/V2 renormalize only when top_k > 1, V3
-    (``noaux_tc``) always. ``scale_when`` is ``"always"`` for V3 and ``"unnormalized"`` for V1/V2
-    (V2 multiplies by ``routed_scaling_factor`` only in the branch that does not renormalize).
-    """
-
-    scoring: str
-    topk_method: str
-    top_k: int
-    n_group: int
-    topk_group: int
-    norm_topk_prob: bool
-    scaling: float
-    scale_when: str
-
-    def as_kwargs(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -128,7 +105,7 @@ class DeepseekConfig:
             raise ConfigError(
                 f"model_type {self.model_type!r} uses MLA attention, which dsmoe does not support yet "
                 "(its routing variants are supported: use model_type 'deepseek' with topk_method/"
-                "scoring_func set)"
+                "scoring_func set)",
             )
         if self.model_type != "deepseek":
             raise ConfigError(f"unsupported model_type {self.model_type!r} (supported: 'deepseek')")

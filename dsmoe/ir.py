@@ -28,6 +28,9 @@ from dsmoe.config import DeepseekConfig
 MAX_BATCH, MAX_SEQ = 1024, 1 << 16
 
 
+CAPTURE_PREFIX = "lm."  # DecoderStep holds the model as ``lm``: graph paths are ``lm.model.layers…``
+
+
 class DecoderStep(nn.Module):
     """The model with the flat decoder signature (what is captured and exported)."""
 
@@ -130,15 +133,7 @@ def module_path(node: torch.fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    return path.removeprefix("lm.")
-
-
-def module_class(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    cls = list(stack.values())[-1][1]
-    return cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+    return path.removeprefix(CAPTURE_PREFIX)
 
 
 @dataclass

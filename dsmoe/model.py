@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsmoe.config import DeepseekConfig, RoutingSpec
+from dsmoe.config import DeepseekConfig
+from dsmoe.routing import RoutingSpec, route
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -138,13 +139,13 @@ class DeepseekMoE(nn.Module):
     def forward(self, x):
         shape = x.shape
         x_TH = x.reshape(-1, shape[-1])
-        ids_TK, w_TK = self.gate(x_TH)
-        y = self.routed(x_TH, ids_TK, w_TK).to(x.dtype)
+        w_TK, ids_TK = self.gate(x_TH)
+        y = self.routed(x_TH, w_TK, ids_TK).to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_TH)
         return y.view(shape)
 
-    def routed(self, x_TH, ids_TK, w_TK):
+    def routed(self, x_TH, w_TK, ids_TK):
         """Eager dispatch: for each expert that got tokens, gather them, run it, scatter-add
         the routing-weighted output (accumulated in fp32).
 
@@ -169,7 +170,8 @@ class DeepseekMoE(nn.Module):
 
 
 class MoEGate(nn.Module):
-    """The router: ``weight [E,H]`` (+ ``e_score_correction_bias [E]`` for ``noaux_tc``)."""
+    """The router: ``weight [E,H]`` (+ ``e_score_correction_bias [E]`` for ``noaux_tc``);
+    ``x [T,H]`` → ``(weights [T,K] fp32, ids [T,K] int32)`` by :func:`dsmoe.routing.route`."""
 
     def __init__(self, config: DeepseekConfig):
         super().__init__()
@@ -182,40 +184,6 @@ class MoEGate(nn.Module):
 
     def forward(self, x_TH):
         return route(x_TH, self.weight, self.e_score_correction_bias, **self.spec.as_kwargs())
-
-
-def route(x_TH, w_gate_EH, bias_E, *, scoring, topk_method, top_k, n_group, topk_group,
-          norm_topk_prob, scaling, scale_when):
-    """DeepSeek routing in fp32; returns ``(ids [T,K] int64, weights [T,K] fp32)``.
-
-    1. logits = x·W_gateᵀ; scores = softmax (V1/V2) or sigmoid (V3)
-    2. choice = scores (+ correction bias for V3: selection only)
-    3. group-limited methods: group score = max (V2) or sum of top-2 (V3) of ``choice`` per group;
-       keep the best ``topk_group`` groups, mask the others with −inf
-    4. ids = top-K of choice; weights = *unbiased* scores at ids
-    5. normalize (w /= Σw + 1e-20) if ``norm_topk_prob``; scale by ``scaling`` always (V3) or only
-       when not normalized (V1/V2)
-    """
-    logits = F.linear(x_TH.float(), w_gate_EH.float())
-    scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
-    choice = scores if bias_E is None else scores + bias_E.float()
-    if topk_method != "greedy" and n_group > 1:
-        T, E = choice.shape
-        grouped = choice.view(T, n_group, E // n_group)
-        if topk_method == "noaux_tc":
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-        else:
-            group_scores = grouped.max(dim=-1).values
-        keep = torch.topk(group_scores, topk_group, dim=-1).indices
-        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, keep, True)
-        choice = choice.masked_fill(~group_mask.repeat_interleave(E // n_group, dim=1), float("-inf"))
-    ids = torch.topk(choice, top_k, dim=-1).indices
-    weights = scores.gather(1, ids)
-    if norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    if scale_when == "always" or not norm_topk_prob:
-        weights = weights * scaling
-    return ids, weights
 
 
 class DeepseekMLP(nn.Module):

@@ -13,12 +13,9 @@ Weights stay in the model dtype; routing math and accumulation are fp32.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from dsmoe import model as _model
-
-ACTIVATIONS = ("silu",)
+from dsmoe import functional, routing
 
 
 @torch.library.custom_op("dsmoe::route", mutates_args=())
@@ -37,7 +34,7 @@ def route(
 ) -> tuple[Tensor, Tensor]:
     """``x [T,H], w_gate [E,H], bias [E]?`` → ``(weights [T,K] fp32, ids [T,K] int32)``.
 
-    Every DeepSeek routing variant (see :func:`dsmoe.model.route` for the order of operations).
+    Every DeepSeek routing variant (see :func:`dsmoe.routing.route` for the order of operations).
     """
     return route_reference(x, w_gate, bias, scoring, topk_method, top_k, n_group, topk_group, norm_topk_prob,
                            scaling, scale_when)
@@ -45,12 +42,13 @@ def route(
 
 def route_reference(x, w_gate, bias, scoring, topk_method, top_k, n_group, topk_group, norm_topk_prob, scaling,
                     scale_when):
-    """The default implementation of ``dsmoe::route`` (torch ops, any device)."""
-    ids, weights = _model.route(
+    """The default implementation of ``dsmoe::route`` (torch ops, any device; positional, as
+    graph nodes call it)."""
+    weights, ids = routing.route(
         x, w_gate, bias, scoring=scoring, topk_method=topk_method, top_k=top_k, n_group=n_group,
         topk_group=topk_group, norm_topk_prob=norm_topk_prob, scaling=scaling, scale_when=scale_when,
     )
-    return weights.contiguous(), ids.to(torch.int32)
+    return weights.contiguous(), ids.contiguous()
 
 
 @route.register_fake
@@ -66,7 +64,7 @@ def moe(x: Tensor, weights: Tensor, ids: Tensor, w13: Tensor, w2: Tensor, activa
     ``x [T,H], weights [T,K] fp32, ids [T,K] int, w13 [E,2I,H] (gate rows, then up rows),
     w2 [E,H,I]`` → ``y [T,H]`` in x's dtype. Ids outside ``[0,E)`` are an error.
     """
-    return moe_cpu(x, weights, ids, w13, w2, activation)
+    return moe_reference(x, weights, ids, w13, w2, activation)
 
 
 @moe.register_fake
@@ -77,9 +75,7 @@ def _(x, weights, ids, w13, w2, activation):
 @torch.library.custom_op("dsmoe::gated_mlp", mutates_args=())
 def gated_mlp(x: Tensor, w13: Tensor, w2: Tensor, activation: str) -> Tensor:
     """``y = w2·(act(w13[:I]·x) ⊙ w13[I:]·x)`` with ``x [T,H], w13 [2I,H], w2 [H,I]`` → ``y [T,H]``."""
-    I = w2.shape[1]
-    gu = F.linear(x, w13)
-    return F.linear(_act(gu[..., :I], activation) * gu[..., I:], w2)
+    return functional.gated_mlp(x, w13, w2, activation)
 
 
 @gated_mlp.register_fake
@@ -87,20 +83,13 @@ def _(x, w13, w2, activation):
     return x.new_empty((*x.shape[:-1], w2.shape[0]))
 
 
-def _act(x: Tensor, activation: str) -> Tensor:
-    if activation != "silu":
-        raise ValueError(f"unsupported activation {activation!r} (supported: {', '.join(ACTIVATIONS)})")
-    return F.silu(x)
-
-
-def moe_cpu(x, weights, ids, w13, w2, activation):
+def moe_reference(x, weights, ids, w13, w2, activation):
     """The default implementation of ``dsmoe::moe`` (torch ops, any device; one host sync for the
     per-expert counts). Grouped reference kernel: sort the T·K (token, slot) pairs by expert once, then one
     gate/up matmul and one down matmul per expert that received tokens; combine in fp32."""
     T, H = x.shape
     K = ids.shape[1]
-    E, twoI, _ = w13.shape
-    I = twoI // 2
+    E = w13.shape[0]
     flat = ids.reshape(-1).long()
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= E):
         raise ValueError(f"dsmoe::moe: expert ids must lie in [0, {E}), got [{int(flat.min())}, {int(flat.max())}]")
@@ -115,9 +104,7 @@ def moe_cpu(x, weights, ids, w13, w2, activation):
         if c == 0:
             continue
         sl = slice(start, start + c)
-        gu = F.linear(xs[sl], w13[e])
-        h = _act(gu[:, :I], activation) * gu[:, I:]
-        out[sl] = F.linear(h, w2[e]).float() * ws[sl]
+        out[sl] = functional.gated_mlp(xs[sl], w13[e], w2[e], activation).float() * ws[sl]
         start += c
     y = torch.zeros((T, H), dtype=torch.float32, device=x.device).index_add_(0, tok, out)
     return y.to(x.dtype)

@@ -2,14 +2,32 @@
 
 - :func:`export_model` — ``SOURCE`` → output dir with ``model.onnx``, ``config.json``,
   ``export_report.json`` (what ``dsmoe export`` / ``dsmoe-export`` call).
-- :class:`OrtDecoder`, :func:`generate_ort` — run an exported directory with the KV cache.
+- :func:`export_module` — the one ONNX export path (the decoder, and the benchmarks' single layer).
+- :class:`OrtDecoder` — an exported directory as a decoder step function with the KV cache.
 - :func:`lower` — the per-target lowering tables (``ort``, ``portable``).
 """
 
-from dsmoe.export.api import TOLERANCE, VerificationError, export_model, verify_export
+from dsmoe.export.api import REPORT_FILE, VerificationError, export_model, verify_export
 from dsmoe.export.lower import LOWERINGS, TARGETS, LoweringError, lower
-from dsmoe.export.onnx_writer import io_names, op_histogram
-from dsmoe.export.runner import OrtDecoder, generate_ort, session
+from dsmoe.export.onnx_writer import DATA_FILE, MODEL_FILE, OPSET, export_module, io_names, op_histogram
+from dsmoe.export.runner import OrtDecoder, polygraphy_command, session
 
-__all__ = ["export_model", "verify_export", "VerificationError", "TOLERANCE", "OrtDecoder", "generate_ort", "session",
-           "lower", "LOWERINGS", "TARGETS", "LoweringError", "io_names", "op_histogram"]
+__all__ = [
+           "DATA_FILE",
+           "LOWERINGS",
+           "MODEL_FILE",
+           "OPSET",
+           "REPORT_FILE",
+           "TARGETS",
+           "LoweringError",
+           "OrtDecoder",
+           "VerificationError",
+           "export_model",
+           "export_module",
+           "io_names",
+           "lower",
+           "op_histogram",
+           "polygraphy_command",
+           "session",
+           "verify_export",
+]

@@ -17,29 +17,30 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import onnx
+import onnxruntime
+import onnxscript
 import torch
 
+import dsmoe
 from dsmoe.checkpoint import commit_output_dir, prepare_output_dir
-from dsmoe.errors import DsmoeError
+from dsmoe.dtypes import VERIFY_RTOL, parse_dtype, tag, torch_name
 from dsmoe.export.lower import check_target, lower
 from dsmoe.export.onnx_writer import DATA_FILE, MODEL_FILE, OPSET, io_names, op_histogram, to_onnx
-from dsmoe.passes.pipeline import VerificationError
+from dsmoe.export.runner import OrtDecoder
+from dsmoe.ir import capture, sample_inputs
+from dsmoe.passes.context import PassContext
+from dsmoe.passes.pipeline import VerificationError, run_pipeline
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16"}
-# max |ort - eager| / max |eager| over logits and present caches, per dtype. fp16: both sides
-# round every op to fp16, in different orders (ORT's MoE kernel, fused MatMuls), so 1e-2.
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2}
+# ONNX exports are written in fp32 or fp16 (bf16 has no ONNX Runtime CPU kernels for MoE)
+EXPORT_DTYPES = (torch.float32, torch.float16)
 REPORT_FILE = "export_report.json"
-STAGES = ("load", "capture", "passes", "lower", "write", "verify")
 
-__all__ = ["export_model", "VerificationError", "parse_export_dtype", "TOLERANCE", "STAGES"]
+__all__ = ["REPORT_FILE", "VerificationError", "export_model", "parse_export_dtype", "verify_export"]
 
 
 def parse_export_dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise DsmoeError(f"unsupported dtype {dtype!r} for export (supported: fp32, fp16)")
-    return DTYPES[dtype]
+    return parse_dtype(dtype, supported=EXPORT_DTYPES, what="dtype for export")
 
 
 def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp32", verify: bool = False,
@@ -49,14 +50,9 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
 
     Raises :class:`DsmoeError` for user errors (unknown target/dtype, existing ``out`` without
     ``force``, bad source) and :class:`VerificationError` (``exit_code = 1``) when ``verify``
-    finds ONNX Runtime and eager apart beyond :data:`TOLERANCE`. ``ort_fusions`` (target ``ort``
+    finds ONNX Runtime and eager apart beyond :data:`dsmoe.dtypes.VERIFY_RTOL`. ``ort_fusions`` (target ``ort``
     only) applies ONNX Runtime's contrib fusions for norms, rotary and attention.
     """
-    import dsmoe
-    from dsmoe.ir import capture
-    from dsmoe.passes.context import PassContext
-    from dsmoe.passes.pipeline import run_pipeline
-
     check_target(target)
     tdtype = parse_export_dtype(dtype)
     config = dsmoe.load_config(source, overrides)  # fails fast on a bad source/override
@@ -78,15 +74,15 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
             del gm
             hist = op_histogram(proto if proto is not None else _load_graph_only(tmp / MODEL_FILE))
             cfg = config.to_dict()
-            cfg["torch_dtype"] = str(tdtype).replace("torch.", "")
+            cfg["torch_dtype"] = torch_name(tdtype)
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         verification = None
         if verify:
             with step("verify"):
                 verification = verify_export(model, tmp, dtype=tdtype)
         report = {
-            "source": str(source), "target": target, "dtype": DTYPE_NAMES[tdtype], "opset": OPSET,
-            "files": sorted(p.name for p in tmp.iterdir()) + [REPORT_FILE],
+            "source": str(source), "target": target, "dtype": tag(tdtype), "opset": OPSET,
+            "files": [*sorted(p.name for p in tmp.iterdir()), REPORT_FILE],
             "model_bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.name in (MODEL_FILE, DATA_FILE)),
             "inputs": io_names(config.num_hidden_layers)[0], "outputs": io_names(config.num_hidden_layers)[1],
             "passes": [asdict(r) for r in pass_reports], "lowering": lowered.as_dict(), "ort_fusions": fusions, "onnx_ops": hist,
@@ -107,15 +103,12 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
 def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0) -> dict:
     """Eager vs ONNX Runtime on the same seeded prefill (batch 2, 7 tokens) and decode (1 token
     after those 7) inputs; compares logits and the present caches."""
-    from dsmoe.export.runner import OrtDecoder
-    from dsmoe.ir import sample_inputs
-
     dec = OrtDecoder(export_dir)
     config = model.config
     ids, mask, pos, past = sample_inputs(config, batch=2, seq=7, past=0, seed=seed, dtype=dtype)
     g = torch.Generator().manual_seed(seed + 1)
     nxt = torch.randint(0, config.vocab_size, (2, 1), generator=g)
-    results, tol = {}, TOLERANCE[dtype]
+    results, tol = {}, VERIFY_RTOL[dtype]
     ref, ref_past = model(ids, mask, pos, past, use_cache=True)
     got, got_past = dec(ids, mask, pos, past)
     results["prefill"] = _compare(ref, got, ref_past, got_past)
@@ -138,21 +131,16 @@ def _compare(ref, got, ref_past, got_past) -> dict:
     kv = max(((a.float() - b.float()).abs().max().item() for ra, ga in zip(ref_past, got_past) for a, b in zip(ra, ga)),
              default=0.0)
     top1 = float((ref[:, -1].argmax(-1) == got[:, -1].argmax(-1)).float().mean().item())
-    return {"max_abs_err": abs_err, "rel_err": max(rel, kv / max(max(t.float().abs().max().item() for kvp in ref_past for t in kvp), 1e-12)),
+    kv_scale = max(t.float().abs().max().item() for kvp in ref_past for t in kvp)
+    return {"max_abs_err": abs_err, "rel_err": max(rel, kv / max(kv_scale, 1e-12)),
             "cache_max_abs_err": kv, "top1_agreement": top1}
 
 
 def _load_graph_only(path: Path):
-    import onnx
-
     return onnx.load(str(path), load_external_data=False)
 
 
 def _versions() -> dict:
-    import onnx
-    import onnxruntime
-    import onnxscript
-
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "onnxscript": onnxscript.__version__, "python": platform.python_version()}
 

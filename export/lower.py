@@ -46,9 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from dsmoe import model as _model
 from dsmoe.errors import DsmoeError
-from dsmoe.ops import FUSED_OPS, GATED_MLP, MOE, ROUTE
+from dsmoe.functional import ACTIVATIONS, gated_mlp, glu
+from dsmoe.ops import FUSED_OPS, GATED_MLP, MOE, ROUTE, route_reference
+from dsmoe.passes.graph import add_buffer_beside, attr, drop_unused_attrs
+from dsmoe.routing import RoutingSpec
 
 TARGETS = ("ort", "portable")
 ORT_DOMAIN = "com.microsoft"
@@ -71,22 +73,9 @@ class LowerReport:
 
 
 # ---- the functions the lowered graph calls (traced by torch.onnx.export) ---------------------
-
-def route_std(x, w_gate, bias, scoring, topk_method, top_k, n_group, topk_group, norm_topk_prob, scaling,
-              scale_when):
-    """``dsmoe::route`` in standard ops (the reference math of :func:`dsmoe.model.route`)."""
-    ids, weights = _model.route(x, w_gate, bias, scoring=scoring, topk_method=topk_method, top_k=top_k,
-                                n_group=n_group, topk_group=topk_group, norm_topk_prob=norm_topk_prob,
-                                scaling=scaling, scale_when=scale_when)
-    return weights, ids.to(torch.int32)
-
-
-def gated_mlp_std(x, w13, w2, activation):
-    """``dsmoe::gated_mlp`` in standard ops: one MatMul on concatenated gate/up, then down."""
-    I = w2.shape[1]
-    gu = F.linear(x, w13)
-    return F.linear(F.silu(gu[..., :I]) * gu[..., I:], w2)
-
+# ``dsmoe::route`` and ``dsmoe::gated_mlp`` lower to their reference math, which is plain torch
+# (:func:`dsmoe.ops.route_reference`, :func:`dsmoe.functional.gated_mlp`): the export traces it
+# into standard ops. ``dsmoe::moe`` has a lowering per target:
 
 def _ort_moe_node(x, router_probs, w13i, w2, *, k: int, normalize: bool):
     """One ``com.microsoft.MoE`` (SwiGLU, interleaved gate/up, no biases)."""
@@ -117,29 +106,28 @@ def moe_dense_std(x, weights, ids, w13t, w2t):
     """``dsmoe::moe`` in standard ops: every expert on every token (two batched MatMuls over the
     stacked experts), mixed by a dense ``[T,E]`` weight matrix that is 0 off the selected ids."""
     T, E = x.shape[0], w13t.shape[0]
-    I = w2t.shape[1]
     combine = torch.zeros((T, E), dtype=torch.float32, device=x.device).scatter_add(1, ids.long(), weights.float())
     gu = torch.matmul(x.unsqueeze(0), w13t)  # [E,T,2I]
-    out = torch.matmul(F.silu(gu[..., :I]) * gu[..., I:], w2t)  # [E,T,H]
+    out = torch.matmul(glu(gu, "silu"), w2t)  # [E,T,H]
     return (out.float() * combine.transpose(0, 1).unsqueeze(-1)).sum(dim=0).to(x.dtype)
 
 
 # ---- per-op lowerings: (gm, node, report) → replaces the node ----------------------------------
 
 def _check_activation(node: Node, activation: str) -> None:
-    if activation != "silu":
+    if activation not in ACTIVATIONS:
         raise LoweringError(f"{node.name} ({FUSED_OPS[node.target]}): activation {activation!r} has no lowering "
-                            "(supported: silu)")
+                            f"(supported: {', '.join(ACTIVATIONS)})")
 
 
 def _lower_route_std(gm: GraphModule, node: Node, report: LowerReport) -> None:
-    node.target = route_std
+    node.target = route_reference
     report.count("dsmoe::route", "standard ops")
 
 
 def _lower_gated_mlp_std(gm: GraphModule, node: Node, report: LowerReport) -> None:
     _check_activation(node, node.args[3])
-    node.target = gated_mlp_std
+    node.target = gated_mlp
     report.count("dsmoe::gated_mlp", "standard ops (MatMul gate|up, MatMul down)")
 
 
@@ -159,19 +147,18 @@ def _lower_moe_ort(gm: GraphModule, node: Node, report: LowerReport) -> None:
     _check_activation(node, activation)
     if w13_n.op != "get_attr" or w2_n.op != "get_attr":
         raise LoweringError(f"{node.name} (dsmoe::moe): expert weights must be parameters for com.microsoft.MoE")
-    w13 = _attr(gm, w13_n)
+    w13 = attr(gm, w13_n)
     E, twoI, H = w13.shape
     # ORT's CPU kernel wants gate/up interleaved per row pair (swiglu_fusion=1): g0,u0,g1,u1,...
     w13i = w13.view(E, 2, twoI // 2, H).transpose(1, 2).reshape(E, twoI, H).contiguous()
-    w13i_n = _add_buffer(gm, w13_n, "w13_interleaved", w13i)
+    w13i_n = add_buffer_beside(gm, w13_n, "w13_interleaved", w13i)
     route = _route_of(node)
-    spec = route.args[3:] if route is not None else None
-    if spec is not None and spec[0] == "softmax" and (spec[1] == "greedy" or spec[3] == 1) and route.args[2] is None:
-        scoring, method, top_k, n_group, topk_group, norm, scaling, scale_when = spec
-        scale = scaling if (scale_when == "always" or not norm) else 1.0
+    spec = RoutingSpec.from_node(route) if route is not None else None
+    if spec is not None and spec.scoring == "softmax" and not spec.group_limited and route.args[2] is None:
         node.target = ort_moe_softmax_greedy
         node.args = (x, route.args[0], route.args[1], w13i_n, w2_n)
-        node.kwargs = dict(k=top_k, normalize=norm, scale=float(scale))
+        node.kwargs = dict(k=spec.top_k, normalize=spec.norm_topk_prob,
+                           scale=float(spec.scaling) if spec.scaled else 1.0)
         report.count("dsmoe::moe", "com.microsoft.MoE (router logits, softmax greedy)")
     else:
         node.target = ort_moe_masked
@@ -186,8 +173,8 @@ def _lower_moe_portable(gm: GraphModule, node: Node, report: LowerReport) -> Non
     if w13_n.op != "get_attr" or w2_n.op != "get_attr":
         raise LoweringError(f"{node.name} (dsmoe::moe): expert weights must be parameters")
     # Pre-transposed once here so the graph holds no runtime Transpose of the expert weights.
-    w13t = _add_buffer(gm, w13_n, "w13_t", _attr(gm, w13_n).transpose(1, 2).contiguous())
-    w2t = _add_buffer(gm, w2_n, "w2_t", _attr(gm, w2_n).transpose(1, 2).contiguous())
+    w13t = add_buffer_beside(gm, w13_n, "w13_t", attr(gm, w13_n).transpose(1, 2).contiguous())
+    w2t = add_buffer_beside(gm, w2_n, "w2_t", attr(gm, w2_n).transpose(1, 2).contiguous())
     node.target = moe_dense_std
     node.args = (x, weights, ids, w13t, w2t)
     report.count("dsmoe::moe", "standard ops (dense experts, masked mixing)")
@@ -221,33 +208,6 @@ def lower(gm: GraphModule, *, target: str) -> LowerReport:
         n = left[0]
         raise LoweringError(f"target {target!r} cannot take node {n.name} ({n.target}): no lowering in its table")
     gm.graph.eliminate_dead_code()
-    _drop_unused_attrs(gm)
+    drop_unused_attrs(gm)
     gm.recompile()
     return report
-
-
-# ---- graph helpers ---------------------------------------------------------------------------
-
-def _attr(gm: GraphModule, node: Node) -> torch.Tensor:
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _add_buffer(gm: GraphModule, like: Node, name: str, value: torch.Tensor, before: Node | None = None) -> Node:
-    owner = like.target.rsplit(".", 1)[0]
-    mod = gm.get_submodule(owner)
-    mod.register_buffer(name, value.detach(), persistent=True)
-    with gm.graph.inserting_before(before or like):
-        return gm.graph.get_attr(f"{owner}.{name}")
-
-
-def _drop_unused_attrs(gm: GraphModule) -> None:
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if name not in used:
-            owner, _, leaf = name.rpartition(".")
-            mod = gm.get_submodule(owner) if owner else gm
-            mod._parameters.pop(leaf, None)
-            mod._buffers.pop(leaf, None)

@@ -1,4 +1,8 @@
-"""Write a lowered decoder graph as one ONNX model (prefill and decode, ONNX Runtime GenAI names).
+"""Write a lowered graph as ONNX: :func:`export_module` is the one ONNX export path (opset,
+exporter options, ORT fusions, external data, the checker), used for whole decoders
+(:func:`to_onnx`) and by the benchmarks for a single MoE layer.
+
+The decoder is one model for prefill and decode, with ONNX Runtime GenAI names:
 
 Inputs ``input_ids [B,S] int64``, ``attention_mask [B,P+S] int64``, ``position_ids [B,S] int64``,
 ``past_key_values.{i}.key/.value [B, kv_heads, P, head_dim]``; outputs ``logits [B,S,V]``,
@@ -11,10 +15,14 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 import torch
+from onnx import TensorProto, helper
+from onnxscript.rewriter.ort_fusions import optimize_for_ort
 from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
@@ -50,15 +58,7 @@ class _Decoder(nn.Module):
 
 def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype,
             ort_fusions: bool = False) -> tuple[onnx.ModelProto | None, dict[str, int]]:
-    """Export the lowered ``gm`` to ``path`` (+ external data when large); return the proto when
-    it is held in memory (small models), else ``None``, and the ORT fusions applied.
-
-    ``ort_fusions`` runs onnxscript's ``optimize_for_ort`` (RMSNorm → SimplifiedLayerNormalization,
-    residual + RMSNorm → SkipSimplifiedLayerNormalization, RotaryEmbedding, attention →
-    MultiHeadAttention). Kept for the ``ort`` target because it measured faster: on the ``small``
-    preset, fp32, 2-core CPU, decode (1 token after 128) 12.7–13.8 ms → 10.6–10.9 ms, prefill of
-    128 tokens unchanged (97–110 ms either way), outputs equal to 8e-7 relative.
-    """
+    """Export the lowered decoder ``gm`` to ``path`` through :func:`export_module`."""
     args = sample_inputs(config, batch=2, seq=3, past=5, dtype=dtype)
     B = Dim("batch", min=1, max=MAX_BATCH)
     S = Dim("seq", min=1, max=MAX_SEQ)
@@ -66,22 +66,40 @@ def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype,
     kv = [({0: B, 2: P}, {0: B, 2: P})] * config.num_hidden_layers
     dynamic = ({0: B, 1: S}, {0: B, 1: Dim.AUTO}, {0: B, 1: S}, kv)
     names_in, names_out = io_names(config.num_hidden_layers)
+    return export_module(_Decoder(gm), tuple(args), path, dynamic_shapes=dynamic, input_names=names_in,
+                         output_names=names_out, ort_fusions=ort_fusions,
+                         edit=lambda model: _name_dynamic_axes(model, config.num_hidden_layers))
+
+
+def export_module(module: nn.Module, args: tuple, path: Path, *, dynamic_shapes, input_names: list[str],
+                  output_names: list[str], ort_fusions: bool = False,
+                  edit: Callable | None = None) -> tuple[onnx.ModelProto | None, dict[str, int]]:
+    """``torch.onnx.export(dynamo=True)`` of ``module`` at :data:`OPSET` to ``path`` (+ external
+    data once the initializers pass 2 GB), then ``edit(model)`` on the ONNX IR before saving, and
+    ``onnx.checker``'s full check. Returns the proto when it is held in memory (small models),
+    else ``None``, and the ORT fusions applied.
+
+    ``ort_fusions`` runs onnxscript's ``optimize_for_ort`` (RMSNorm → SimplifiedLayerNormalization,
+    residual + RMSNorm → SkipSimplifiedLayerNormalization, RotaryEmbedding, attention →
+    MultiHeadAttention). Kept for the ``ort`` target because it measured faster: on the ``small``
+    preset, fp32, 2-core CPU, decode (1 token after 128) 12.7–13.8 ms → 10.6–10.9 ms, prefill of
+    128 tokens unchanged (97–110 ms either way), outputs equal to 8e-7 relative.
+    """
     onnx_log = logging.getLogger("torch.onnx")
     level = onnx_log.level
     onnx_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed" for every exporter run
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            prog = torch.onnx.export(_Decoder(gm), (args[0], args[1], args[2], args[3]), dynamo=True,
-                                     dynamic_shapes=dynamic, input_names=names_in, output_names=names_out,
+            prog = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                     input_names=input_names, output_names=output_names,
                                      opset_version=OPSET, optimize=True, verbose=False, report=False)
     finally:
         onnx_log.setLevel(level)
-    _name_dynamic_axes(prog.model, config.num_hidden_layers)
+    if edit is not None:
+        edit(prog.model)
     fusions: dict[str, int] = {}
     if ort_fusions:
-        from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
         result = optimize_for_ort(prog.model)
         fused = result[1] if isinstance(result, tuple) else result
         fusions = {k: v for k, v in (fused or {}).items() if v}
@@ -102,8 +120,6 @@ def _expand_unregistered_norms(path: Path) -> None:
     the one norm with no residual (layer 0's input norm) goes back to
     ``x · 1/sqrt(mean(x²) + eps) · weight`` computed in fp32, as the model does.
     """
-    from onnx import TensorProto, helper
-
     model = onnx.load(str(path), load_external_data=False)
     nodes, changed = [], False
     for n in model.graph.node:
@@ -134,8 +150,6 @@ def _expand_unregistered_norms(path: Path) -> None:
 
 def _name_dynamic_axes(model, num_layers: int) -> None:
     """Give the dynamic axes readable names (batch, sequence, past_sequence, total_sequence)."""
-    import onnx_ir as ir
-
     def set_dims(value, dims):
         shape = value.shape
         if shape is None:

@@ -1,22 +1,25 @@
-"""Run an exported directory in ONNX Runtime: a decoder step with the KV cache, greedy decoding."""
+"""Run an exported directory in ONNX Runtime: a decoder step with the KV cache (the step function
+:func:`dsmoe.app.generate.greedy_generate` drives), and the polygraphy command line."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
+from dsmoe import load_config
 from dsmoe.errors import DsmoeError
 from dsmoe.export.onnx_writer import MODEL_FILE, io_names
 
 _NP_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
 
-def session(path: str | Path, *, threads: int | None = None, optimize: bool = True):
-    """A CPU ``InferenceSession``; ``optimize=False`` turns ORT's graph rewrites off (numerics tests)."""
-    import onnxruntime as ort
-
+def session(path: str | Path, *, threads: int | None = None, optimize: bool = True,
+            providers: list[str] | None = None):
+    """An ``InferenceSession`` (CPU unless ``providers``); ``optimize=False`` turns ORT's graph
+    rewrites off (numerics tests)."""
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
@@ -24,7 +27,7 @@ def session(path: str | Path, *, threads: int | None = None, optimize: bool = Tr
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
 
 class OrtDecoder:
@@ -34,8 +37,6 @@ class OrtDecoder:
     returns torch tensors."""
 
     def __init__(self, export_dir: str | Path, threads: int | None = None, *, optimize: bool = True):
-        from dsmoe import load_config
-
         d = Path(export_dir)
         if not (d / MODEL_FILE).is_file():
             raise DsmoeError(f"{d} holds no {MODEL_FILE} (export it with: dsmoe-export SOURCE --out {d})")
@@ -62,23 +63,12 @@ def _np(t, dtype) -> np.ndarray:
     return np.ascontiguousarray(a.astype(dtype, copy=False))
 
 
-def generate_ort(export_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, *,
-                 threads: int | None = None) -> list[int]:
-    """Greedy decoding in ONNX Runtime with the KV cache (one prefill step, then one per token)."""
-    from dsmoe.runtime import greedy_generate
-
-    dec = OrtDecoder(export_dir, threads=threads)
-    return greedy_generate(dec, dec.config, list(prompt_ids), max_new_tokens, dtype=dec.dtype)
-
-
 def polygraphy_command(export_dir: str | Path, *, batch: int = 1, seq: int = 4, past: int = 0) -> list[str]:
     """The ``polygraphy run MODEL --onnxrt`` command line for an exported directory.
 
     The decoder's axes are dynamic and tied together (``attention_mask`` is past + sequence long),
     so polygraphy needs explicit shapes; ``input_ids`` values must lie in the vocabulary.
     """
-    from dsmoe import load_config
-
     d = Path(export_dir)
     c = load_config(d)
     kv = f"[{batch},{c.num_key_value_heads},{past},{c.head_dim}]"

@@ -19,9 +19,11 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from dsmoe.contract import EXPERTS_ATTR, MOE_BLOCK, SHARED_ATTR
+from dsmoe.functional import stack_gate_up
 from dsmoe.ops import GATED_MLP, MOE
-from dsmoe.passes._graph import add_param, attr, cleanup, modules_of_class, new_node, scope_nodes, strip_casts
 from dsmoe.passes.context import PassContext, PassResult
+from dsmoe.passes.graph import add_param, attr, cleanup, modules_of_class, new_node, scope_nodes, strip_casts
 
 aten = torch.ops.aten
 
@@ -30,9 +32,9 @@ def fold_shared_experts(gm: GraphModule, ctx: PassContext) -> PassResult:
     result = PassResult()
     config = ctx.config_of(gm)
     ns, I = config.n_shared_experts or 0, config.moe_intermediate_size
-    for path in modules_of_class(gm, "DeepseekMoE"):
+    for path in modules_of_class(gm, MOE_BLOCK):
         moes = [n for n in scope_nodes(gm, path) if n.target == MOE]
-        shared = [n for n in scope_nodes(gm, f"{path}.shared_experts") if n.target == GATED_MLP]
+        shared = [n for n in scope_nodes(gm, f"{path}.{SHARED_ATTR}") if n.target == GATED_MLP]
         if len(moes) != 1 or len(shared) != 1:
             continue  # nothing to fold (already folded, or not fused yet)
         moe, mlp = moes[0], shared[0]
@@ -50,9 +52,9 @@ def fold_shared_experts(gm: GraphModule, ctx: PassContext) -> PassResult:
         x, w, ids, w13_n, w2_n, act = moe.args
         E = attr(gm, w13_n).shape[0]
         gate, up = sw13[: ns * I], sw13[ns * I:]
-        s13 = torch.stack([torch.cat([gate[s * I:(s + 1) * I], up[s * I:(s + 1) * I]]) for s in range(ns)])
+        s13 = torch.stack([stack_gate_up(gate[s * I:(s + 1) * I], up[s * I:(s + 1) * I]) for s in range(ns)])
         s2 = torch.stack([sw2[:, s * I:(s + 1) * I] for s in range(ns)])
-        owner = f"{path}.experts"
+        owner = f"{path}.{EXPERTS_ATTR}"
         new13 = add_param(gm, owner, "w13_with_shared", torch.cat([attr(gm, w13_n), s13]), before=moe)
         new2 = add_param(gm, owner, "w2_with_shared", torch.cat([attr(gm, w2_n), s2]), before=moe)
         id_dtype = ids.meta["val"].dtype

@@ -21,16 +21,18 @@ the region used outside it.
 from __future__ import annotations
 
 import operator
-import re
 
 import torch
 from torch.fx import GraphModule, Node
 
+from dsmoe.contract import (DOWN_PROJ, EXPERTS_ATTR, GATE_PROJ, MOE_BLOCK, PROJS, ROUTER_ATTR, SHARED_ATTR, STACKED_W2,
+                            STACKED_W13, UP_PROJ, expert_linear)
+from dsmoe.functional import stack_gate_up
 from dsmoe.ir import module_path
 from dsmoe.ops import MOE, ROUTE
-from dsmoe.passes._graph import (add_param, attr, cleanup, erase_region, in_scope, is_call, is_tensor_valued,
-                                 modules_of_class, new_node, scope_nodes, strip_casts)
 from dsmoe.passes.context import PassContext, PassResult
+from dsmoe.passes.graph import (add_param, attr, cleanup, erase_region, in_scope, is_call, is_tensor_valued,
+                                modules_of_class, new_node, scope_nodes, strip_casts)
 
 aten = torch.ops.aten
 ZEROS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default}
@@ -43,7 +45,7 @@ class NoMatch(Exception):
 def outline_moe(gm: GraphModule, ctx: PassContext) -> PassResult:
     result = PassResult()
     config = ctx.config_of(gm)
-    for path in modules_of_class(gm, "DeepseekMoE"):
+    for path in modules_of_class(gm, MOE_BLOCK):
         if any(n.target == MOE for n in scope_nodes(gm, path)):
             continue  # already outlined (idempotence)
         try:
@@ -60,17 +62,17 @@ def outline_moe(gm: GraphModule, ctx: PassContext) -> PassResult:
 
 def _match(gm: GraphModule, path: str, E: int) -> dict:
     nodes = [n for n in scope_nodes(gm, path)
-             if not in_scope(n, f"{path}.gate") and not in_scope(n, f"{path}.shared_experts")]
+             if not in_scope(n, f"{path}.{ROUTER_ATTR}") and not in_scope(n, f"{path}.{SHARED_ATTR}")]
     scope = set(nodes)
     experts: dict[int, dict[str, Node]] = {}
-    pat = re.compile(re.escape(path) + r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
+    pat = expert_linear(path)
     for n in nodes:
         mm = pat.match(module_path(n))
         if mm and is_call(n, aten.linear.default):
             experts.setdefault(int(mm.group(1)), {})[mm.group(2)] = n
     if sorted(experts) != list(range(E)) or any(len(v) != 3 for v in experts.values()):
         raise NoMatch(f"found {len(experts)} experts with gate/up/down linears; the config has {E} experts")
-    down_of = {lin["down_proj"]: e for e, lin in experts.items()}
+    down_of = {lin[DOWN_PROJ]: e for e, lin in experts.items()}
 
     chains = [c for c in (_chain(z, scope, down_of) for z in nodes if z.target in ZEROS) if c]
     if len(chains) != 1:
@@ -86,7 +88,7 @@ def _match(gm: GraphModule, path: str, E: int) -> dict:
         seen.add(e)
         idss.add(ids)
         ws.add(w)
-        g, u, d = (experts[e][k] for k in ("gate_proj", "up_proj", "down_proj"))
+        g, u, d = (experts[e][k] for k in PROJS)
         act = d.args[0]
         if not (is_call(act, aten.mul.Tensor) and u in act.args
                 and any(is_call(a, aten.silu.default) and a.args[0] is g for a in act.args)):
@@ -160,15 +162,15 @@ def _backward_slice(out: Node, *, stop: set[Node], scope: set[Node]) -> set[Node
 def _rewrite(gm: GraphModule, path: str, m: dict) -> None:
     experts, out = m["experts"], m["out"]
     E = len(experts)
-    gate = [attr(gm, experts[e]["gate_proj"].args[1]) for e in range(E)]
-    up = [attr(gm, experts[e]["up_proj"].args[1]) for e in range(E)]
-    down = [attr(gm, experts[e]["down_proj"].args[1]) for e in range(E)]
-    w13 = torch.stack([torch.cat([g, u], dim=0) for g, u in zip(gate, up)])  # [E, 2I, H]
+    gate = [attr(gm, experts[e][GATE_PROJ].args[1]) for e in range(E)]
+    up = [attr(gm, experts[e][UP_PROJ].args[1]) for e in range(E)]
+    down = [attr(gm, experts[e][DOWN_PROJ].args[1]) for e in range(E)]
+    w13 = torch.stack([stack_gate_up(g, u) for g, u in zip(gate, up)])  # [E, 2I, H]
     w2 = torch.stack(down)  # [E, H, I]
     del gate, up, down
     first = out  # x, w and ids are all defined before the region's last node
-    w13_node = add_param(gm, f"{path}.experts", "w13", w13, before=first)
-    w2_node = add_param(gm, f"{path}.experts", "w2", w2, before=first)
+    w13_node = add_param(gm, f"{path}.{EXPERTS_ATTR}", STACKED_W13, w13, before=first)
+    w2_node = add_param(gm, f"{path}.{EXPERTS_ATTR}", STACKED_W2, w2, before=first)
     ids = m["ids"]
     if is_call(ids, aten._to_copy.default) and is_call(ids.args[0], operator.getitem) \
             and is_call(ids.args[0].args[0], ROUTE):

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.fx import GraphModule
 
+from dsmoe.dtypes import VERIFY_RTOL
 from dsmoe.errors import DsmoeError
 from dsmoe.ir import node_count, op_histogram, param_bytes, sample_inputs
 from dsmoe.passes.context import PassContext, PassResult
@@ -42,8 +43,6 @@ PASSES: list[tuple[str, Pass]] = [
 ]
 OPTIONAL = {"fold_shared_experts": "fold_shared_experts"}  # pass name -> PassContext flag
 
-# max |a-b| / max |ref| allowed, per dtype
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
 class VerificationError(DsmoeError):
@@ -98,7 +97,7 @@ class _Verifier:
         config = ctx.config_of(gm)
         dtype = gm.meta.get("dsmoe_dtype", torch.float32)
         device = next(iter(gm.parameters())).device
-        self.gm, self.tol = gm, TOLERANCE[dtype]
+        self.gm, self.tol = gm, VERIFY_RTOL[dtype]
         self.inputs = [sample_inputs(config, batch=2, seq=7, past=0, seed=ctx.verify_seed, dtype=dtype, device=device),
                        sample_inputs(config, batch=2, seq=1, past=6, seed=ctx.verify_seed + 1, dtype=dtype, device=device)]
         self.refs = self._run()

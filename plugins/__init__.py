@@ -10,10 +10,22 @@ Nothing here imports cuda-python, CuPy or touches a GPU at import time.
 
 from __future__ import annotations
 
-from dsmoe.plugins.grouped_mm import grouped_mm_available, grouped_mm_moe
+import torch
 
-__all__ = ["register_cuda_kernels", "cuda_kernels_status", "grouped_mm_moe", "grouped_mm_available",
-           "route_cuda", "moe_cuda"]
+from dsmoe import ops  # noqa: F401  (defines the ops whose CUDA kernels are registered here)
+from dsmoe.plugins import build
+from dsmoe.plugins.grouped_mm import grouped_mm_available, grouped_mm_moe
+from dsmoe.plugins.moe.launch import moe_cuda
+from dsmoe.plugins.route.launch import route_cuda
+
+__all__ = [
+    "cuda_kernels_status",
+    "grouped_mm_available",
+    "grouped_mm_moe",
+    "moe_cuda",
+    "register_cuda_kernels",
+    "route_cuda",
+]
 
 _registered = False
 _reason: str | None = "register_cuda_kernels() has not been called"
@@ -33,21 +45,12 @@ def register_cuda_kernels() -> bool:
     global _registered, _reason
     if _registered:
         return True
-    import torch
-
-    import dsmoe.ops  # noqa: F401  (defines the ops)
-
     if not torch.cuda.is_available():
         _reason = "torch.cuda.is_available() is False"
         return False
-    from dsmoe.plugins import build
-
     if build._nvrtc() is None and build.find_nvcc() is None:
         _reason = "no CUDA compiler: install cuda-python (NVRTC) or put nvcc on PATH"
         return False
-    from dsmoe.plugins.moe.launch import moe_cuda
-    from dsmoe.plugins.route.launch import route_cuda
-
     torch.library.register_kernel("dsmoe::route", "cuda", route_cuda)
     torch.library.register_kernel("dsmoe::moe", "cuda", _moe_kernel(moe_cuda))
     _registered, _reason = True, None
@@ -59,15 +62,3 @@ def _moe_kernel(moe_cuda):
         return moe_cuda(x, weights, ids, w13, w2, activation)
 
     return moe
-
-
-def __getattr__(name):  # lazy: the launchers import torch only
-    if name == "route_cuda":
-        from dsmoe.plugins.route.launch import route_cuda
-
-        return route_cuda
-    if name == "moe_cuda":
-        from dsmoe.plugins.moe.launch import moe_cuda
-
-        return moe_cuda
-    raise AttributeError(name)

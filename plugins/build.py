@@ -20,11 +20,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import torch
+
 PLUGIN_DIR = Path(__file__).resolve().parent
 COMMON_HEADER = PLUGIN_DIR / "dsmoe_common.cuh"
 CXX_STD = "c++17"
 
-_modules: dict[tuple[str, int], "Module"] = {}
+_modules: dict[tuple[str, int], Module] = {}
 
 
 def cache_dir() -> Path:
@@ -144,15 +147,13 @@ def build(name: str, arch: str) -> Path:
 
 
 def device_arch(device) -> str:
-    import torch
 
     major, minor = torch.cuda.get_device_capability(device)
     return f"sm_{major}{minor}"
 
 
-def load(name: str, device=None) -> "Module":
+def load(name: str, device=None) -> Module:
     """The loaded module ``name`` for ``device`` (default: the current CUDA device)."""
-    import torch
 
     index = torch.cuda.current_device() if device is None else torch.device(device).index
     if index is None:
@@ -168,7 +169,6 @@ class Module:
     """A loaded cubin: ``launch(kernel, grid, block, sig, args, smem=0)`` on torch's current stream."""
 
     def __init__(self, cubin: Path, device_index: int):
-        import torch
 
         self.path, self.device_index = cubin, device_index
         self._functions: dict[str, object] = {}
@@ -183,7 +183,6 @@ class Module:
                 driver = None
         self._driver = driver
         if driver is not None:
-            import numpy as np
 
             _check(driver.cuInit(0), "cuInit")
             dev = _check(driver.cuDeviceGet(device_index), "cuDeviceGet")
@@ -210,8 +209,6 @@ class Module:
         return self._functions[kernel]
 
     def launch(self, kernel: str, grid, block, sig: str, args, smem: int = 0) -> None:
-        import numpy as np
-        import torch
 
         if len(sig) != len(args):
             raise ValueError(f"{kernel}: signature {sig!r} has {len(sig)} arguments, got {len(args)}")

@@ -1,6 +1,9 @@
-"""Shared fixtures: the routing variants every numerical test sweeps, and small models."""
+"""Shared fixtures: the routing variants every numerical test sweeps (the one table), an
+independent per-token router, and small models."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 import dsmoe
 
 # Every DeepSeek routing variant, as config overrides of the tiny preset (8 experts, top-2).
+# Tests that sweep routing take their variants from here (never a table of their own).
 ROUTING_VARIANTS = {
     "v1-softmax-greedy": {},
     "v1-norm": {"norm_topk_prob": True},
@@ -20,7 +24,41 @@ ROUTING_VARIANTS = {
                     "norm_topk_prob": True, "routed_scaling_factor": 2.5},
     "v3-noaux-tc-unnormalized": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 2,
                                  "topk_group": 1, "routed_scaling_factor": 2.5},
+    "v3-noaux-tc-ungrouped": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 1, "topk_group": 1,
+                              "routed_scaling_factor": 2.5},
 }
+
+
+def reference_route(logits: list[float], bias: list[float] | None, spec: dict) -> list[tuple[int, float]]:
+    """One token's routing in plain Python, written from the spec (``spec-deepseek.md``) without
+    torch: ``[(expert id, weight)]`` sorted by id. The independent reference for every router."""
+    E = len(logits)
+    if spec["scoring"] == "softmax":
+        m = max(logits)
+        z = sum(math.exp(v - m) for v in logits)
+        scores = [math.exp(v - m) / z for v in logits]
+    else:
+        scores = [1 / (1 + math.exp(-v)) for v in logits]
+    choice = [s + (bias[e] if bias is not None else 0.0) for e, s in enumerate(scores)]
+    allowed = set(range(E))
+    G = spec["n_group"]
+    if spec["topk_method"] != "greedy" and G > 1:
+        size = E // G
+        groups = [choice[g * size:(g + 1) * size] for g in range(G)]
+        if spec["topk_method"] == "noaux_tc":
+            gscore = [sum(sorted(grp, reverse=True)[:2]) for grp in groups]
+        else:
+            gscore = [max(grp) for grp in groups]
+        kept = sorted(range(G), key=lambda g: -gscore[g])[:spec["topk_group"]]
+        allowed = {g * size + j for g in kept for j in range(size)}
+    ids = sorted(allowed, key=lambda e: -choice[e])[:spec["top_k"]]
+    w = [scores[e] for e in ids]
+    if spec["norm_topk_prob"]:
+        total = sum(w) + 1e-20
+        w = [v / total for v in w]
+    if spec["scale_when"] == "always" or not spec["norm_topk_prob"]:
+        w = [v * spec["scaling"] for v in w]
+    return sorted(zip(ids, w))
 
 
 def tiny(variant: str = "v1-softmax-greedy", dtype: str = "float32", seed: int = 0, **extra):
@@ -31,6 +69,21 @@ def tiny(variant: str = "v1-softmax-greedy", dtype: str = "float32", seed: int =
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.weight.mul_(10.0)
     return model
+
+
+def run_cli(capsys, *argv, entry=None) -> tuple[int, str, str]:
+    """``dsmoe ARGV`` in-process through the entry point (``dsmoe.app.cli.main``, or ``entry``):
+    ``(exit code, stdout, stderr)``."""
+    from dsmoe.app.cli import main
+
+    capsys.readouterr()
+    try:
+        (entry or main)([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.fixture(params=list(ROUTING_VARIANTS))

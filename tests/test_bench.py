@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from dsmoe import bench
-from dsmoe.bench_backends import REGISTRY, Backend, Prepared, register
-from dsmoe.bench_limits import Limits, Work, floor_s, model_step_work, moe_layer_work
-from dsmoe.bench_timing import ONCE, Method, cross_check, measure
+from dsmoe.bench.backends import REGISTRY, Backend, Prepared, cached_fused_graph, register
+from dsmoe.bench.limits import Limits, Work, floor_s, model_step_work, moe_layer_work
+from dsmoe.bench.suites import model_workload
+from dsmoe.bench.timing import ONCE, Method, cross_check, measure
 from dsmoe.config import DeepseekConfig
 from dsmoe.errors import DsmoeError
 
@@ -88,6 +89,7 @@ def test_wrong_backend_is_rejected_and_not_timed(tmp_path):
     assert calls["n"] == 1  # the cross-check call only: never timed
 
 
+@pytest.mark.slow
 def test_model_suite_runs(tmp_path):
     r = _run(tmp_path, "model", ["eager", "fused", "ort"], overrides={"num_hidden_layers": 2}, tokens=[4], write=False)
     doc = r["suites"]["model"]
@@ -95,8 +97,24 @@ def test_model_suite_runs(tmp_path):
     for case in doc["cases"]:
         assert case["results"]["eager"]["status"] == "ok"
         assert case["results"]["fused"]["status"] == "ok", case["results"]["fused"]
-        assert case["results"]["ort"]["status"] in ("ok", "skipped"), case["results"]["ort"]  # skipped until dsmoe.export lands
+        assert case["results"]["ort"]["status"] == "ok", case["results"]["ort"]
     assert doc["cases"][1]["per"] == doc["shapes"]["decode_steps"]
+    assert doc["backends"]["ort"]["notes"]["onnx_ops"].get("com.microsoft::MoE") == 1  # what dsmoe-export writes
+
+
+def test_a_backend_that_fails_is_reported_failed_not_skipped(tmp_path, monkeypatch):
+    """A broken export (here: dsmoe-export refusing the model) is a failure of the ort backend,
+    visible in the results, never a skip."""
+    from dsmoe.bench import backends
+
+    def broken(w, tmp, threads):
+        raise backends.ExportFailed("dsmoe-export exited 1: error: boom")
+
+    monkeypatch.setattr(backends, "_ort_decoder", broken)
+    r = _run(tmp_path, "model", ["eager", "ort"], overrides={"num_hidden_layers": 2}, tokens=[4], write=False)
+    doc = r["suites"]["model"]
+    assert doc["backends"]["ort"]["status"] == "failed" and "boom" in doc["backends"]["ort"]["reason"]
+    assert all(c["results"]["ort"]["status"] == "failed" for c in doc["cases"])
 
 
 def test_unknown_names_are_one_line_errors(tmp_path):
@@ -166,8 +184,6 @@ def test_cuda_backends_are_listed_as_skipped_without_a_gpu(tmp_path):
 
 
 def test_share_expert_weights_keeps_eager_output_and_one_copy():
-    from dsmoe.bench_backends import cached_fused_graph
-    from dsmoe.bench_suites import model_workload
 
     w = model_workload("preset:tiny", {"num_hidden_layers": 2}, prefill=4, decode=1)
     args = w.cases[0].run(lambda *a: a)  # the prefill inputs

@@ -1,17 +1,29 @@
-"""The CLI: the README's commands work, and user errors are one line with exit code 2."""
+"""The CLI: the README's commands work, and user errors are one line with exit code 2.
+
+Commands run in-process through the entry point (``main(argv)``: the same parsing, error handling
+and exit codes as the installed script); the installed script itself runs in a subprocess where
+that is what is tested.
+"""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
-from dsmoe.cli import main
+from dsmoe.app.cli import main
 
 
-def run(*argv):
-    """Run the installed entry point in a subprocess (what a user runs); returns (code, out, err)."""
-    p = subprocess.run([sys.executable, "-c", "from dsmoe.cli import main; main()", *argv],
+@pytest.fixture
+def run(capsys):
+    return lambda *argv: run_cli(capsys, *argv)
+
+
+def run_installed(*argv):
+    """The console script ``dsmoe`` in a subprocess (what a user runs); returns (code, out, err)."""
+    p = subprocess.run([str(Path(sys.executable).with_name("dsmoe")), *argv],
                        capture_output=True, text=True, timeout=600)
     return p.returncode, p.stdout, p.stderr
 
@@ -19,7 +31,7 @@ def run(*argv):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "tiny"
-    code, _, err = run("init", str(out), "--preset", "tiny", "--seed", "3", "--set", "num_hidden_layers=2")
+    code, _, err = run_installed("init", str(out), "--preset", "tiny", "--seed", "3", "--set", "num_hidden_layers=2")
     assert code == 0, err
     return out
 
@@ -30,13 +42,13 @@ def test_init_writes_hf_layout(ckpt):
     assert (ckpt / "model.safetensors").is_file()
 
 
-def test_info_json_for_16b_preset():
+def test_info_json_for_16b_preset(run):
     code, out, _ = run("info", "preset:deepseek-moe-16b", "--json")
     d = json.loads(out)
     assert code == 0 and round(d["params_total"] / 1e9, 1) == 16.4 and round(d["params_active"] / 1e9, 1) == 2.8
 
 
-def test_generate_json_is_deterministic_and_fused_matches_eager(ckpt):
+def test_generate_json_is_deterministic_and_fused_matches_eager(ckpt, run):
     a = run("generate", str(ckpt), "--prompt-ids", "1 2 3", "--max-new-tokens", "6", "--json")
     b = run("generate", str(ckpt), "--prompt-ids", "1 2 3", "--max-new-tokens", "6", "--json", "--backend", "fused")
     assert a[0] == 0 and b[0] == 0, a[2] + b[2]
@@ -44,7 +56,7 @@ def test_generate_json_is_deterministic_and_fused_matches_eager(ckpt):
     assert len(ids) == 6 and json.loads(b[1])["ids"] == ids
 
 
-def test_inspect_json(ckpt):
+def test_inspect_json(ckpt, run):
     code, out, err = run("inspect", str(ckpt), "--json")
     assert code == 0, err
     d = json.loads(out)
@@ -54,7 +66,7 @@ def test_inspect_json(ckpt):
     assert d["ops"]["dsmoe::moe"] == 1 and d["ops"]["dsmoe::route"] == 1 and d["ops"]["dsmoe::gated_mlp"] == 2
 
 
-def test_inspect_dump_after(ckpt):
+def test_inspect_dump_after(ckpt, run):
     code, out, err = run("inspect", str(ckpt), "--dump-after", "outline_moe", "--no-verify")
     assert code == 0, err
     assert "torch.ops.dsmoe.moe.default" in out
@@ -74,7 +86,7 @@ def test_inspect_dump_after(ckpt):
     (["generate", "{ckpt}", "--prompt-ids", "1", "--device", "tpu"], "unknown device 'tpu'"),
     (["generate", "{ckpt}", "--prompt-ids", "1", "--cuda-graph"], "--cuda-graph needs --backend fused --device cuda"),
 ])
-def test_user_errors_are_one_line_exit_2(ckpt, tmp_path, argv, message):
+def test_user_errors_are_one_line_exit_2(ckpt, tmp_path, run, argv, message):
     argv = [a.format(ckpt=ckpt, tmp=tmp_path) for a in argv]
     code, out, err = run(*argv)
     assert code == 2, (out, err)
@@ -84,7 +96,7 @@ def test_user_errors_are_one_line_exit_2(ckpt, tmp_path, argv, message):
 
 def test_malformed_config_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{")
-    code, _, err = run("info", str(tmp_path))
+    code, _, err = run_installed("info", str(tmp_path))
     assert code == 2 and err.startswith("error: malformed config")
 
 
@@ -94,7 +106,7 @@ def test_in_process_main_exit_code(tmp_path, capsys):
     assert e.value.code == 2
 
 
-def test_checkpoint_error_through_the_cli(ckpt, tmp_path):
+def test_checkpoint_error_through_the_cli(ckpt, tmp_path, run):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text((ckpt / "config.json").read_text())
@@ -104,7 +116,7 @@ def test_checkpoint_error_through_the_cli(ckpt, tmp_path):
     assert code == 2 and "corrupt or truncated safetensors file model.safetensors" in err
 
 
-def test_prompt_text_with_tokenizer_json(ckpt, tmp_path):
+def test_prompt_text_with_tokenizer_json(ckpt, tmp_path, run):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {f"w{i}": i for i in range(256)} | {"[UNK]": 0}
@@ -118,7 +130,7 @@ def test_prompt_text_with_tokenizer_json(ckpt, tmp_path):
     code, out, err = run("generate", str(src), "--prompt", "w1 w2 w3", "--max-new-tokens", "4", "--json")
     assert code == 0, err
     d = json.loads(out)
-    code2, out2, _ = run("generate", str(ckpt), "--prompt-ids", "1 2 3", "--max-new-tokens", "4", "--json")
+    _, out2, _ = run("generate", str(ckpt), "--prompt-ids", "1 2 3", "--max-new-tokens", "4", "--json")
     assert d["ids"] == json.loads(out2)["ids"]
     assert d["text"] == " ".join(f"w{i}" for i in d["ids"])
 
@@ -126,6 +138,6 @@ def test_prompt_text_with_tokenizer_json(ckpt, tmp_path):
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
 @pytest.mark.parametrize("argv", [["generate", "{ckpt}", "--prompt-ids", "1", "--device", "cuda", "--backend", "fused"],
                                   ["bench", "--suite", "moe-layer", "--device", "cuda", "--preset", "tiny"]])
-def test_cuda_without_a_gpu_is_one_line(ckpt, argv):
+def test_cuda_without_a_gpu_is_one_line(ckpt, run, argv):
     code, out, err = run(*[a.format(ckpt=ckpt) for a in argv])
     assert code == 2 and "no CUDA device here" in err and len(err.strip().splitlines()) == 1, (out, err)

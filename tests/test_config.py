@@ -2,9 +2,9 @@ import json
 
 import pytest
 
+from dsmoe.architecture import architecture
 from dsmoe.config import PRESETS, DeepseekConfig, parse_overrides
 from dsmoe.errors import ConfigError
-from dsmoe.runtime import architecture
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

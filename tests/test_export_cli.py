@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dsmoe import cli
+from dsmoe.app import cli
+from dsmoe.errors import DsmoeError
 
 
 def _exit_code(fn, argv) -> int:
@@ -28,3 +29,22 @@ def test_unsupported_target_or_dtype_exits_2(tmp_path, capsys, flags, match):
     assert _exit_code(cli.main, ["export", "preset:tiny", "--out", str(tmp_path / "o"), *flags]) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_export_prints_the_regions_a_pass_left_alone(tmp_path, capsys, monkeypatch):
+    """Like ``inspect``, the export command lists every region a pass skipped, with the reason."""
+    report = {"passes": [{"name": "fuse_router", "skipped": ["model.layers.1.mlp.gate: the graph's routing is not "
+                                                            "the config's: config top_k 3, graph computes 2"]}],
+              "verification": None}
+    monkeypatch.setattr(cli, "export_model", lambda *a, **k: report)
+    cli.export_main(["preset:tiny", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "fuse_router left alone" in err and "config top_k 3, graph computes 2" in err
+
+
+@pytest.mark.parametrize("entry,prefix", [(cli.main, ["--debug", "export"]), (cli.export_main, ["--debug"])])
+def test_debug_shows_the_traceback_on_both_entry_points(tmp_path, entry, prefix):
+    out = tmp_path / "o"
+    out.mkdir()
+    with pytest.raises(DsmoeError, match="already exists"):
+        entry([*prefix, "preset:tiny", "--out", str(out)])

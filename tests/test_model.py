@@ -7,9 +7,9 @@ import torch
 import transformers
 from conftest import ROUTING_VARIANTS, tiny
 
+from dsmoe.app.generate import eager_step, greedy_generate
 from dsmoe.config import DeepseekConfig
-from dsmoe.model import route
-from dsmoe.runtime import eager_step, greedy_generate
+from dsmoe.routing import route
 
 
 def _route(logits, bias=None, **kw):
@@ -18,7 +18,8 @@ def _route(logits, bias=None, **kw):
     E = logits.shape[-1]
     spec = dict(scoring="softmax", topk_method="greedy", top_k=2, n_group=1, topk_group=1,
                 norm_topk_prob=False, scaling=1.0, scale_when="unnormalized") | kw
-    ids, w = route(logits, torch.eye(E), None if bias is None else torch.tensor(bias), **spec)
+    w, ids = route(logits, torch.eye(E), None if bias is None else torch.tensor(bias), **spec)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32
     order = ids.argsort(dim=-1)
     return ids.gather(1, order).tolist(), w.gather(1, order).tolist()
 
@@ -31,7 +32,7 @@ def test_softmax_greedy_closed_form():
 
 
 def test_normalize_then_no_scale_v2():
-    ids, w = _route([[3.0, 1.0, 2.0, 0.0]], norm_topk_prob=True, scaling=16.0)
+    _, w = _route([[3.0, 1.0, 2.0, 0.0]], norm_topk_prob=True, scaling=16.0)
     assert w[0] == pytest.approx([math.e / (math.e + 1), 1 / (math.e + 1)], rel=1e-6)  # V2: no scaling after norm
 
 
@@ -122,7 +123,7 @@ def test_moe_forward_is_routed_plus_shared():
     moe = model.model.layers[1].mlp
     x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ids, w = moe.gate(x)
+        w, ids = moe.gate(x)
         want = torch.stack([sum(w[t, k] * moe.experts[int(ids[t, k])](x[t]) for k in range(ids.shape[1]))
                             + moe.shared_experts(x[t]) for t in range(5)])
         torch.testing.assert_close(moe(x.unsqueeze(0))[0], want, rtol=1e-5, atol=1e-6)

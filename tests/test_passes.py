@@ -7,6 +7,8 @@ import pytest
 import torch
 from conftest import ROUTING_VARIANTS, tiny
 
+from dsmoe.app.generate import eager_step, fused_step, greedy_generate
+from dsmoe.dtypes import VERIFY_RTOL
 from dsmoe.ir import capture, op_histogram, param_bytes, sample_inputs
 from dsmoe.passes import pipeline
 from dsmoe.passes.context import PassContext
@@ -14,7 +16,6 @@ from dsmoe.passes.fuse_gated_mlp import fuse_gated_mlp
 from dsmoe.passes.fuse_router import fuse_router
 from dsmoe.passes.outline_moe import outline_moe
 from dsmoe.passes.pipeline import VerificationError, pass_names, run_pipeline
-from dsmoe.runtime import eager_step, fused_step, greedy_generate
 
 aten = torch.ops.aten
 
@@ -109,6 +110,35 @@ def test_region_that_does_not_check_out_is_reported_and_untouched():
     assert result.rewrites == 0 and "9 experts" in result.skipped[0]
 
 
+@pytest.mark.parametrize("variant,change,feature", [
+    ("v1-softmax-greedy", {"norm_topk_prob": True}, "config normalized True, graph computes False"),
+    ("v1-norm", {"norm_topk_prob": False}, "config normalized False, graph computes True"),
+    ("v2-greedy-scaled", {"routed_scaling_factor": 3.0}, "config scale 3.0, graph computes 2.0"),
+    ("v2-group-limited", {"n_group": 2, "topk_group": 1}, "config groups (2, 1, 'max'), graph computes (4, 2, 'max')"),
+    ("v2-group-limited", {"topk_method": "greedy"}, "config groups None, graph computes (4, 2, 'max')"),
+    ("v3-noaux-tc", {"topk_method": "group_limited_greedy", "scoring_func": "sigmoid"}, "config bias False"),
+])
+def test_router_whose_graph_disagrees_with_the_config_is_left_alone(variant, change, feature):
+    """fuse_router reads the routing off the graph (groups, normalization, scaling, bias) and
+    refuses to fuse a router whose graph computes something else than the config says."""
+    gm = _fresh(variant)
+    cfg = dataclasses.replace(_model(variant).config, **change)
+    n = len(gm.graph.nodes)
+    result = fuse_router(gm, PassContext(config=cfg))
+    assert result.rewrites == 0 and len(result.skipped) == 2, result
+    assert feature in result.skipped[0], result.skipped[0]
+    assert len(gm.graph.nodes) == n
+
+
+def test_graph_routing_reads_every_variant(variant):
+    """What fuse_router reads off each captured router is the config's routing."""
+    from dsmoe.passes.fuse_router import _region, expected_routing, graph_routing
+
+    gm = _fresh(variant)
+    got = graph_routing(_region(gm, "model.layers.1.mlp.gate"))
+    assert got == expected_routing(_model(variant).config.routing)
+
+
 def test_expert_weighted_by_another_experts_ids_is_not_outlined():
     """outline_moe checks that link e of the chain is weighted by ``ids == e``: a graph where
     expert 3 takes expert 4's routing weight is reported, not rewritten."""
@@ -150,7 +180,7 @@ def test_verification_names_the_pass_that_breaks_numerics(monkeypatch):
             if n.target == aten.embedding.default:
                 with gm.graph.inserting_after(n):
                     m = gm.graph.call_function(aten.mul.Tensor, (n, 1.5))
-                n.replace_all_uses_with(m, delete_user_cb=lambda u: u is not m)
+                n.replace_all_uses_with(m, delete_user_cb=lambda u, m=m: u is not m)
         gm.recompile()
         return pipeline.PassResult(rewrites=1)
 
@@ -167,6 +197,6 @@ def test_fused_graph_generates_the_same_tokens_as_eager():
 
 def test_bf16_pipeline_within_bf16_tolerance():
     model = tiny("v1-softmax-greedy", dtype="bfloat16")
-    gm, reports = run_pipeline(capture(model), PassContext(verify=True))
+    _, reports = run_pipeline(capture(model), PassContext(verify=True))
     assert [r.rewrites for r in reports] == [2, 2, 3]
-    assert all(r.rel_err <= pipeline.TOLERANCE[torch.bfloat16] for r in reports)
+    assert all(r.rel_err <= VERIFY_RTOL[torch.bfloat16] for r in reports)

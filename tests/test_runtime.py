@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ROUTING_VARIANTS
 
 import dsmoe
+from dsmoe.app.cuda_graphs import StaticDecoder, static_length
+from dsmoe.app.device import resolve_device
+from dsmoe.app.generate import eager_step, empty_cache, fused_step, greedy_generate
 from dsmoe.errors import DsmoeError
-from dsmoe.runtime import (StaticDecoder, eager_step, empty_cache, fused_step, greedy_generate, resolve_device,
-                           static_length)
-from conftest import ROUTING_VARIANTS
 
 PROMPT = [1, 17, 42, 7, 99]
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dsmoe.plugins import build
+
 DTYPE_TAGS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # name: (BM rows per block, BN weight rows per CTA, threads)
 TILES = {"dec": (16, 64, 128), "pre": (64, 128, 128), "simt": (16, 16, 256)}
@@ -56,7 +58,7 @@ class MoEPlan:
 
     @property
     def gemm1_grid(self) -> tuple[int, int]:
-        BM, BN, _ = TILES[self.path]
+        _, BN, _ = TILES[self.path]
         cols = BN // 2 if self.path != "simt" else BN
         return self.max_blocks, -(-self.I // cols)
 
@@ -119,7 +121,6 @@ def moe_cuda(x: Tensor, weights: Tensor, ids: Tensor, w13: Tensor, w2: Tensor, a
              path: str | None = None, combine: str | None = None) -> Tensor:
     """CUDA ``dsmoe::moe`` (same signature as the op; ``path``/``combine`` override the choice,
     also through ``$DSMOE_MOE_PATH`` / ``$DSMOE_MOE_COMBINE``)."""
-    from dsmoe.plugins import build
 
     # 1. validate and plan (path, tiles, combine mode, workspace layout)
     plan = plan_moe(tuple(x.shape), tuple(ids.shape), tuple(w13.shape), tuple(w2.shape), x.dtype, activation,
@@ -157,7 +158,7 @@ def moe_cuda(x: Tensor, weights: Tensor, ids: Tensor, w13: Tensor, w2: Tensor, a
     if plan.combine == "reduce":
         out = buf["out"]
     else:
-        out = buf["y32"] if "y32" in buf else y
+        out = buf.get("y32", y)
         out.zero_()
     mod.launch(f"{prefix}gemm2_{tag}{cfg}_{plan.combine}", plan.gemm2_grid, (threads,), GEMM_SIG,
                (buf["act"], w2, buf["sorted_pair"], buf["block_expert"], rw, None, out, plan.K, plan.H, plan.I))

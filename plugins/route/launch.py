@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dsmoe.plugins import build
+
 SCORINGS = {"softmax": 0, "sigmoid": 1}
 TOPK_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}  # config.py resolves aliases
 SCALE_WHEN = ("always", "unnormalized")
@@ -110,7 +112,6 @@ def route_cuda(x: Tensor, w_gate: Tensor, bias: Tensor | None, scoring: str, top
                top_k: int, n_group: int, topk_group: int, norm_topk_prob: bool, scaling: float,
                scale_when: str) -> tuple[Tensor, Tensor]:
     """CUDA ``dsmoe::route`` (same signature as the op)."""
-    from dsmoe.plugins import build
 
     if x.dim() != 2 or w_gate.dim() != 2 or x.shape[1] != w_gate.shape[1]:
         raise ValueError(f"dsmoe::route: want x [T,H] and w_gate [E,H], got {tuple(x.shape)} and {tuple(w_gate.shape)}")

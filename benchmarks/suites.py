@@ -9,7 +9,7 @@
   steps with the KV cache, teacher-forced with the tokens eager chose greedily (so every backend
   gets the same inputs). Decode latency is reported per token.
 
-Each case carries the work it must do at least (:mod:`dsmoe.bench_limits`), counted from the
+Each case carries the work it must do at least (:mod:`dsmoe.bench.limits`), counted from the
 experts the eager router actually hit on that case's inputs.
 """
 
@@ -22,8 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsmoe.bench_limits import Work, model_step_work, moe_layer_work
+import dsmoe
+from dsmoe.bench.limits import Work, model_step_work, moe_layer_work
 from dsmoe.config import DeepseekConfig
+from dsmoe.ir import DecoderStep
 from dsmoe.model import DeepseekMoE, MoEGate
 
 SUITES = ("moe-layer", "model")
@@ -50,7 +52,7 @@ class Workload:
     cases: list[Case]
     shapes: dict
     dtype: torch.dtype = torch.float32
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache: dict = field(default_factory=dict)  # shared between backends (e.g. the exported program)
 
 
@@ -78,8 +80,6 @@ def random_layer(config: DeepseekConfig, seed: int = SEED) -> LayerModule:
 
 def moe_layer_workload(source: str, overrides: dict, tokens: list[int], *, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32) -> Workload:
-    import dsmoe
-
     config = dsmoe.load_config(source, overrides)
     device = torch.device(device)
     layer = dsmoe.cast_model(random_layer(config), dtype).to(device)
@@ -87,7 +87,7 @@ def moe_layer_workload(source: str, overrides: dict, tokens: list[int], *, devic
     for T in tokens:
         x = torch.randn(T, config.hidden_size, generator=torch.Generator().manual_seed(1000 + T)).to(device, dtype)
         with torch.no_grad():
-            ids, _ = layer.mlp.gate(x)
+            _, ids = layer.mlp.gate(x)
         hits = int(torch.unique(ids).numel())
         cases.append(Case(name=f"T={T}", tokens=T, run=_call_with(x),
                           work=moe_layer_work(config, T, hits, itemsize=dtype.itemsize), info={"hit_experts": hits}))
@@ -107,15 +107,12 @@ def _call_with(*args):
 
 def model_workload(source: str, overrides: dict, prefill: int, decode: int, *, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32) -> Workload:
-    import dsmoe
-    from dsmoe.ir import DecoderStep
-
     device = torch.device(device)
     model = dsmoe.load(source, overrides=overrides, dtype=dtype, seed=SEED, device=device)
     config = model.config
     step = DecoderStep(model).eval()
     hits: list[int] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: hits.append(int(torch.unique(out[0]).numel())))
+    hooks = [m.register_forward_hook(lambda _m, _i, out: hits.append(int(torch.unique(out[1]).numel())))
              for m in model.modules() if isinstance(m, MoEGate)]
     g = torch.Generator().manual_seed(SEED)
     ids = torch.randint(0, config.vocab_size, (1, prefill), generator=g).to(device)

@@ -22,9 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dsmoe.config import DeepseekConfig
-
-
-DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+from dsmoe.dtypes import tag
 
 
 @dataclass
@@ -51,19 +49,27 @@ def measure_limits(*, quick: bool = False, bandwidth_mb: int | None = None, gemm
     mb = bandwidth_mb or (256 if quick else 1024)
     n = gemm_n or (1024 if quick else 2048)
     reps = repeats or (3 if quick else 7)
+    return Limits(bandwidth_gbs=_cpu_read_bandwidth(mb, reps) / 1e9, gemm_gflops=_cpu_gemm_rate(n, reps) / 1e9,
+                  bandwidth_bytes=mb << 20, gemm_n=n)
+
+
+def _cpu_read_bandwidth(mb: int, reps: int) -> float:
+    """Bytes/s: the faster of a sum and a GEMV over ``mb`` MiB (freed on return)."""
     cols = 4096
     buf = torch.ones(mb * (1 << 20) // 4 // cols, cols, dtype=torch.float32)
     vec = torch.ones(cols)
     buf.sum()  # fault the pages in
     nbytes = buf.numel() * 4
-    bw = max(nbytes / min(_time(lambda: buf.sum()), _time(lambda: torch.mv(buf, vec))) for _ in range(reps))
-    del buf
+    return max(nbytes / min(_time(lambda: buf.sum()), _time(lambda: torch.mv(buf, vec))) for _ in range(reps))
+
+
+def _cpu_gemm_rate(n: int, reps: int) -> float:
+    """FLOP/s: the faster of an n² square and a 512×n×4n torch.mm."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     c, d = torch.randn(512, n), torch.randn(n, 4 * n)
     torch.mm(a, b), torch.mm(c, d)
-    gemm = max(max(2.0 * n ** 3 / _time(lambda: torch.mm(a, b)), 2.0 * 512 * n * 4 * n / _time(lambda: torch.mm(c, d)))
+    return max(max(2.0 * n ** 3 / _time(lambda: torch.mm(a, b)), 2.0 * 512 * n * 4 * n / _time(lambda: torch.mm(c, d)))
                for _ in range(reps))
-    return Limits(bandwidth_gbs=bw / 1e9, gemm_gflops=gemm / 1e9, bandwidth_bytes=mb << 20, gemm_n=n)
 
 
 def measure_gpu_limits(device, dtype, *, quick: bool = False, repeats: int | None = None) -> Limits:
@@ -71,19 +77,27 @@ def measure_gpu_limits(device, dtype, *, quick: bool = False, repeats: int | Non
     dev = torch.device(device)
     reps = repeats or (3 if quick else 10)
     nbytes = (1 if quick else 4) << 30
+    n = 4096 if quick else 8192
+    bandwidth = _gpu_bandwidth(dev, nbytes, reps)
+    gemm = _gpu_gemm_rate(dev, dtype, n, reps)
+    torch.cuda.empty_cache()
+    return Limits(bandwidth_gbs=bandwidth / 1e9, gemm_gflops=gemm / 1e9, bandwidth_bytes=nbytes, gemm_n=n,
+                  device=str(dev), gemm_dtype=tag(dtype))
+
+
+def _gpu_bandwidth(dev: torch.device, nbytes: int, reps: int) -> float:
+    """Bytes/s: the faster of a sum (bytes read) and a device-to-device copy (read + written)."""
     buf = torch.randn(nbytes // 4, device=dev)         # random, not zeros: see the device's METHOD.md
     dst = torch.empty(nbytes // 8, device=dev)
     src = buf[: nbytes // 8]
     read = max(nbytes / _time_cuda(lambda: buf.sum()) for _ in range(reps))
     copy = max(2 * (nbytes // 2) / _time_cuda(lambda: dst.copy_(src)) for _ in range(reps))
-    del buf, dst, src
-    n = 4096 if quick else 8192
+    return max(read, copy)
+
+
+def _gpu_gemm_rate(dev: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
-    gemm = max(2.0 * n ** 3 / _time_cuda(lambda: torch.mm(a, b)) for _ in range(reps))
-    del a, b
-    torch.cuda.empty_cache()
-    return Limits(bandwidth_gbs=max(read, copy) / 1e9, gemm_gflops=gemm / 1e9, bandwidth_bytes=nbytes, gemm_n=n,
-                  device=str(dev), gemm_dtype=DTYPE_TAGS[dtype])
+    return max(2.0 * n ** 3 / _time_cuda(lambda: torch.mm(a, b)) for _ in range(reps))
 
 
 def _time_cuda(fn, inner: int = 5) -> float:

@@ -12,8 +12,17 @@ import platform
 import re
 from pathlib import Path
 
+import matplotlib
+import numpy
+import onnx
+import onnxruntime
+import onnxscript
+import psutil
+import torch
 from rich.console import Console
 from rich.table import Table
+
+import dsmoe
 
 SCHEMA = 1
 
@@ -22,8 +31,6 @@ def machine_info(threads: int, device=None) -> dict:
     """The CPU (and, for a CUDA run, the GPU: its name then names the result files)."""
     info = _cpu_info(threads)
     if device is not None and str(device).startswith("cuda"):
-        import torch
-
         p = torch.cuda.get_device_properties(device)
         info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count,
                     cuda=torch.version.cuda, name=re.sub(r"[^a-z0-9]+", "-", p.name.lower()).strip("-"))
@@ -40,13 +47,7 @@ def _cpu_info(threads: int) -> dict:
         simd = sorted({f for f in (flags.group(1).split() if flags else []) if f in ("avx2", "avx512f", "fma", "amx_tile", "avx512_bf16")})
     except OSError:
         simd = []
-    mem = 0.0
-    try:
-        import psutil
-
-        mem = psutil.virtual_memory().total / 2**30
-    except ImportError:  # pragma: no cover
-        pass
+    mem = psutil.virtual_memory().total / 2**30
     cores = os.cpu_count() or 1
     name = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-") + f"-{cores}c"
     return {"name": name, "cpu": cpu, "cores": cores, "threads": threads, "memory_gb": round(mem, 1),
@@ -54,18 +55,8 @@ def _cpu_info(threads: int) -> dict:
 
 
 def versions() -> dict:
-    import numpy
-    import torch
-
-    import dsmoe
-
-    out = {"dsmoe": dsmoe.__version__, "torch": torch.__version__, "numpy": numpy.__version__}
-    for mod in ("onnxruntime", "onnx", "onnxscript"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except ImportError:
-            out[mod] = None
-    return out
+    return {"dsmoe": dsmoe.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__}
 
 
 def stem(doc: dict) -> str:
@@ -78,9 +69,8 @@ def write_files(doc: dict, out_dir: Path) -> list[Path]:
     paths = [base.with_suffix(".json"), base.with_suffix(".md")]
     paths[0].write_text(json.dumps(doc, indent=2, default=str) + "\n")
     paths[1].write_text(markdown(doc))
-    png = base.with_suffix(".png")
-    if plot(doc, png):
-        paths.append(png)
+    paths.append(base.with_suffix(".png"))
+    plot(doc, paths[-1])
     return paths
 
 
@@ -171,11 +161,13 @@ def markdown(doc: dict) -> str:
     for g in doc["goals"]:
         mark = {True: "met", False: "**missed**", None: "not measured"}[g["met"]]
         lines.append(f"- {g['goal']}: {mark} — {g['detail']}")
-    lines += ["", "## Work per case", "", "| case | bytes touched | FLOPs | memory floor | compute floor | hits |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Work per case", "", "| case | bytes touched | FLOPs | memory floor | compute floor | hits |",
+              "|---|---|---|---|---|---|"]
     for c in doc["cases"]:
         f = c["floor"]
         lines.append(f"| {c['case']} | {c['work']['bytes'] / 1e6:.1f} MB | {c['work']['flops'] / 1e9:.2f} G | "
-                     f"{_ms(f['memory_s'])} | {_ms(f['compute_s'])} | {c['info'].get('hit_experts', c['info'].get('hit_experts_mean', ''))} |")
+                     f"{_ms(f['memory_s'])} | {_ms(f['compute_s'])} | "
+                     f"{c['info'].get('hit_experts', c['info'].get('hit_experts_mean', ''))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -193,14 +185,9 @@ def _limits_line(lim: dict) -> str:
 
 # ---- plot -----------------------------------------------------------------------------------
 
-def plot(doc: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
-        return False
+def plot(doc: dict, path: Path) -> None:
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after choosing the Agg backend (no display here)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = list(doc["backends"])
     cases = doc["cases"]
@@ -233,4 +220,3 @@ def plot(doc: dict, path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True

@@ -1,7 +1,7 @@
 """The ``dsmoe`` and ``dsmoe-export`` commands: thin click wrappers over library functions.
 
 Errors a user can cause (:class:`dsmoe.errors.DsmoeError`) print one line on stderr and exit
-with code 2 (verification failures: 1); ``--debug`` shows the traceback instead.
+with code 2 (verification failures: 1); ``--debug`` (on both entry points) shows the traceback.
 """
 
 from __future__ import annotations
@@ -15,11 +15,20 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from dsmoe import init_model, load_config
+from dsmoe.app.generate import run_generate
+from dsmoe.app.inspection import run_inspect
+from dsmoe.architecture import architecture
+from dsmoe.bench import SUITES, run_bench
+from dsmoe.checkpoint import save_checkpoint
+from dsmoe.config import DeepseekConfig, parse_overrides
+from dsmoe.dtypes import parse_dtype
 from dsmoe.errors import DsmoeError
+from dsmoe.export import export_model
 
 out = Console()
 err = Console(stderr=True)
-SOURCE_HELP = "a checkpoint directory (config.json + *.safetensors) or preset:NAME (random weights)"
+_state = {"debug": False}  # set by --debug; read when an error reaches the entry point
 
 
 @contextmanager
@@ -30,22 +39,26 @@ def stage(text: str):
 
 
 def _overrides(items):
-    from dsmoe.config import parse_overrides
-
     return parse_overrides(items)
 
 
+def _set_debug(ctx, param, value):
+    if value:
+        _state["debug"] = True
+    return value
+
+
+debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                            help="show tracebacks for errors")
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                           help="override a config field (repeatable), e.g. --set num_hidden_layers=2")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="show tracebacks for errors")
+@debug_option
 @click.version_option(package_name="dsmoe")
-@click.pass_context
-def cli(ctx, debug):
+def cli():
     """dsmoe: compile DeepSeek-style MoE models to fused graphs, ONNX Runtime and TensorRT."""
-    ctx.obj = {"debug": debug}
 
 
 @cli.command()
@@ -57,10 +70,6 @@ def cli(ctx, debug):
 @click.option("--force", is_flag=True, help="replace OUT_DIR if it exists")
 def init(out_dir, preset, overrides, seed, dtype, force):
     """Write a random-weight checkpoint (HF layout) for a preset."""
-    from dsmoe import init_model
-    from dsmoe.checkpoint import parse_dtype, save_checkpoint
-    from dsmoe.config import DeepseekConfig
-
     config = DeepseekConfig.from_name(preset, **_overrides(overrides))
     tdtype = parse_dtype(dtype)
     if out_dir.exists() and not force:
@@ -78,9 +87,6 @@ def init(out_dir, preset, overrides, seed, dtype, force):
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def info(source, overrides, as_json):
     """Print the architecture: layers, experts, parameters total/active per token, bytes."""
-    from dsmoe import load_config
-    from dsmoe.runtime import architecture
-
     config = load_config(source, _overrides(overrides))
     a = architecture(config)
     if as_json:
@@ -118,8 +124,6 @@ def info(source, overrides, as_json):
 def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, device, cuda_graph,
              overrides, as_json):
     """Greedy decoding with the KV cache (eager, fused graph, or an exported model in ORT)."""
-    from dsmoe.generate import run_generate
-
     ids, text = run_generate(source=source, prompt_ids=prompt_ids, prompt=prompt, max_new_tokens=max_new_tokens,
                              backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts,
                              overrides=_overrides(overrides), device=device, cuda_graph=cuda_graph)
@@ -139,8 +143,6 @@ def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_sh
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def inspect(source, dump_after, fold_shared_experts, no_verify, dtype, overrides, as_json):
     """Capture the model, run the passes with verification, print what each pass did."""
-    from dsmoe.inspection import run_inspect
-
     doc = run_inspect(source=source, dump_after=dump_after, fold_shared_experts=fold_shared_experts,
                       verify=not no_verify, dtype=dtype, overrides=_overrides(overrides),
                       dump=lambda text: click.echo(text, err=as_json), status=stage)
@@ -156,9 +158,7 @@ def inspect(source, dump_after, fold_shared_experts, no_verify, dtype, overrides
         t.add_row(p["name"], str(p["rewrites"]), f"{p['nodes_before']} → {p['nodes_after']}",
                   f"{p['param_bytes'] / 1e6:.1f}", e, f"{p['seconds']:.2f}")
     out.print(t)
-    for p in doc["passes"]:
-        for reason in p["skipped"]:
-            out.print(f"[yellow]{p['name']} left alone[/yellow] {reason}")
+    _print_skipped(doc["passes"], out)
     h = Table(title="final op histogram (top 12 + dsmoe ops)")
     h.add_column("op")
     h.add_column("count", justify="right")
@@ -166,6 +166,13 @@ def inspect(source, dump_after, fold_shared_experts, no_verify, dtype, overrides
         if i < 12 or op.startswith("dsmoe::"):
             h.add_row(op, str(n))
     out.print(h)
+
+
+def _print_skipped(passes: list[dict], console: Console) -> None:
+    """The regions a pass left alone, with the reason (``inspect`` and ``export`` both show them)."""
+    for p in passes:
+        for reason in p["skipped"]:
+            console.print(f"[yellow]{p['name']} left alone[/yellow] {reason}")
 
 
 def _export_options(f):
@@ -177,6 +184,7 @@ def _export_options(f):
         click.option("--verify", is_flag=True, help="compare ONNX Runtime with eager; exit 1 beyond tolerance"),
         click.option("--force", is_flag=True, help="replace --out if it exists"),
         set_option,
+        debug_option,
     ]):
         f = opt(f)
     return f
@@ -184,8 +192,6 @@ def _export_options(f):
 
 def _export(source, out_dir, target, dtype, verify, force, overrides):
     """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime."""
-    from dsmoe.export import export_model
-
     current = {"s": None}
 
     def progress(name: str) -> None:
@@ -201,6 +207,7 @@ def _export(source, out_dir, target, dtype, verify, force, overrides):
     finally:
         if current["s"] is not None:
             current["s"].__exit__(None, None, None)
+    _print_skipped(report["passes"], err)
     v = report.get("verification")
     err.print(f"wrote {out_dir} (target {target}, {dtype})" + (f"; verified: {v.get('summary', v)}" if v else ""))
 
@@ -210,7 +217,7 @@ export_cmd = click.command("dsmoe-export")(_export_options(_export))  # its own 
 
 
 @cli.command()
-@click.option("--suite", type=click.Choice(["moe-layer", "model", "all"]), default="all", show_default=True)
+@click.option("--suite", type=click.Choice([*SUITES, "all"]), default="all", show_default=True)
 @click.option("--backend", "backends", multiple=True, help="restrict to these backends (repeatable)")
 @click.option("--quick", is_flag=True, help="fewer sizes and iterations (< 2 minutes)")
 @click.option("--out", "out_dir", default="benchmarks/results", show_default=True, type=click.Path(path_type=Path))
@@ -221,23 +228,19 @@ export_cmd = click.command("dsmoe-export")(_export_options(_export))  # its own 
 @set_option
 def bench(suite, backends, quick, out_dir, threads, preset, device, dtype, overrides):
     """Benchmark eager vs fused vs ONNX Runtime (and the CUDA kernels) against this machine's limits."""
-    from dsmoe.bench import run_bench
-
-    suites = ["moe-layer", "model"] if suite == "all" else [suite]
+    suites = list(SUITES) if suite == "all" else [suite]
     run_bench(suites=suites, backends=list(backends) or None, quick=quick, out_dir=str(out_dir), threads=threads,
               preset=preset, overrides=_overrides(overrides) or None, progress=lambda s: err.print(f"[dim]· {s}[/dim]"),
               device=device, dtype=dtype)
 
 
 def _arch_line(config) -> str:
-    from dsmoe.runtime import architecture
-
     a = architecture(config)
     return f"{a.params_total / 1e6:,.0f}M parameters"
 
 
 def _run(command: click.Command, argv=None) -> None:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    _state["debug"] = False
     try:
         command.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:
@@ -247,12 +250,12 @@ def _run(command: click.Command, argv=None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except DsmoeError as e:
-        if debug:
+        if _state["debug"]:
             raise
         click.echo(f"error: {e}", err=True)
         sys.exit(getattr(e, "exit_code", 2))
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        if debug:
+        if _state["debug"]:
             raise
         click.echo(f"error: {e.strerror or e}: {e.filename}", err=True)
         sys.exit(2)

@@ -10,7 +10,10 @@ reported as skipped, never silently left out.
 
 from __future__ import annotations
 
+import copy
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,11 +22,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
+import onnxruntime as ort
 import torch
 from torch.export import Dim
 
-from dsmoe.bench_suites import Workload
+from dsmoe.app.cuda_graphs import CudaGraphed, StaticDecoder, static_length
+from dsmoe.app.device import require_cuda_kernels
+from dsmoe.bench.suites import Workload
+from dsmoe.contract import STACKED_W2, STACKED_W13, experts_path
 from dsmoe.errors import DsmoeError
+from dsmoe.export import MODEL_FILE, OrtDecoder, export_module, lower, session
+from dsmoe.export import op_histogram as onnx_op_histogram
+from dsmoe.ir import capture, op_histogram, unlift
+from dsmoe.ops import MOE, ROUTE, moe_reference, route_reference
+from dsmoe.passes.context import PassContext
+from dsmoe.passes.pipeline import run_pipeline
+from dsmoe.plugins import grouped_mm_available, grouped_mm_moe
 
 
 class Unsupported(Exception):
@@ -68,8 +83,6 @@ def _prepare_eager(w: Workload, threads: int) -> Prepared:
 def fused_graph(w: Workload) -> tuple[torch.fx.GraphModule, dict]:
     """Capture the workload's subject and run the pass pipeline; returns the graph and the
     per-pass rewrite counts (regions a pass skipped are listed with the reason)."""
-    from dsmoe.ir import capture, op_histogram, unlift
-
     with torch.no_grad():
         if w.suite == "moe-layer":
             # the export is cached on the workload; each backend unlifts its own graph from it
@@ -98,10 +111,10 @@ def share_expert_weights(model: torch.nn.Module, gm: torch.fx.GraphModule) -> No
     root = gm.lm if hasattr(gm, "lm") else gm
     for i, layer in enumerate(model.model.layers):
         try:
-            experts = root.get_submodule(f"model.layers.{i}.mlp.experts")
+            experts = root.get_submodule(experts_path(i))
         except AttributeError:
             continue
-        w13, w2 = getattr(experts, "w13", None), getattr(experts, "w2", None)
+        w13, w2 = getattr(experts, STACKED_W13, None), getattr(experts, STACKED_W2, None)
         if w13 is None or w2 is None:
             continue
         I = w2.shape[2]
@@ -112,9 +125,6 @@ def share_expert_weights(model: torch.nn.Module, gm: torch.fx.GraphModule) -> No
 
 
 def _run_passes(gm) -> dict:
-    from dsmoe.passes.context import PassContext
-    from dsmoe.passes.pipeline import run_pipeline
-
     _, reports = run_pipeline(gm, PassContext())
     return {r.name: {"rewrites": r.rewrites, "skipped": list(r.skipped)} for r in reports}
 
@@ -128,20 +138,16 @@ def cached_fused_graph(w: Workload) -> tuple[torch.fx.GraphModule, dict]:
 
 def _prepare_fused(w: Workload, threads: int) -> Prepared:
     """The fused graph with the ops' default (torch) implementations, on the workload's device."""
-    from dsmoe.ops import MOE, ROUTE, moe_cpu, route_reference
-
     gm, notes = cached_fused_graph(w)
     if w.device.type == "cpu":
         return Prepared(gm, dict(notes))
     # on a GPU the ops would dispatch to the registered CUDA kernels (backend `cuda`)
-    return Prepared(graph_with(gm, {ROUTE: route_reference, MOE: moe_cpu}),
+    return Prepared(graph_with(gm, {ROUTE: route_reference, MOE: moe_reference}),
                     {**notes, "what": "fused graph, dsmoe ops' torch implementations (one host sync per MoE)"})
 
 
 def graph_with(gm: torch.fx.GraphModule, targets: dict) -> torch.fx.GraphModule:
     """A GraphModule sharing ``gm``'s parameters whose call targets are replaced per ``targets``."""
-    import copy
-
     with warnings.catch_warnings():  # deepcopy of a graph warns about pytree internals
         warnings.simplefilter("ignore", FutureWarning)
         graph = copy.deepcopy(gm.graph)
@@ -154,15 +160,11 @@ def graph_with(gm: torch.fx.GraphModule, targets: dict) -> torch.fx.GraphModule:
 # ---- grouped_mm: the fused graph with dsmoe::moe on torch._grouped_mm ---------------------
 
 def _grouped_mm_available() -> tuple[bool, str]:
-    from dsmoe.plugins import grouped_mm_available
-
     ok = grouped_mm_available()
     return ok, "" if ok else f"torch {torch.__version__} has no torch._grouped_mm"
 
 
 def _grouped_moe(x, weights, ids, w13, w2, activation):
-    from dsmoe.plugins import grouped_mm_moe
-
     if activation != "silu":
         raise Unsupported(f"grouped_mm baseline supports silu only, got {activation!r}")
     return grouped_mm_moe(x, weights, ids, w13, w2)
@@ -172,9 +174,7 @@ def _prepare_grouped_mm(w: Workload, threads: int) -> Prepared:
     """The fused graph (shared parameters, its own graph copy) with every ``dsmoe::moe`` node
     calling PyTorch's grouped GEMM instead: the path transformers takes, as a baseline. The router
     is the torch implementation, so this backend uses none of dsmoe's kernels."""
-    from dsmoe.ops import MOE, ROUTE, route_reference
-
-    gm, notes = cached_fused_graph(w)
+    gm, _ = cached_fused_graph(w)
     return Prepared(graph_with(gm, {MOE: _grouped_moe, ROUTE: route_reference}),
                     {"what": "fused graph, dsmoe::moe → torch._grouped_mm, router in torch ops"})
 
@@ -182,8 +182,6 @@ def _prepare_grouped_mm(w: Workload, threads: int) -> Prepared:
 # ---- cuda: the fused graph with the plugins' CUDA kernels -------------------------------------
 
 def _cuda_available() -> tuple[bool, str]:
-    from dsmoe.runtime import require_cuda_kernels
-
     if not torch.cuda.is_available():
         return False, f"no CUDA device (torch {torch.__version__})"
     try:
@@ -206,10 +204,9 @@ def _prepare_cuda(w: Workload, threads: int) -> Prepared:
 
 def _prepare_cuda_graph(w: Workload, threads: int) -> Prepared:
     """The ``cuda`` backend's graph replayed from CUDA graphs: the layer, one graph per T
-    (:class:`dsmoe.runtime.CudaGraphed`); the model, behind :class:`dsmoe.runtime.StaticDecoder`
-    (decode steps replay one graph over a static KV cache sized to the case; prefill runs as is)."""
-    from dsmoe.runtime import CudaGraphed, StaticDecoder, static_length
-
+    (:class:`dsmoe.app.cuda_graphs.CudaGraphed`); the model, behind
+    :class:`dsmoe.app.cuda_graphs.StaticDecoder` (decode steps replay one graph over a static KV
+    cache sized to the case; prefill runs as is)."""
     _need_cuda_workload(w)
     gm, notes = cached_fused_graph(w)
     if w.suite == "moe-layer":
@@ -222,42 +219,16 @@ def _prepare_cuda_graph(w: Workload, threads: int) -> Prepared:
 
 # ---- ONNX Runtime ---------------------------------------------------------------------------
 
-def _ort_available() -> tuple[bool, str]:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as e:
-        return False, f"onnxruntime not importable ({e})"
-    return True, ""
-
-
 def _ort_cuda_available() -> tuple[bool, str]:
-    ok, why = _ort_available()
-    if not ok:
-        return ok, why
-    import onnxruntime as ort
-
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False, "onnxruntime has no CUDAExecutionProvider here"
     return True, ""
 
 
-def _session(path: Path, threads: int, provider: str):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=[provider])
-
-
 def layer_onnx(w: Workload, path: Path) -> dict:
-    """The single-layer ONNX model: fused IR → ``dsmoe.export.lower(target="ort")`` →
-    ``torch.onnx.export(dynamo=True)`` with a dynamic token axis (external data)."""
-    import copy
-
-    from dsmoe.export.lower import lower
-
+    """The single-layer ONNX model, made the way ``dsmoe-export`` makes a model: fused IR →
+    :func:`dsmoe.export.lower` (target ``ort``) → :func:`dsmoe.export.export_module` (the same
+    opset, exporter options, ORT fusions and checks), with a dynamic token axis."""
     fused, notes = cached_fused_graph(w)
     with warnings.catch_warnings():  # deepcopy of a GraphModule warns about pytree internals
         warnings.simplefilter("ignore", FutureWarning)
@@ -265,13 +236,9 @@ def layer_onnx(w: Workload, path: Path) -> dict:
     report = lower(gm, target="ort")
     notes["lowered"] = {op: dict(v) for op, v in report.lowered.items()}
     x = torch.randn(3, w.config.hidden_size)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(_Flat(gm), (x,), dynamo=True, dynamic_shapes=({0: Dim("T", min=1, max=1 << 16)},),
-                                 input_names=["x"], output_names=["y"], opset_version=20, optimize=True,
-                                 verbose=False, report=False)
-    prog.save(str(path), external_data=True)
-    del prog, gm
+    export_module(_Flat(gm), (x,), path, dynamic_shapes=({0: Dim("T", min=1, max=1 << 16)},), input_names=["x"],
+                  output_names=["y"], ort_fusions=True)
+    del gm
     return notes
 
 
@@ -291,22 +258,20 @@ def _scratch() -> Path:
 
 
 def _prepare_ort(w: Workload, threads: int, provider: str = "CPUExecutionProvider") -> Prepared:
-    import shutil
-
     if w.device.type != "cpu":
         raise Unsupported(f"ONNX Runtime backends take the CPU workload (this one is on {w.device})")
+    if w.suite == "model" and provider != "CPUExecutionProvider":
+        raise Unsupported(f"the model suite runs ORT through dsmoe.export.OrtDecoder (CPU); {provider} not wired")
     tmp = _scratch()
     try:
         if w.suite == "moe-layer":
             notes = layer_onnx(w, tmp / "layer.onnx")
-            sess = _session(tmp / "layer.onnx", threads, provider)
+            sess = session(tmp / "layer.onnx", threads=threads, providers=[provider])
             notes["onnx_ops"] = _onnx_ops(tmp / "layer.onnx")
             fn = lambda x: torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])  # noqa: E731
-        elif provider == "CPUExecutionProvider":
-            fn, notes = _ort_decoder(w, tmp, threads)
         else:
-            raise Unsupported(f"the model suite runs ORT through dsmoe.export.OrtDecoder (CPU); {provider} not wired")
-    except Unsupported:
+            fn, notes = _ort_decoder(w, tmp, threads)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     notes.update(threads=threads, provider=provider)
@@ -314,32 +279,27 @@ def _prepare_ort(w: Workload, threads: int, provider: str = "CPUExecutionProvide
 
 
 def _onnx_ops(path: Path) -> dict[str, int]:
-    import onnx
+    return onnx_op_histogram(onnx.load(str(path), load_external_data=False))
 
-    from dsmoe.export.onnx_writer import op_histogram
 
-    return op_histogram(onnx.load(str(path), load_external_data=False))
+class ExportFailed(RuntimeError):
+    """``dsmoe-export`` of the workload failed: the backend is reported as failed, with its message."""
 
 
 def _ort_decoder(w: Workload, tmp: Path, threads: int):
-    """The whole model through ``dsmoe.export`` (run in a child process so that its peak memory
-    is returned before timing), then ``dsmoe.export.OrtDecoder``."""
-    try:
-        from dsmoe.export import OrtDecoder, export_model  # noqa: F401
-    except ImportError as e:
-        raise Unsupported(f"dsmoe.export.export_model/OrtDecoder not available ({e})") from None
+    """The whole model through ``dsmoe-export`` — the product's own command, in a child process so
+    that its peak memory is returned before timing — then :class:`dsmoe.export.OrtDecoder`."""
     out = tmp / "model-ort"
-    code = ("import sys, json; from dsmoe.export import export_model; "
-            "export_model(sys.argv[1], out=sys.argv[2], target='ort', dtype='fp32', overrides=json.loads(sys.argv[3]))")
-    import json
-
-    proc = subprocess.run([sys.executable, "-c", code, w.source, str(out), json.dumps(w.overrides)],
+    argv = [w.source, "--out", str(out), "--target", "ort", "--dtype", "fp32"]
+    for k, v in (w.overrides or {}).items():
+        argv += ["--set", f"{k}={json.dumps(v)}"]
+    proc = subprocess.run([sys.executable, "-c", "from dsmoe.app.cli import export_main; export_main()", *argv],
                           capture_output=True, text=True)
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-        raise Unsupported(f"dsmoe.export.export_model failed: {tail[0]}")
+        raise ExportFailed(f"dsmoe-export exited {proc.returncode}: {tail[0]}")
     dec = OrtDecoder(out, threads=threads)
-    return dec, {"onnx_ops": _onnx_ops(out / "model.onnx")} if (out / "model.onnx").is_file() else {}
+    return dec, {"onnx_ops": _onnx_ops(out / MODEL_FILE)}
 
 
 # ---- the registry ---------------------------------------------------------------------------
@@ -351,6 +311,6 @@ register(Backend("grouped_mm", "fused graph with MoE on torch._grouped_mm (trans
 register(Backend("cuda", "fused graph, dsmoe CUDA kernels (plugins/)", _cuda_available, _prepare_cuda))
 register(Backend("cuda-graph", "cuda backend, decode step replayed from a CUDA graph", _cuda_available,
                  _prepare_cuda_graph))
-register(Backend("ort", "ONNX Runtime CPU EP (com.microsoft.MoE), threads = cores", _ort_available, _prepare_ort))
+register(Backend("ort", "ONNX Runtime CPU EP (com.microsoft.MoE), threads = cores", _always, _prepare_ort))
 register(Backend("ort-cuda", "ONNX Runtime CUDA EP", _ort_cuda_available,
                  lambda w, t: _prepare_ort(w, t, "CUDAExecutionProvider")))

@@ -1,4 +1,4 @@
-"""Small FX helpers shared by the passes: scopes, attributes, metadata, region removal."""
+"""Small FX helpers shared by the passes and the lowerings: scopes, attributes, metadata, region removal."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from dsmoe.ir import module_class, module_path
+from dsmoe.ir import CAPTURE_PREFIX, module_path
 
 aten = torch.ops.aten
 # Nodes that only check or describe values: they die with the values they talk about.
@@ -27,7 +27,7 @@ def modules_of_class(gm: GraphModule, cls_name: str) -> list[str]:
         for path, cls in (n.meta.get("nn_module_stack") or {}).values():
             name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
             if name.split(".")[-1] == cls_name:
-                seen.setdefault(path.removeprefix("lm."), None)
+                seen.setdefault(path.removeprefix(CAPTURE_PREFIX), None)
     return list(seen)
 
 
@@ -67,16 +67,27 @@ def attr(gm: GraphModule, node: Node) -> torch.Tensor:
 
 def attr_owner_path(node: Node) -> str:
     """``lm.model.layers.1.mlp.gate.weight`` → ``model.layers.1.mlp.gate``."""
-    return node.target.removeprefix("lm.").rsplit(".", 1)[0]
+    return node.target.removeprefix(CAPTURE_PREFIX).rsplit(".", 1)[0]
 
 
 def add_param(gm: GraphModule, owner: str, name: str, value: torch.Tensor, *, before: Node) -> Node:
-    """Register ``value`` as parameter ``name`` of submodule ``lm.<owner>`` and return its get_attr."""
-    target_owner = f"lm.{owner}" if hasattr(gm, "lm") else owner
+    """Register ``value`` as parameter ``name`` of submodule ``<owner>`` (under the capture's
+    ``lm.`` when the graph is a captured decoder) and return its get_attr."""
+    root = CAPTURE_PREFIX.rstrip(".")
+    target_owner = f"{CAPTURE_PREFIX}{owner}" if hasattr(gm, root) else owner
     mod = gm.get_submodule(target_owner)
     mod.register_parameter(name, nn.Parameter(value.detach(), requires_grad=False))
     with gm.graph.inserting_before(before):
         return gm.graph.get_attr(f"{target_owner}.{name}")
+
+
+def add_buffer_beside(gm: GraphModule, like: Node, name: str, value: torch.Tensor) -> Node:
+    """Register ``value`` as buffer ``name`` of the module owning get_attr ``like``; return its
+    get_attr (inserted before ``like``). Lowerings use it for re-laid-out copies of weights."""
+    owner = like.target.rsplit(".", 1)[0]
+    gm.get_submodule(owner).register_buffer(name, value.detach(), persistent=True)
+    with gm.graph.inserting_before(like):
+        return gm.graph.get_attr(f"{owner}.{name}")
 
 
 def fake_val(target, *args, **kwargs):
@@ -148,19 +159,19 @@ def cleanup(gm: GraphModule) -> None:
         for n in lone:
             gm.graph.erase_node(n)
         changed = bool(lone)
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if name not in used:
-            owner, _, leaf = name.rpartition(".")
-            mod = gm.get_submodule(owner) if owner else gm
-            if leaf in mod._parameters:
-                del mod._parameters[leaf]
-            elif leaf in mod._buffers:
-                del mod._buffers[leaf]
+    drop_unused_attrs(gm)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
 
 
-def describe(node: Node) -> str:
-    return f"{module_path(node) or '<top>'} ({module_class(node) or '?'})"
+def drop_unused_attrs(gm: GraphModule) -> None:
+    """Delete the parameters and buffers no get_attr node reads (so rewritten weights are not kept twice)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name not in used:
+            owner, _, leaf = name.rpartition(".")
+            mod = gm.get_submodule(owner) if owner else gm
+            mod._parameters.pop(leaf, None)
+            mod._buffers.pop(leaf, None)
+

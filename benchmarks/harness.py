@@ -6,9 +6,9 @@ reason), check each backend's output against eager on every case (a wrong backen
 timed), then time case by case with the backends interleaved, so that ratios come from the same
 minutes of a possibly busy machine. Results go to ``<out_dir>/<machine>-<suite>.{json,md,png}``.
 
-Pieces: :mod:`dsmoe.bench_suites` (what is measured), :mod:`dsmoe.bench_backends` (the
-registry), :mod:`dsmoe.bench_timing` (method, cross-check), :mod:`dsmoe.bench_limits`
-(bandwidth, GEMM rate, floors), :mod:`dsmoe.bench_report` (table and files).
+Pieces: :mod:`dsmoe.bench.suites` (what is measured), :mod:`dsmoe.bench.backends` (the
+registry), :mod:`dsmoe.bench.timing` (method, cross-check), :mod:`dsmoe.bench.limits`
+(bandwidth, GEMM rate, floors), :mod:`dsmoe.bench.report` (table and files).
 """
 
 from __future__ import annotations
@@ -23,18 +23,17 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from dsmoe.bench_backends import REGISTRY, Unsupported
-from dsmoe.bench_limits import DTYPE_TAGS, Limits, floor_s, measure_gpu_limits, measure_limits
-from dsmoe.bench_report import SCHEMA, machine_info, print_table, versions, write_files
-from dsmoe.bench_suites import SEED, SUITES, Workload, model_workload, moe_layer_workload
-from dsmoe.bench_timing import FULL, GPU_FULL, GPU_QUICK, QUICK, Method, cross_check, measure
+from dsmoe.app.device import resolve_device
+from dsmoe.bench.backends import REGISTRY, Unsupported
+from dsmoe.bench.limits import Limits, floor_s, measure_gpu_limits, measure_limits
+from dsmoe.bench.report import SCHEMA, machine_info, print_table, versions, write_files
+from dsmoe.bench.suites import SEED, SUITES, Workload, model_workload, moe_layer_workload
+from dsmoe.bench.timing import FULL, GPU_FULL, GPU_QUICK, QUICK, Method, cross_check, measure
+from dsmoe.dtypes import BENCH_RTOL, parse_dtype, tag
 from dsmoe.errors import DsmoeError
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_BACKENDS = ("eager", "fused", "grouped_mm", "cuda", "cuda-graph", "ort", "ort-cuda")
-# cross-check against eager: max|out − ref| ≤ rtol · max|ref| (16-bit runs differ from eager in
-# rounding order; the model suite compounds it over 28 layers)
-CHECK_RTOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 # What each suite measures, full and quick. `model` quick uses the `tiny` preset (a smoke run of
 # every backend): the 16B-wide model's setup alone (init, capture, ONNX export of 4.4 GB) takes
@@ -73,8 +72,6 @@ def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None 
     workloads on the GPU (default dtype bf16; sizes, timing and limits for a GPU). Unknown suite or
     backend names raise :class:`DsmoeError`.
     """
-    from dsmoe.runtime import resolve_device
-
     dev = resolve_device(device)
     tdtype = _dtype(dtype, dev)
     suites = list(suites)
@@ -110,14 +107,15 @@ def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None 
     return result
 
 
-def _dtype(name: str | None, dev: torch.device) -> torch.dtype:
-    from dsmoe.checkpoint import parse_dtype
+CPU = torch.device("cpu")
 
+
+def _dtype(name: str | None, dev: torch.device) -> torch.dtype:
     return parse_dtype(name, default="bfloat16" if dev.type == "cuda" else "float32")
 
 
 def _run_suite(suite, backends, quick, threads, meth, say, preset, overrides, tokens, limits,
-               dev=torch.device("cpu"), dtype=torch.float32) -> dict:
+               dev: torch.device = CPU, dtype=torch.float32) -> dict:
     size = dict(SIZES[(suite, quick, "cuda") if dev.type == "cuda" else (suite, quick)])
     if preset:
         size["source"] = f"preset:{preset}"
@@ -132,7 +130,7 @@ def _run_suite(suite, backends, quick, threads, meth, say, preset, overrides, to
     else:
         lim = limits
     say(f"[{suite}] building the workload ({size['source']}, {size['overrides'] or 'no overrides'}, "
-        f"{DTYPE_TAGS[dtype]} on {dev})")
+        f"{tag(dtype)} on {dev})")
     t = time.perf_counter()
     if suite == "moe-layer":
         w = moe_layer_workload(size["source"], size["overrides"], size["tokens"], device=dev, dtype=dtype)
@@ -145,8 +143,8 @@ def _run_suite(suite, backends, quick, threads, meth, say, preset, overrides, to
         if p.cleanup:
             p.cleanup()
     doc = {"schema": SCHEMA, "suite": suite, "quick": quick,
-           "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-           "versions": versions(), "dtype": DTYPE_TAGS[dtype], "device": str(dev), "seed": SEED, "shapes": w.shapes,
+           "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+           "versions": versions(), "dtype": tag(dtype), "device": str(dev), "seed": SEED, "shapes": w.shapes,
            "method": meth.as_dict(),
            "limits": lim.as_dict(), "backends": binfo, "cases": cases,
            "load": {"start": load_start, "end": os.getloadavg()[0]}}
@@ -190,7 +188,7 @@ def _run_case(w: Workload, case, prepared, binfo, meth: Method, lim: Limits, say
            "work": {"bytes": case.work.bytes, "flops": case.work.flops}, "floor": fl, "results": {}}
     with torch.inference_mode():
         ref = case.run(prepared["eager"].fn)
-    rtol = CHECK_RTOL[w.dtype]
+    rtol = BENCH_RTOL[w.dtype]  # max|out − ref| ≤ rtol · max|ref|
     res = out["results"]
     for name in binfo:
         if name not in prepared:
@@ -207,8 +205,7 @@ def _run_case(w: Workload, case, prepared, binfo, meth: Method, lim: Limits, say
             say(f"[{w.suite}] {case.name} {name}: output mismatch vs eager, not timed ({chk.detail})")
             continue
         say(f"[{w.suite}] {case.name} {name}: timing")
-        fn = prepared[name].fn
-        t = measure(lambda: case.run(fn), meth, w.device)
+        t = measure(lambda fn=prepared[name].fn: case.run(fn), meth, w.device)
         lat = t.median_s / case.per
         res[name] = {"status": "ok", "check": chk.as_dict(), "timing": t.as_dict(), "latency_s": lat,
                      "floor_fraction": fl["floor_s"] / lat}

@@ -5,7 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 
+import dsmoe
 from dsmoe.errors import DsmoeError
+from dsmoe.ir import summary, timed_capture
+from dsmoe.passes.context import PassContext
+from dsmoe.passes.pipeline import PASSES, report_json, run_pipeline
 
 
 def run_inspect(*, source: str, dump_after: str | None = None, fold_shared_experts: bool = False, verify: bool = True,
@@ -13,11 +17,6 @@ def run_inspect(*, source: str, dump_after: str | None = None, fold_shared_exper
                 status: Callable = lambda text: nullcontext()) -> dict:
     """Returns ``{"passes": [...], "ops": {...}, "captured_nodes", "captured_param_bytes",
     "captured_nodes_per_layer", "capture_seconds"}``."""
-    import dsmoe
-    from dsmoe.ir import summary, timed_capture
-    from dsmoe.passes.context import PassContext
-    from dsmoe.passes.pipeline import PASSES, report_json, run_pipeline
-
     names = [n for n, _ in PASSES]
     if dump_after is not None and dump_after not in names:
         raise DsmoeError(f"unknown pass {dump_after!r} for --dump-after (passes: {', '.join(names)})")
