@@ -102,14 +102,15 @@ def _install_cpu_dispatch() -> None:
     import torch
 
     from dsmoe import ops
-    from dsmoe.plugins.moe.launch import moe_triton
-    from dsmoe.plugins.route.launch import route_triton
+    from dsmoe.plugins.moe import launch as moe_launch
+    from dsmoe.plugins.route import launch as route_launch
 
     def route(*args, **kwargs):
-        return (route_triton if _cpu_impl.get() == "interpret" else ops.route_reference)(*args, **kwargs)
+        fn = route_launch.route_triton if _cpu_impl.get() == "interpret" else ops.route_reference
+        return fn(*args, **kwargs)
 
     def moe(*args, **kwargs):
-        return (moe_triton if _cpu_impl.get() == "interpret" else ops.moe_cpu)(*args, **kwargs)
+        return (moe_launch.moe_triton if _cpu_impl.get() == "interpret" else ops.moe_cpu)(*args, **kwargs)
 
     torch.library.register_kernel("dsmoe::route", "cpu", route)
     torch.library.register_kernel("dsmoe::moe", "cpu", moe)

@@ -31,6 +31,13 @@ ALIGN = 16  # bytes: every pointer, and H and I as element counts, are assumed d
 ALIGNED_SIZES = ("H", "I")
 SCRATCH_PARAMS = ({"name": "global_scratch", "type": "*i8"}, {"name": "profile_scratch", "type": "*i8"})
 ROUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LAUNCH_NOTES = [
+    "cuModuleLoadData(cubin); cuModuleGetFunction(entry)",
+    "cuLaunchKernel(grid evaluated on T, H, E, K, I; block (threads_per_block, 1, 1); shared_bytes; params in order)",
+    "scratch parameters: pass 0 (null) when their *_scratch_bytes are 0",
+    "shared_bytes above 49152: cuFuncSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES) first",
+    "sizes in formulas: T tokens, H hidden, E experts, K per token, I expert width; cdiv(a, b) = ceil(a / b)",
+]
 
 
 def parse_arch(arch: str) -> int:
@@ -62,7 +69,7 @@ def build_kernels(archs=ARCHS, out_dir: str | Path = "kernels") -> dict:
         raise RuntimeError(err)
     import triton
 
-    manifest = {"format": 1, "triton": triton.__version__, "kernels": {}, "ops": {}}
+    manifest = {"format": 1, "triton": triton.__version__, "launch": LAUNCH_NOTES, "kernels": {}, "ops": {}}
     for arch in archs:
         cc = parse_arch(arch)
         (out / arch).mkdir(parents=True, exist_ok=True)

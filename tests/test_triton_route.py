@@ -106,14 +106,15 @@ def decisive(x, w_gate, bias, top_k, attrs, rel=2e-5):
 
 
 def check_route(got, ref, x, w_gate, bias, top_k, attrs):
-    (gw, gi), (rw, ri) = got, ref
+    (gw, gi), (rw, ri) = (t.cpu() for t in got), (t.cpu() for t in ref)
+    x, w_gate, bias = (None if t is None else t.cpu() for t in (x, w_gate, bias))
     T = x.shape[0]
     assert gw.dtype == torch.float32 and gi.dtype == torch.int32
     assert gw.shape == gi.shape == (T, top_k)
     ok = decisive(x, w_gate, bias, top_k, attrs)
     assert ok.float().mean() >= 0.9, f"only {int(ok.sum())}/{T} decisive tokens: make the data decisive"
-    assert torch.equal(gi[ok].cpu(), ri[ok].to(torch.int32).cpu())
-    torch.testing.assert_close(gw[ok].cpu(), rw[ok].cpu(), rtol=1e-4, atol=1e-6)
+    assert torch.equal(gi[ok], ri[ok].to(torch.int32))
+    torch.testing.assert_close(gw[ok], rw[ok], rtol=1e-4, atol=1e-6)
 
 
 @interpreted
