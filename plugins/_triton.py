@@ -150,4 +150,4 @@ class Launch:
             return
         fn = getattr(module, self.kernel)
         fn[grid](*(values[n] for n, _ in self.args), **dict(self.constexprs), **extra_constexprs,
-                 num_warps=self.num_warps, num_stages=self.num_stages)
+                 num_warps=self.num_warps, num_stages=self.num_stages, enable_fp_fusion=True)

@@ -4,7 +4,10 @@ manifest is enough to launch each cubin, and Hopper's tensor-core configurations
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -134,3 +137,36 @@ def test_build_kernels_rejects_unknown_arch(tmp_path):
 
 def test_route_dtypes_are_the_launcher_dtypes():
     assert set(ROUTE_DTYPES) == set(_triton.TYPE_OF_DTYPE) == {torch.float32, torch.bfloat16, torch.float16}
+
+
+SPECIALIZED_ONES = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dsmoe.plugins import _triton
+from dsmoe.plugins.aot import kernel_param_names
+from dsmoe.plugins.moe.config import moe_config
+from dsmoe.plugins.route.config import route_config
+for op, cfg in (("route", route_config(1, 64, 1, 64, torch.bfloat16, 90)),
+                ("moe", moe_config(1, 64, 1, 64, 64, torch.bfloat16, 90))):
+    for launch in cfg.launches:
+        fn = getattr(_triton.kernels(op), launch.kernel)
+        sig = dict(zip(kernel_param_names(launch), launch.types(torch.bfloat16)))
+        cx = dict(launch.constexprs, **({"F32_DOT": False} if "F32_DOT" in fn.arg_names else {}))
+        cx.update({n: 1 for n, t in sig.items() if t == "i32"})  # as the JIT does with ints equal to 1
+        sig = {p: "constexpr" if p in cx else sig[p] for p in fn.arg_names}
+        triton.compile(ASTSource(fn, sig, cx), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": launch.num_warps, "enable_fp_fusion": True})
+        print(launch.kernel)
+"""
+
+
+def test_kernels_compile_with_sizes_specialized_to_one():
+    """The GPU's JIT turns int arguments equal to 1 (T, K, n_group...) into constexprs: the kernels
+    must compile that way too (neither the interpreter nor the AOT build does it)."""
+    if _triton.triton_error():
+        pytest.skip(_triton.triton_error())
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", SPECIALIZED_ONES], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(out.stdout.split()) == 8
