@@ -179,7 +179,7 @@ def _prepare_grouped_mm(w: Workload, threads: int) -> Prepared:
                     {"what": "fused graph, dsmoe::moe → torch._grouped_mm, router in torch ops"})
 
 
-# ---- cuda: the fused graph with the plugins' CUDA kernels -------------------------------------
+# ---- cuda: the fused graph with dsmoe's Triton kernels (plugins/) ------------------------------
 
 def _cuda_available() -> tuple[bool, str]:
     if not torch.cuda.is_available():
@@ -199,7 +199,7 @@ def _need_cuda_workload(w: Workload) -> None:
 def _prepare_cuda(w: Workload, threads: int) -> Prepared:
     _need_cuda_workload(w)
     gm, notes = cached_fused_graph(w)
-    return Prepared(gm, {**notes, "what": "fused graph, dsmoe::route / dsmoe::moe on the plugins' CUDA kernels"})
+    return Prepared(gm, {**notes, "what": "fused graph, dsmoe::route / dsmoe::moe on the Triton kernels (plugins/)"})
 
 
 def _prepare_cuda_graph(w: Workload, threads: int) -> Prepared:
@@ -308,7 +308,8 @@ register(Backend("eager", "reference PyTorch model", _always, _prepare_eager))
 register(Backend("fused", "captured IR after the pass pipeline, dsmoe CPU ops", _always, _prepare_fused))
 register(Backend("grouped_mm", "fused graph with MoE on torch._grouped_mm (transformers' grouped path)",
                  _grouped_mm_available, _prepare_grouped_mm))
-register(Backend("cuda", "fused graph, dsmoe CUDA kernels (plugins/)", _cuda_available, _prepare_cuda))
+register(Backend("cuda", "fused graph, dsmoe::route / dsmoe::moe on the Triton kernels (plugins/)", _cuda_available,
+                 _prepare_cuda))
 register(Backend("cuda-graph", "cuda backend, decode step replayed from a CUDA graph", _cuda_available,
                  _prepare_cuda_graph))
 register(Backend("ort", "ONNX Runtime CPU EP (com.microsoft.MoE), threads = cores", _always, _prepare_ort))

@@ -15,7 +15,7 @@ what=${1:-all}
 shift || true
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 DSMOE_KERNEL_CACHE=${DSMOE_KERNEL_CACHE:-/tmp/dsmoe-kernels}
+export PYTHONUNBUFFERED=1   # the machine's triton (3.6) compiles the kernels on first use
 PY=${PYTHON:-python3}
 
 SITE=$(mktemp -d /tmp/dsmoe-site.XXXX)
@@ -32,7 +32,8 @@ $PY -c "import torch, dsmoe.passes, dsmoe.plugins, dsmoe.bench, dsmoe.app.cli; p
 
 rc=0
 if [[ $what == tests || $what == all ]]; then
-  # kernels vs the CPU ops, fused generation on CUDA, CUDA-graph decode, the bench backends
+  # Triton kernels vs the CPU ops (the interpreter sweeps rerun compiled), fused generation on
+  # CUDA, CUDA-graph decode, the bench backends
   timeout 540 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py tests/test_runtime.py \
     2>&1 | tee "$OUT/gpu-tests.log" | tail -n 40
   rc=${PIPESTATUS[0]}

@@ -1,36 +1,20 @@
-"""CUDA kernels of dsmoe::route and dsmoe::moe against the CPU reference ops (GPU only)."""
+"""The Triton kernels of dsmoe::route and dsmoe::moe on a GPU against the CPU reference ops
+(GPU only): the interpreter sweeps of test_triton_route.py / test_triton_moe.py, the
+DeepSeekMoE-16B layer shapes, CUDA-graph capture, and the fused graph, decoder and bench backends
+on the Triton kernels."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from test_triton_moe import MOE_CASES, check_moe, make_moe_inputs, moe_reference
+from test_triton_route import ROUTE_CASES, check_route, make_route_inputs
 
 import dsmoe.ops  # noqa: F401
 from dsmoe import plugins
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# relative Frobenius error allowed for y against the CPU reference (which rounds its
-# intermediates to the dtype; the kernels keep fp32 until the end)
-MOE_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-VARIANTS = {
-    "v1": dict(scoring="softmax", topk_method="greedy", n_group=1, topk_group=1,
-               norm_topk_prob=False, scaling=1.0, scale_when="unnormalized"),
-    "v1_norm": dict(scoring="softmax", topk_method="greedy", n_group=1, topk_group=1,
-                    norm_topk_prob=True, scaling=1.0, scale_when="unnormalized"),
-    "v2": dict(scoring="softmax", topk_method="group_limited_greedy", n_group=4, topk_group=2,
-               norm_topk_prob=False, scaling=16.0, scale_when="unnormalized"),
-    "v3": dict(scoring="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2,
-               norm_topk_prob=True, scaling=2.5, scale_when="always"),
-    "v3_unnorm": dict(scoring="sigmoid", topk_method="noaux_tc", n_group=2, topk_group=1,
-                      norm_topk_prob=False, scaling=2.5, scale_when="always"),
-    "sigmoid_greedy": dict(scoring="sigmoid", topk_method="greedy", n_group=1, topk_group=1,
-                           norm_topk_prob=False, scaling=1.0, scale_when="always"),
-}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,135 +29,84 @@ def _poison_cuda_cache(nbytes=256 << 20):
     torch.cuda.synchronize()
 
 
-def _dense(weights, ids, E):
-    return torch.zeros(weights.shape[0], E, dtype=torch.float64).scatter_(1, ids.long().cpu(), weights.double().cpu())
-
-
-def check_route(x, w_gate, bias, top_k, attrs):
-    ref_w, ref_ids = torch.ops.dsmoe.route(x.cpu(), w_gate.cpu(), None if bias is None else bias.cpu(),
-                                           top_k=top_k, **attrs)
+def _route_on_cuda(x, w_gate, bias, top_k, attrs):
     _poison_cuda_cache()
-    got_w, got_ids = torch.ops.dsmoe.route(x.cuda(), w_gate.cuda(), None if bias is None else bias.cuda(),
-                                           top_k=top_k, **attrs)
-    assert got_w.dtype == torch.float32 and got_ids.dtype == torch.int32
-    assert got_w.shape == got_ids.shape == (x.shape[0], top_k)
-    assert torch.isfinite(got_w).all()
-    E = w_gate.shape[0]
-    got_ids = got_ids.cpu()
-    assert int(got_ids.min()) >= 0 and int(got_ids.max()) < E
-    assert all(len(set(r.tolist())) == top_k for r in got_ids)
-    # Compare the dense [T,E] routing matrices; skip tokens whose K-th/(K+1)-th choice is a near
-    # tie (fp32 sums in another order may then pick either expert).
-    d_ref, d_got = _dense(ref_w, ref_ids, E), _dense(got_w, got_ids, E)
-    ok = _clear_margin(x, w_gate, bias, top_k, attrs)
-    assert ok.float().mean() > 0.9
-    torch.testing.assert_close(d_got[ok], d_ref[ok], rtol=1e-4, atol=1e-5)
+    return torch.ops.dsmoe.route(x.cuda(), w_gate.cuda(), None if bias is None else bias.cuda(),
+                                 top_k=top_k, **attrs)
 
 
-def _clear_margin(x, w_gate, bias, top_k, attrs, eps=1e-4):
-    logits = x.double().cpu() @ w_gate.double().cpu().T
-    s = logits.softmax(-1) if attrs["scoring"] == "softmax" else logits.sigmoid()
-    c = s if bias is None else s + bias.double().cpu()
-    if c.shape[1] <= top_k:
-        return torch.ones(c.shape[0], dtype=torch.bool)
-    top = c.topk(top_k + 1, dim=-1).values
-    return (top[:, -2] - top[:, -1]) > eps  # also near-ties between groups fall out here mostly
+@pytest.mark.parametrize("case", range(len(ROUTE_CASES)))
+def test_route_matches_reference(case):
+    T, H, E, K, attrs, xd, wd = ROUTE_CASES[case]
+    x, w_gate, bias = make_route_inputs(T, H, E, attrs, xd, wd, seed=case)
+    ref = torch.ops.dsmoe.route(x, w_gate, bias, top_k=K, **attrs)
+    check_route(_route_on_cuda(x, w_gate, bias, K, attrs), ref, x, w_gate, bias, K, attrs)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(T=st.sampled_from([1, 2, 7, 64, 300, 1000]), H=st.sampled_from([8, 33, 128, 512]),
-       E=st.sampled_from([8, 16, 64, 160]), variant=st.sampled_from(sorted(VARIANTS)),
-       dtype=st.sampled_from(DTYPES), w_fp32=st.booleans(), seed=st.integers(0, 2**16))
-def test_route_matches_reference(T, H, E, variant, dtype, w_fp32, seed):
-    attrs = VARIANTS[variant]
-    g = torch.Generator().manual_seed(seed)
-    top_k = min(6, E // attrs["n_group"] * attrs["topk_group"])
-    x = torch.randn(T, H, generator=g).to(dtype)
-    w_gate = (torch.randn(E, H, generator=g) / H ** 0.5).to(torch.float32 if w_fp32 else dtype)
-    bias = torch.randn(E, generator=g) * 0.1 if attrs["topk_method"] == "noaux_tc" else None
-    check_route(x, w_gate, bias, top_k, attrs)
+@pytest.mark.parametrize("T", [1, 33, 4096])
+def test_route_v3_full_size(T):
+    attrs = dict(scoring="sigmoid", topk_method="noaux_tc", n_group=8, topk_group=4, norm_topk_prob=True,
+                 scaling=2.5, scale_when="always")
+    x, w_gate, bias = make_route_inputs(T, 7168, 256, attrs, torch.bfloat16, torch.bfloat16, seed=T)
+    ref = torch.ops.dsmoe.route(x, w_gate, bias, top_k=8, **attrs)
+    check_route(_route_on_cuda(x, w_gate, bias, 8, attrs), ref, x, w_gate, bias, 8, attrs)
 
 
-@pytest.mark.parametrize("top_k", [1, 8])
-def test_route_v3_full_size(top_k):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(33, 7168, generator=g).to(torch.bfloat16)
-    w_gate = (torch.randn(256, 7168, generator=g) / 7168 ** 0.5).to(torch.bfloat16)
-    bias = torch.randn(256, generator=g) * 0.1
-    attrs = {**VARIANTS["v3"], "n_group": 8, "topk_group": 4}
-    check_route(x, w_gate, bias, top_k, attrs)
-
-
-def _moe_inputs(T, K, E, H, I, dtype, seed, ids=None):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, H, generator=g).to(dtype)
-    w13 = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(dtype)
-    w2 = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(dtype)
-    if ids is None:
-        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if K <= E else \
-            torch.randint(0, E, (T, K), generator=g)
-    weights = torch.rand(T, K, generator=g)
-    return x, weights, ids.to(torch.int32), w13, w2
-
-
-def check_moe(x, weights, ids, w13, w2, **launch):
-    from dsmoe.plugins.moe.launch import moe_cuda
-
-    ref = torch.ops.dsmoe.moe(x.double() if x.dtype == torch.float32 else x, weights, ids,
-                              w13.double() if x.dtype == torch.float32 else w13,
-                              w2.double() if x.dtype == torch.float32 else w2, "silu").double()
+def _moe_on_cuda(x, weights, ids, w13, w2):
     cuda = [t.cuda() for t in (x, weights, ids, w13, w2)]
     _poison_cuda_cache()
-    got = moe_cuda(*cuda, "silu", **launch) if launch else torch.ops.dsmoe.moe(*cuda, "silu")
+    y = torch.ops.dsmoe.moe(*cuda, "silu")
     torch.cuda.synchronize()
-    assert got.dtype == x.dtype and got.shape == x.shape
-    got = got.double().cpu()
-    assert torch.isfinite(got).all()
-    err = ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-    assert err < MOE_TOL[x.dtype], f"relative error {err:.2e} ({launch})"
+    return y
 
 
-@settings(max_examples=40, deadline=None)
-@given(T=st.sampled_from([1, 3, 16, 17, 100, 700]), K=st.sampled_from([1, 2, 6]),
-       E=st.sampled_from([1, 3, 8, 13, 64]), H=st.sampled_from([16, 64, 136, 256]),
-       I=st.sampled_from([8, 24, 96, 200]), dtype=st.sampled_from(DTYPES),
-       path=st.sampled_from(["auto", "dec", "pre", "simt"]), combine=st.sampled_from(["reduce", "atomic"]),
-       seed=st.integers(0, 2**16))
-def test_moe_matches_reference(T, K, E, H, I, dtype, path, combine, seed):
-    if path in ("dec", "pre") and dtype == torch.float32:
-        path = "simt"
-    check_moe(*_moe_inputs(T, K, E, H, I, dtype, seed), path=path, combine=combine)
+@pytest.mark.parametrize("case", range(len(MOE_CASES)))
+def test_moe_matches_reference(case):
+    T, K, E, H, I, dtype, load = MOE_CASES[case]
+    x, weights, ids, w13, w2 = make_moe_inputs(T, K, E, H, I, dtype, load, seed=case)
+    check_moe(_moe_on_cuda(x, weights, ids, w13, w2), moe_reference(x, weights, ids, w13, w2), dtype)
 
 
-@pytest.mark.parametrize("H, I", [(30, 12), (64, 20)])  # not multiples of 8 -> SIMT path
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_moe_odd_shapes(H, I, dtype):
-    check_moe(*_moe_inputs(9, 2, 5, H, I, dtype, 1))
-
-
-@pytest.mark.parametrize("path", ["dec", "pre", "simt"])
-@pytest.mark.parametrize("T", [1, 16384])
-def test_moe_all_tokens_on_one_expert(path, T):
-    ids = torch.full((T, 1), 5, dtype=torch.int32)
-    check_moe(*_moe_inputs(T, 1, 7, 64, 32, torch.bfloat16, 2, ids=ids), path=path)
-
-
-@pytest.mark.parametrize("combine", ["reduce", "atomic"])
-def test_moe_experts_without_tokens_and_large_T(combine):
-    T, K, E = 16384, 6, 60  # E not a power of two; ids only hit even experts
-    g = torch.Generator().manual_seed(3)
-    ids = torch.stack([torch.randperm(E // 2, generator=g)[:K] * 2 for _ in range(T)])
-    check_moe(*_moe_inputs(T, K, E, 256, 128, torch.bfloat16, 3, ids=ids), combine=combine)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("T", [1, 4, 64, 2048])
+@pytest.mark.parametrize("T", [1, 2, 4, 16, 64, 256, 1024, 4096])
 def test_moe_deepseek_16b_layer(T):
-    check_moe(*_moe_inputs(T, 6, 64, 2048, 1408, torch.bfloat16, T))
+    x, weights, ids, w13, w2 = make_moe_inputs(T, 6, 64, 2048, 1408, torch.bfloat16, "random", seed=T)
+    check_moe(_moe_on_cuda(x, weights, ids, w13, w2), moe_reference(x, weights, ids, w13, w2), torch.bfloat16)
+
+
+@pytest.mark.parametrize("load", ["one-expert", "even-experts"])
+def test_moe_uneven_loads_at_prefill_size(load):
+    x, weights, ids, w13, w2 = make_moe_inputs(8192, 6, 64, 256, 128, torch.bfloat16, load, seed=3)
+    check_moe(_moe_on_cuda(x, weights, ids, w13, w2), moe_reference(x, weights, ids, w13, w2), torch.bfloat16)
+
+
+def test_kernels_capture_in_a_cuda_graph():
+    """No host sync and no per-call host state: route + moe replay correctly from a CUDA graph."""
+    x, _, _, w13, w2 = (t.cuda() for t in make_moe_inputs(4, 6, 64, 256, 128, torch.bfloat16, "random", 1))
+    w_gate = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16) * 0.25
+    attrs = ("softmax", "greedy", 6, 1, 1, False, 1.0, "unnormalized")
+
+    def step():
+        w, i = torch.ops.dsmoe.route(x, w_gate, None, *attrs)
+        return w, i, torch.ops.dsmoe.moe(x, w, i, w13, w2, "silu")
+
+    step()  # compiles outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        w, i, out = step()
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    route_attrs = dict(zip(("scoring", "topk_method", "top_k", "n_group", "topk_group", "norm_topk_prob",
+                            "scaling", "scale_when"), attrs))
+    ref = torch.ops.dsmoe.route(x.cpu(), w_gate.cpu(), None, **route_attrs)
+    top_k = route_attrs.pop("top_k")
+    check_route((w, i), ref, x, w_gate, None, top_k, route_attrs)
+    check_moe(out, moe_reference(x.cpu(), w.cpu(), i.cpu(), w13.cpu(), w2.cpu()), torch.bfloat16)
 
 
 def test_registered_ops_dispatch_to_cuda():
-    x, weights, ids, w13, w2 = (t.cuda() for t in _moe_inputs(4, 2, 8, 64, 32, torch.bfloat16, 5))
+    for op in ("dsmoe::route", "dsmoe::moe"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+    x, weights, ids, w13, w2 = (t.cuda() for t in make_moe_inputs(4, 2, 8, 64, 32, torch.bfloat16, "random", 5))
     y = torch.ops.dsmoe.moe(x, weights, ids, w13, w2, "silu")
     w, i = torch.ops.dsmoe.route(x, torch.randn(8, 64, device="cuda"), None, "softmax", "greedy", 2, 1, 1,
                                  False, 1.0, "unnormalized")
@@ -182,7 +115,7 @@ def test_registered_ops_dispatch_to_cuda():
 
 
 def test_grouped_mm_baseline_on_cuda():
-    x, weights, ids, w13, w2 = _moe_inputs(64, 6, 16, 128, 64, torch.bfloat16, 7)
+    x, weights, ids, w13, w2 = make_moe_inputs(64, 6, 16, 128, 64, torch.bfloat16, "random", 7)
     ref = torch.ops.dsmoe.moe(x, weights, ids, w13, w2, "silu").double()
     try:
         got = plugins.grouped_mm_moe(*(t.cuda() for t in (x, weights, ids, w13, w2)))
@@ -194,10 +127,11 @@ def test_grouped_mm_baseline_on_cuda():
 # ---- the fused graph on CUDA: generation, CUDA-graph decode, the bench backends ---------------
 
 def test_fused_generation_on_cuda_equals_eager_on_cpu():
-    """fp32 (SIMT moe path, fp32 routing): greedy tokens of the fused graph on the GPU, with and
+    """fp32 (ieee tl.dot, fp32 routing): greedy tokens of the fused graph on the GPU, with and
     without CUDA-graph decode, equal the eager model's on the CPU."""
     import dsmoe
-    from dsmoe.runtime import StaticDecoder, eager_step, fused_step, greedy_generate, static_length
+    from dsmoe.app.cuda_graphs import StaticDecoder, static_length
+    from dsmoe.app.generate import eager_step, fused_step, greedy_generate
 
     prompt, n = [1, 17, 42, 7, 99], 12
     cpu = dsmoe.load("preset:tiny", overrides=VARIANT_OVERRIDES)
@@ -219,7 +153,8 @@ VARIANT_OVERRIDES = {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_gr
 
 def test_cuda_graph_decode_matches_plain_cuda_steps_bf16():
     import dsmoe
-    from dsmoe.runtime import StaticDecoder, empty_cache, fused_step
+    from dsmoe.app.cuda_graphs import StaticDecoder
+    from dsmoe.app.generate import empty_cache, fused_step
 
     m = dsmoe.load("preset:small", overrides={"num_hidden_layers": 2}, dtype="bfloat16", device="cuda")
     gm = fused_step(m)
@@ -241,8 +176,8 @@ def test_cuda_graph_decode_matches_plain_cuda_steps_bf16():
 
 def test_bench_cuda_backends_run(tmp_path):
     from dsmoe import bench
-    from dsmoe.bench_limits import Limits
-    from dsmoe.bench_timing import ONCE
+    from dsmoe.bench.limits import Limits
+    from dsmoe.bench.timing import ONCE
 
     lim = Limits(bandwidth_gbs=3000.0, gemm_gflops=7e5, bandwidth_bytes=0, gemm_n=0, device="cuda", gemm_dtype="bf16")
     r = bench.run_bench(suites=["moe-layer", "model"], backends=["eager", "fused", "grouped_mm", "cuda", "cuda-graph"],
@@ -261,9 +196,9 @@ def test_bench_cuda_backends_run(tmp_path):
 
 
 def test_cuda_graphed_layer_replays_per_shape():
-    from dsmoe.bench_backends import cached_fused_graph
-    from dsmoe.bench_suites import moe_layer_workload
-    from dsmoe.runtime import CudaGraphed
+    from dsmoe.bench.backends import cached_fused_graph
+    from dsmoe.bench.suites import moe_layer_workload
+    from dsmoe.app.cuda_graphs import CudaGraphed
 
     w = moe_layer_workload("preset:small", {}, [1, 7], device="cuda", dtype=torch.bfloat16)
     gm, _ = cached_fused_graph(w)
@@ -272,5 +207,5 @@ def test_cuda_graphed_layer_replays_per_shape():
         x = torch.randn(T, w.config.hidden_size, device="cuda", dtype=torch.bfloat16)
         ref, got = gm(x), graphed(x)
         assert got.data_ptr() != ref.data_ptr()
-        assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 1e-2  # atomics may reorder sums
+        assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
     assert len(graphed.graphs) == 2 and graphed.replays == 3

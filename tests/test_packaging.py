@@ -30,8 +30,8 @@ def test_regular_wheel_has_subpackages_and_no_top_level_passes(tmp_path):
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
     (whl,) = tmp_path.glob("dsmoe-*.whl")
     names = zipfile.ZipFile(whl).namelist()
-    for must in ("dsmoe/passes/pipeline.py", "dsmoe/export/__init__.py", "dsmoe/plugins/moe/moe.cu",
-                 "dsmoe/plugins/route/route.cu", "dsmoe/plugins/route/README.md", "dsmoe/app/cli.py",
+    for must in ("dsmoe/passes/pipeline.py", "dsmoe/export/__init__.py", "dsmoe/plugins/moe/kernels.py",
+                 "dsmoe/plugins/route/kernels.py", "dsmoe/plugins/route/README.md", "dsmoe/app/cli.py",
                  "dsmoe/bench/harness.py"):
         assert must in names, must
     assert not any(n.startswith(("passes/", "export/", "plugins/", "benchmarks/")) for n in names)

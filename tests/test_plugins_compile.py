@@ -1,12 +1,12 @@
-"""CPU-side tests of plugins/: every .cu compiles to PTX (sm_80, sm_90) with nvcc, attribute
-validation of the launchers, the build cache key, the torch._grouped_mm baseline, and
-register_cuda_kernels() without CUDA."""
+"""CPU-side tests of plugins/ that need neither a GPU nor the interpreter: the config functions
+(paths, tiles, the row-block bound, the manifest's selection rules), attribute validation, the
+torch._grouped_mm baseline, register_cuda_kernels() without CUDA, imports and the READMEs."""
 
 from __future__ import annotations
 
-import re
+import itertools
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,129 +14,13 @@ import torch
 
 import dsmoe.ops  # noqa: F401
 from dsmoe import plugins
-from dsmoe.plugins import build
-from dsmoe.plugins.moe.launch import TILES, plan_moe
-from dsmoe.plugins.route.launch import validate_route_attrs
+from dsmoe.plugins import _triton
+from dsmoe.plugins.moe.config import MB, all_moe_configs, moe_config, moe_rule
+from dsmoe.plugins.route.config import all_route_configs, route_config, route_rule, validate_route
 
-CU_FILES = sorted(build.PLUGIN_DIR.rglob("*.cu"))
-ARCHS = ("sm_80", "sm_90")
-NVCC = build.find_nvcc()
+PLUGIN_DIR = Path(plugins.__file__).parent
 
-# The kernel names each launcher asks for; the PTX must define every one of them.
-EXPECTED_ENTRIES = {
-    "route.cu": [f"route_{x}_{w}_t{t}" for x, w in [("f32", "f32"), ("bf16", "bf16"), ("bf16", "f32"),
-                                                     ("f16", "f16"), ("f16", "f32")] for t in (1, 8)],
-    "moe.cu": ["moe_align"]
-    + [f"moe_gemm1_{d}_{c}" for d in ("bf16", "f16") for c in ("dec", "pre")]
-    + [f"moe_gemm2_{d}_{c}_{m}" for d in ("bf16", "f16") for c in ("dec", "pre") for m in ("reduce", "atomic")]
-    + [f"moe_simt_gemm1_{d}" for d in ("f32", "bf16", "f16")]
-    + [f"moe_simt_gemm2_{d}_{m}" for d in ("f32", "bf16", "f16") for m in ("reduce", "atomic")]
-    + [f"moe_{k}_{d}" for k in ("combine", "cast") for d in ("f32", "bf16", "f16")],
-}
-
-
-def test_every_kernel_source_is_listed():
-    assert {p.name for p in CU_FILES} == set(EXPECTED_ENTRIES)
-
-
-@pytest.fixture(scope="module")
-def ptx(tmp_path_factory) -> dict[tuple[str, str], str]:
-    if NVCC is None:
-        pytest.skip("nvcc not found (PATH, $CUDA_HOME, /usr/local/cuda): CUDA sources not compiled")
-    out_dir = tmp_path_factory.mktemp("ptx")
-
-    def one(job):
-        src, arch = job
-        out = out_dir / f"{src.stem}-{arch}.ptx"
-        build.compile_nvcc(NVCC, src, arch, out, fmt="ptx")
-        return (src.name, arch), out.read_text()
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(pool.map(one, [(src, arch) for src in CU_FILES for arch in ARCHS]))
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("src", [p.name for p in CU_FILES])
-def test_cu_compiles_to_ptx_with_all_entries(ptx, src, arch):
-    text = ptx[(src, arch)]
-    for name in EXPECTED_ENTRIES[src]:
-        assert f".entry {name}(" in text, f"{src} ({arch}) lacks kernel {name}"
-
-
-def _ptx_params(text: str, entry: str) -> list[str]:
-    """The PTX parameter types of ``entry`` (``u64``, ``u32``, ``f32``...)."""
-    m = re.search(rf"\.entry {entry}\((.*?)\)", text, re.S)
-    assert m, entry
-    return re.findall(r"\.param \.(\w+)", m.group(1))
-
-
-PTX_TYPE = {"p": "u64", "i": "u32", "q": "u64", "f": "f32"}
-
-
-def test_launcher_signatures_match_ptx(ptx):
-    from dsmoe.plugins.moe import launch as moe_launch
-    from dsmoe.plugins.route import launch as route_launch
-
-    sigs = {("route.cu", e): route_launch.ROUTE_SIG for e in EXPECTED_ENTRIES["route.cu"]}
-    for e in EXPECTED_ENTRIES["moe.cu"]:
-        sig = (moe_launch.ALIGN_SIG if e == "moe_align" else moe_launch.COMBINE_SIG if "combine" in e
-               else moe_launch.CAST_SIG if "cast" in e else moe_launch.GEMM_SIG)
-        sigs[("moe.cu", e)] = sig
-    for (src, entry), sig in sigs.items():
-        got = _ptx_params(ptx[(src, "sm_90")], entry)
-        assert got == [PTX_TYPE[c] for c in sig], f"{entry}: PTX params {got} vs launcher {sig!r}"
-
-
-def test_tensor_core_kernels_use_mma(ptx):
-    text = ptx[("moe.cu", "sm_90")]
-    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in text
-    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in text
-    assert "ldmatrix.sync.aligned" in text and "cp.async" in text
-
-
-# ---------------------------------------------------------------- build cache key
-
-
-def test_cache_key_is_stable_and_sensitive():
-    k = build.cache_key("src", {"h.cuh": "a"}, "sm_90", "nvrtc13")
-    assert k == build.cache_key("src", {"h.cuh": "a"}, "sm_90", "nvrtc13")
-    others = {build.cache_key("src2", {"h.cuh": "a"}, "sm_90", "nvrtc13"),
-              build.cache_key("src", {"h.cuh": "b"}, "sm_90", "nvrtc13"),
-              build.cache_key("src", {"h.cuh": "a"}, "sm_80", "nvrtc13"),
-              build.cache_key("src", {"h.cuh": "a"}, "sm_90", "nvrtc12")}
-    assert k not in others and len(others) == 4
-
-
-def test_cache_path_per_arch(monkeypatch, tmp_path):
-    monkeypatch.setenv("DSMOE_KERNEL_CACHE", str(tmp_path))
-    p = build.cache_path("moe", "sm_90", "abc")
-    assert p.parent == tmp_path and "sm_90" in p.name and p.suffix == ".cubin"
-
-
-def test_nvcc_build_caches_cubin(monkeypatch, tmp_path):
-    if NVCC is None:
-        pytest.skip("nvcc not found")
-    monkeypatch.setenv("DSMOE_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(build, "_nvrtc", lambda: None)
-    tiny = tmp_path / "tiny" / "tiny.cu"  # the cache logic, not the kernels: keep the compile short
-    tiny.parent.mkdir()
-    tiny.write_text('#include "dsmoe_common.cuh"\nextern "C" __global__ void k(float* y) { y[0] = dsmoe::silu(y[0]); }\n')
-    monkeypatch.setattr(build, "source_path", lambda name: tiny)
-    first = build.build("tiny", "sm_90")
-    mtime = first.stat().st_mtime_ns
-    assert first.is_file() and first.parent == tmp_path
-    assert build.build("tiny", "sm_90") == first and first.stat().st_mtime_ns == mtime
-    tiny.write_text(tiny.read_text() + "// changed\n")
-    assert build.build("tiny", "sm_90") != first  # a source change is a new cache entry
-
-
-def test_launch_signature_mismatch_is_an_error():
-    mod = object.__new__(build.Module)
-    with pytest.raises(ValueError, match="signature"):
-        build.Module.launch(mod, "k", (1,), (1,), "pi", (None,))
-
-
-# ---------------------------------------------------------------- route attributes
+# ---------------------------------------------------------------- route attributes and config
 
 V3 = dict(scoring="sigmoid", topk_method="noaux_tc", top_k=8, n_group=8, topk_group=4,
           norm_topk_prob=True, scaling=2.5, scale_when="always")
@@ -144,23 +28,14 @@ V1 = dict(scoring="softmax", topk_method="greedy", top_k=6, n_group=1, topk_grou
           norm_topk_prob=False, scaling=1.0, scale_when="unnormalized")
 
 
-def test_route_splits_experts_for_small_T():
-    one = validate_route_attrs(1, 2048, 64, **V1).with_splits(132)
-    assert one.splits == 8 and one.grid == (1, 8, 1)       # one expert per warp
-    v3 = validate_route_attrs(4, 7168, 256, **V3).with_splits(132)
-    assert v3.splits == 32 and v3.grid == (4, 32, 1)
-    big = validate_route_attrs(8192, 2048, 64, **V1)
-    assert big.with_splits(132).splits == 1                # 1024 token blocks fill the GPU
-    assert validate_route_attrs(1, 64, 6, **{**V1, "top_k": 2}).with_splits(132).splits == 1
-
-
 def test_route_attrs_ok():
-    p = validate_route_attrs(4, 7168, 256, **V3)
-    assert (p.K, p.n_group, p.topk_group, p.method, p.scoring) == (8, 8, 4, 2, 1)
-    assert p.normalize and p.scale_always and p.tokens_per_cta == 1
-    big = validate_route_attrs(4096, 2048, 64, **V1)
-    assert big.tokens_per_cta == 8 and big.grid == (512, 1, 1) and big.smem_bytes <= 48 * 1024
-    assert validate_route_attrs(3, 16, 64, **{**V1, "n_group": 8}).n_group == 1  # greedy ignores groups
+    a = validate_route(4, 7168, 256, **V3)
+    assert (a.K, a.n_group, a.topk_group, a.method, a.scoring) == (8, 8, 4, 2, 1)
+    assert a.normalize == 1 and a.scale == 1 and a.scaling == 2.5
+    v1 = validate_route(4, 2048, 64, **V1)
+    assert v1.normalize == 0 and v1.scale == 1  # V1/V2 scale when they do not normalize
+    assert validate_route(4, 2048, 64, **{**V1, "norm_topk_prob": True}).scale == 0
+    assert validate_route(3, 16, 64, **{**V1, "n_group": 8}).n_group == 1  # greedy ignores groups
 
 
 @pytest.mark.parametrize("change, match", [
@@ -168,77 +43,80 @@ def test_route_attrs_ok():
     ({"topk_method": "gready"}, "topk_method"),
     ({"scale_when": "never"}, "scale_when"),
     ({"top_k": 0}, "top_k"),
-    ({"top_k": 33}, "top_k"),
+    ({"top_k": 9}, "top_k"),
     ({"n_group": 7}, "n_group"),
+    ({"n_group": 16}, "n_group"),
     ({"topk_group": 9}, "topk_group"),
 ])
 def test_route_attrs_rejected(change, match):
     with pytest.raises(ValueError, match=match):
-        validate_route_attrs(2, 64, 256, **{**V3, **change})
+        validate_route(2, 64, 256, **{**V3, **change})
 
 
-def test_route_rejects_top_k_beyond_kept_groups():
+def test_route_rejects_top_k_beyond_kept_groups_and_huge_E():
     with pytest.raises(ValueError, match="kept groups"):
-        validate_route_attrs(2, 64, 64, **{**V3, "topk_group": 1, "top_k": 9})
+        validate_route(2, 64, 32, **{**V3, "topk_group": 1})  # 1 group of 4 experts for top_k=8
+    with pytest.raises(ValueError, match="E <= 256"):
+        validate_route(1, 8, 257, **V1)
 
 
-def test_route_rejects_huge_E():
-    with pytest.raises(ValueError, match="too large"):
-        validate_route_attrs(1, 8, 1 << 14, **V1)
+def test_route_config_paths():
+    small, large = route_config(16, 64, 6, 2048, torch.bfloat16, 90), route_config(17, 256, 8, 7168, torch.bfloat16, 90)
+    assert small.path == "small" and large.path == "large"
+    assert small.logits.grid_of(T=1, E=256) == (1, 16, 1)  # decode: W_gate spread over the expert blocks
+    assert large.logits.grid_of(T=4096, E=256) == (64, 4, 1)
+    assert dict(small.select.constexprs)["E_PAD"] == 64 and dict(large.select.constexprs)["E_PAD"] == 256
+    with pytest.raises(ValueError, match="dtype"):
+        route_config(1, 8, 1, 8, torch.float64, 90)
 
 
-# ---------------------------------------------------------------- moe plan
+# ---------------------------------------------------------------- moe config
 
-
-def _plan(T, K=6, E=64, H=2048, I=1408, dtype=torch.bfloat16, **kw):
-    return plan_moe((T, H), (T, K), (E, 2 * I, H), (E, H, I), dtype, **kw)
-
-
-def test_moe_plan_paths():
-    assert _plan(1).path == "dec" and _plan(16384).path == "pre"
-    assert _plan(16, dtype=torch.float32).path == "simt"
-    assert _plan(16, H=2050).path == "simt" and _plan(16, I=1404).path == "simt"
-    with pytest.raises(ValueError, match="needs bf16"):
-        _plan(16, dtype=torch.float32, path="pre")
+def test_moe_config_paths_and_tiles():
+    dec = moe_config(1, 64, 6, 2048, 1408, torch.bfloat16, 90)
+    assert dec.path == "small" and dec.BLOCK_M == 16
+    # 16B decode: 6 row blocks x I/32 (gate/up) and H/32 (down) tiles: >= 2 CTAs per SM of an H200
+    assert dec.gate_up.grid_of(T=1, K=6, E=64, I=1408) == (6, 44, 1)
+    assert dec.down.grid_of(T=1, K=6, E=64, H=2048) == (6, 64, 1)
+    pre = moe_config(4096, 64, 6, 2048, 1408, torch.bfloat16, 90)
+    assert pre.path == "large" and pre.BLOCK_M == 64 and pre.gate_up.num_warps == 4
+    assert moe_config(170, 64, 6, 1, 1, torch.bfloat16, 90).path == "small"   # 1020 <= 16*64
+    assert moe_config(171, 64, 6, 1, 1, torch.bfloat16, 90).path == "large"
+    f32 = moe_config(1, 64, 6, 1, 1, torch.float32, 90)
+    assert dict(f32.gate_up.constexprs)["BLOCK_K"] != dict(dec.gate_up.constexprs)["BLOCK_K"]
+    with pytest.raises(ValueError, match="dtype"):
+        moe_config(1, 8, 1, 8, 8, torch.float64, 90)
 
 
 @pytest.mark.parametrize("T, K, E", [(1, 1, 1), (1, 6, 64), (5, 8, 3), (1000, 6, 64), (16384, 8, 256), (7, 2, 97)])
-@pytest.mark.parametrize("path", ["dec", "pre", "simt"])
-def test_moe_plan_max_blocks_bounds_every_assignment(T, K, E, path):
-    plan = _plan(T, K=K, E=E, path=path)
-    BM = TILES[path][0]
-    # worst cases for padding: pairs spread one per expert, or all on one expert
-    spread = [T * K // E + (e < T * K % E) for e in range(E)]
+@pytest.mark.parametrize("bm", [16, 64])
+def test_moe_row_block_bound_holds_for_every_assignment(T, K, E, bm):
+    mb = _triton.evaluate(MB.format(bm=bm), T=T, K=K, E=E)
+    spread = [T * K // E + (e < T * K % E) for e in range(E)]  # worst cases for padding
     for counts in (spread, [T * K] + [0] * (E - 1)):
-        assert sum(-(-c // BM) for c in counts) <= plan.max_blocks
+        assert sum(-(-c // bm) for c in counts) <= mb
 
 
-def test_moe_workspace_layout():
-    plan = _plan(3, K=2, E=5, H=64, I=32)
-    ws = plan.workspace()
-    offsets = [ws[n][0] for n in ("offsets", "block_expert", "sorted_pair", "act", "out")]
-    assert offsets == sorted(offsets) and all(o % 256 == 0 for o in offsets)
-    assert ws["out"][1] == 3 * 2 * 64 and plan.workspace_bytes >= ws["out"][0] + 3 * 2 * 64 * 4
-    atomic = _plan(3, K=2, E=5, H=64, I=32, combine="atomic").workspace()
-    assert "out" not in atomic and atomic["y32"][1] == 3 * 64
-    assert "y32" not in _plan(3, H=64, I=32, dtype=torch.float32, combine="atomic").workspace()
-    assert _plan(16384, H=7168).combine == "atomic"  # the fp32 per-pair buffer would exceed 1 GiB
+def test_manifest_rules_pick_what_the_config_functions_pick():
+    sizes = itertools.product((1, 2, 16, 17, 170, 171, 4096), (1, 6, 8), (8, 64, 65, 256), (32, 2048))
+    for arch in (80, 90):
+        routes = all_route_configs(arch)
+        moes = all_moe_configs(arch)
+        for T, K, E, H in sizes:
+            env = dict(T=T, K=K, E=E, H=H, I=H)
+            hits = [c for c in routes if _triton.evaluate(route_rule(c), **env)]
+            assert hits == [route_config(T, E, K, H, torch.bfloat16, arch)]
+            for dt in (torch.bfloat16, torch.float32):
+                hits = [c for c, dts in moes if dt in dts and _triton.evaluate(moe_rule(c), **env)]
+                assert hits == [moe_config(T, E, K, H, H, dt, arch)]
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"activation": "gelu"}, "activation"),
-    ({"dtype": torch.float64}, "dtype"),
-    ({"combine": "sum"}, "combine"),
-])
-def test_moe_plan_rejects(kw, match):
-    dtype = kw.pop("dtype", torch.bfloat16)
-    with pytest.raises(ValueError, match=match):
-        plan_moe((2, 64), (2, 2), (4, 64, 64), (4, 64, 32), dtype, **kw)
-
-
-def test_moe_plan_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="inconsistent"):
-        plan_moe((2, 64), (2, 2), (4, 64, 64), (4, 64, 16), torch.bfloat16)
+def test_launch_grid_and_types():
+    cfg = moe_config(3, 8, 2, 64, 32, torch.bfloat16, 90)
+    assert cfg.gate_up.types(torch.bfloat16)[:2] == ["*bf16", "*bf16"]
+    assert cfg.down.types(torch.float16)[6:8] == ["*fp32", "*fp32"]
+    assert cfg.combine.grid_of(T=9, H=300) == (2, 2, 1)
+    assert _triton.evaluate(cfg.mb, T=3, K=2, E=8) == (6 + 6 * 15) // 16
 
 
 # ---------------------------------------------------------------- grouped_mm baseline, registration
@@ -283,16 +161,33 @@ def test_register_cuda_kernels_without_cuda():
     assert ok is False and "cuda" in reason.lower()
 
 
-def test_plugins_import_needs_no_cuda_python():
+def test_plugins_import_needs_no_cuda_python_nor_triton():
     code = ("import sys, torch, dsmoe.ops; before = set(sys.modules);"
-            "import dsmoe.plugins, dsmoe.plugins.build, dsmoe.plugins.route.launch, dsmoe.plugins.moe.launch;"
+            "import dsmoe.plugins, dsmoe.plugins.aot, dsmoe.plugins.route.launch, dsmoe.plugins.moe.launch;"
             "new = {m.split('.')[0] for m in set(sys.modules) - before};"
-            "assert not new & {'cuda', 'cupy'}, new")
-    subprocess.run([__import__("sys").executable, "-c", code], check=True)
+            "assert not new & {'cuda', 'cupy', 'triton'}, new")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_use_triton_kernels_modes():
+    with pytest.raises(ValueError, match="kernel mode"), plugins.use_triton_kernels("cuda"):
+        pass
+    with plugins.use_triton_kernels("reference"):  # a pass-through flag value
+        assert plugins.cpu_kernels() == "reference"
+
+
+def test_interpreter_cannot_follow_a_compiled_triton_import():
+    code = ("import torch._dynamo, dsmoe.plugins as p\n"  # torch._dynamo imports triton (compiled mode)
+            "try:\n    p.use_triton_kernels('interpret').__enter__()\n"
+            "except RuntimeError as e:\n    print('refused:', e)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "refused: the Triton interpreter must be chosen before triton is imported" in out.stdout
 
 
 def test_readmes_have_the_sections():
     for folder in ("route", "moe"):
-        text = (Path(build.PLUGIN_DIR) / folder / "README.md").read_text()
+        text = (PLUGIN_DIR / folder / "README.md").read_text()
         heads = [line for line in text.splitlines() if line.startswith("## ")]
-        assert heads == ["## Description", "## Inputs/outputs", "## Parameters", "## Known issues"], folder
+        assert heads == ["## Description", "## Inputs/outputs", "## Parameters", "## Launch configuration",
+                         "## Known issues"], folder

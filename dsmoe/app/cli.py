@@ -7,6 +7,7 @@ with code 2 (verification failures: 1); ``--debug`` (on both entry points) shows
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,15 +17,17 @@ from rich.console import Console
 from rich.table import Table
 
 from dsmoe import init_model, load_config
+from dsmoe.app.device import KERNELS
 from dsmoe.app.generate import run_generate
 from dsmoe.app.inspection import run_inspect
 from dsmoe.architecture import architecture
 from dsmoe.bench import SUITES, run_bench
-from dsmoe.checkpoint import save_checkpoint
+from dsmoe.checkpoint import commit_output_dir, prepare_output_dir, save_checkpoint
 from dsmoe.config import DeepseekConfig, parse_overrides
 from dsmoe.dtypes import parse_dtype
 from dsmoe.errors import DsmoeError
 from dsmoe.export import export_model
+from dsmoe.plugins import build_kernels
 
 out = Console()
 err = Console(stderr=True)
@@ -48,6 +51,9 @@ def _set_debug(ctx, param, value):
     return value
 
 
+kernels_option = click.option("--kernels", type=click.Choice(list(KERNELS)), default="reference", show_default=True,
+                              help="what dsmoe::route / dsmoe::moe run on the CPU: the reference ops, or the "
+                                   "Triton GPU kernels under Triton's interpreter (slow; verifies the kernels)")
 debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
                             help="show tracebacks for errors")
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -119,14 +125,15 @@ def info(source, overrides, as_json):
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N (eager and fused backends)")
 @click.option("--cuda-graph/--no-cuda-graph", default=None,
               help="fused on cuda: replay decode steps from a CUDA graph over a static KV cache [default: on]")
+@kernels_option
 @set_option
 @click.option("--json", "as_json", is_flag=True, help='print {"ids": [...]}')
 def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, device, cuda_graph,
-             overrides, as_json):
+             kernels, overrides, as_json):
     """Greedy decoding with the KV cache (eager, fused graph, or an exported model in ORT)."""
     ids, text = run_generate(source=source, prompt_ids=prompt_ids, prompt=prompt, max_new_tokens=max_new_tokens,
                              backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts,
-                             overrides=_overrides(overrides), device=device, cuda_graph=cuda_graph)
+                             overrides=_overrides(overrides), device=device, cuda_graph=cuda_graph, kernels=kernels)
     if as_json:
         click.echo(json.dumps({"ids": ids} | ({"text": text} if text is not None else {})))
     else:
@@ -139,13 +146,14 @@ def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_sh
 @click.option("--fold-shared-experts", is_flag=True, help="also run fold_shared_experts")
 @click.option("--no-verify", is_flag=True, help="skip the per-pass numerical check")
 @click.option("--dtype", default=None, help="float32 | float16 | bfloat16")
+@kernels_option
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def inspect(source, dump_after, fold_shared_experts, no_verify, dtype, overrides, as_json):
+def inspect(source, dump_after, fold_shared_experts, no_verify, dtype, kernels, overrides, as_json):
     """Capture the model, run the passes with verification, print what each pass did."""
     doc = run_inspect(source=source, dump_after=dump_after, fold_shared_experts=fold_shared_experts,
                       verify=not no_verify, dtype=dtype, overrides=_overrides(overrides),
-                      dump=lambda text: click.echo(text, err=as_json), status=stage)
+                      dump=lambda text: click.echo(text, err=as_json), status=stage, kernels=kernels)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -232,6 +240,23 @@ def bench(suite, backends, quick, out_dir, threads, preset, device, dtype, overr
     run_bench(suites=suites, backends=list(backends) or None, quick=quick, out_dir=str(out_dir), threads=threads,
               preset=preset, overrides=_overrides(overrides) or None, progress=lambda s: err.print(f"[dim]· {s}[/dim]"),
               device=device, dtype=dtype)
+
+
+@cli.command("build-kernels")
+@click.option("--arch", "archs", default="sm_80,sm_90", show_default=True, help="comma-separated GPU architectures")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="output directory")
+@click.option("--force", is_flag=True, help="replace --out if dsmoe wrote it")
+def build_kernels_cmd(archs, out_dir, force):
+    """Compile the Triton kernels ahead of time (cubin + PTX + manifest.json), no GPU needed."""
+    tmp = prepare_output_dir(out_dir, force=force)
+    try:
+        manifest = build_kernels([a.strip() for a in archs.split(",") if a.strip()], tmp)
+        commit_output_dir(tmp, out_dir)
+    except (ValueError, RuntimeError) as e:
+        raise DsmoeError(str(e)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    err.print(f"wrote {out_dir}: {len(manifest['kernels'])} kernels for {archs}")
 
 
 def _arch_line(config) -> str:

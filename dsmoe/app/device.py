@@ -1,11 +1,17 @@
-"""Devices: ``--device`` parsed into one that exists here, and the CUDA kernels it needs."""
+"""Devices and kernels: ``--device`` parsed into one that exists here, the CUDA kernels it needs,
+and ``--kernels`` (what the fused ops run on the CPU)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from dsmoe.errors import DsmoeError
-from dsmoe.plugins import cuda_kernels_status, register_cuda_kernels
+from dsmoe.plugins import cuda_kernels_status, register_cuda_kernels, use_triton_kernels
+
+# ``--kernels``: what dsmoe::route / dsmoe::moe run on CPU tensors
+KERNELS = {"reference": "reference", "triton-interpret": "interpret"}
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -24,6 +30,21 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise DsmoeError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+@contextlib.contextmanager
+def cpu_kernels(kernels: str):
+    """The context in which a command runs for ``--kernels``: ``reference`` (the CPU ops) or
+    ``triton-interpret`` (the Triton kernels under the interpreter: slow, for verification).
+    Enter it before capturing a model (Triton's mode is fixed when torch.export imports it)."""
+    if kernels not in KERNELS:
+        raise DsmoeError(f"unknown --kernels {kernels!r} (choose from {', '.join(KERNELS)})")
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(use_triton_kernels(KERNELS[kernels]))
+        except RuntimeError as e:
+            raise DsmoeError(f"--kernels {kernels}: {e}") from None
+        yield
 
 
 def require_cuda_kernels() -> None:

@@ -18,7 +18,7 @@ import torch
 
 import dsmoe
 from dsmoe.app.cuda_graphs import StaticDecoder, Step, static_length
-from dsmoe.app.device import require_cuda_kernels, resolve_device
+from dsmoe.app.device import cpu_kernels, require_cuda_kernels, resolve_device
 from dsmoe.config import DeepseekConfig
 from dsmoe.errors import DsmoeError
 from dsmoe.export import MODEL_FILE, OrtDecoder
@@ -109,9 +109,10 @@ def _prompt(source: str, prompt_ids: str | None, prompt: str | None):
 
 def run_generate(*, source: str, prompt_ids: str | None = None, prompt: str | None = None, max_new_tokens: int = 16,
                  backend: str = "eager", dtype: str | None = None, fold_shared_experts: bool = False,
-                 overrides: dict | None = None, device: str = "cpu",
-                 cuda_graph: bool | None = None) -> tuple[list[int], str | None]:
-    """Returns the generated ids (and their text when a tokenizer was used)."""
+                 overrides: dict | None = None, device: str = "cpu", cuda_graph: bool | None = None,
+                 kernels: str = "reference") -> tuple[list[int], str | None]:
+    """Returns the generated ids (and their text when a tokenizer was used). ``kernels``
+    (``reference`` | ``triton-interpret``) is what the fused graph's ops run on the CPU."""
     if max_new_tokens < 1:
         raise DsmoeError("--max-new-tokens must be at least 1")
     ids, tok = _prompt(source, prompt_ids, prompt)
@@ -122,23 +123,27 @@ def run_generate(*, source: str, prompt_ids: str | None = None, prompt: str | No
                              f"(run: dsmoe-export {source} --out DIR)")
         if backend != "ort":
             raise DsmoeError(f"{source} is an ONNX export: use --backend ort")
-        if device != "cpu":
-            raise DsmoeError("the ort backend runs on ONNX Runtime's CPU execution provider: drop --device")
+        if device != "cpu" or kernels != "reference":
+            raise DsmoeError("the ort backend runs on ONNX Runtime's CPU execution provider: drop --device/--kernels")
         new = generate_ort(source, ids, max_new_tokens)
     else:
         dev = resolve_device(device)
         if cuda_graph and (backend != "fused" or dev.type != "cuda"):
             raise DsmoeError("--cuda-graph needs --backend fused --device cuda")
+        if kernels != "reference" and (backend != "fused" or dev.type != "cpu"):
+            raise DsmoeError(f"--kernels {kernels} runs the fused graph's ops on the CPU: use --backend fused "
+                             "(and no --device)")
         if dev.type == "cuda" and backend == "fused":
             require_cuda_kernels()
-        model = dsmoe.load(source, dtype=dtype, overrides=overrides, device=dev)
-        config, mdtype = model.config, next(model.parameters()).dtype
-        if backend == "eager":
-            step = eager_step(model)
-        else:
-            step = fused_step(model, fold_shared_experts=fold_shared_experts)
-            if dev.type == "cuda" and cuda_graph is not False:
-                step = StaticDecoder(step, config, max_len=static_length(len(ids) + max_new_tokens), dtype=mdtype,
-                                     device=dev, cuda_graph=True)
-        new = greedy_generate(step, config, ids, max_new_tokens, dtype=mdtype, device=dev)
+        with cpu_kernels(kernels):
+            model = dsmoe.load(source, dtype=dtype, overrides=overrides, device=dev)
+            config, mdtype = model.config, next(model.parameters()).dtype
+            if backend == "eager":
+                step = eager_step(model)
+            else:
+                step = fused_step(model, fold_shared_experts=fold_shared_experts)
+                if dev.type == "cuda" and cuda_graph is not False:
+                    step = StaticDecoder(step, config, max_len=static_length(len(ids) + max_new_tokens), dtype=mdtype,
+                                         device=dev, cuda_graph=True)
+            new = greedy_generate(step, config, ids, max_new_tokens, dtype=mdtype, device=dev)
     return new, (tok.decode(new) if tok is not None else None)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import dsmoe
+from dsmoe.app.device import cpu_kernels
 from dsmoe.errors import DsmoeError
 from dsmoe.ir import summary, timed_capture
 from dsmoe.passes.context import PassContext
@@ -14,9 +15,17 @@ from dsmoe.passes.pipeline import PASSES, report_json, run_pipeline
 
 def run_inspect(*, source: str, dump_after: str | None = None, fold_shared_experts: bool = False, verify: bool = True,
                 dtype: str | None = None, overrides: dict | None = None, dump: Callable[[str], None] = print,
-                status: Callable = lambda text: nullcontext()) -> dict:
+                status: Callable = lambda text: nullcontext(), kernels: str = "reference") -> dict:
     """Returns ``{"passes": [...], "ops": {...}, "captured_nodes", "captured_param_bytes",
-    "captured_nodes_per_layer", "capture_seconds"}``."""
+    "captured_nodes_per_layer", "capture_seconds", "kernels"}``. With ``kernels="triton-interpret"``
+    the per-pass verification runs the fused ops through the interpreted Triton kernels."""
+    with cpu_kernels(kernels):
+        doc = _inspect(source, dump_after, fold_shared_experts, verify, dtype, overrides, dump, status)
+    doc["kernels"] = kernels
+    return doc
+
+
+def _inspect(source, dump_after, fold_shared_experts, verify, dtype, overrides, dump, status) -> dict:
     names = [n for n, _ in PASSES]
     if dump_after is not None and dump_after not in names:
         raise DsmoeError(f"unknown pass {dump_after!r} for --dump-after (passes: {', '.join(names)})")
