@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from dsmoe import ops as _ops  # noqa: F401  (registers torch.ops.dsmoe.*)
+from dsmoe.architecture import check_fits
 from dsmoe.checkpoint import load_state_dict
 from dsmoe.config import PRESETS, DeepseekConfig
 from dsmoe.contract import FP32_KEY, INV_FREQ
@@ -41,10 +42,15 @@ __all__ = [
 ]
 
 
+def is_preset(source: str | Path) -> bool:
+    """Whether ``source`` names a preset (``preset:NAME``) rather than a checkpoint directory."""
+    return str(source).startswith(PRESET_PREFIX)
+
+
 def load_config(source: str | Path, overrides: dict[str, Any] | None = None) -> DeepseekConfig:
     """The config of a checkpoint directory or of ``preset:NAME``, with overrides applied."""
     s = str(source)
-    if s.startswith(PRESET_PREFIX):
+    if is_preset(s):
         return DeepseekConfig.from_name(s[len(PRESET_PREFIX):], **(overrides or {}))
     p = Path(s)
     if not p.exists():
@@ -60,7 +66,10 @@ def init_model(config: DeepseekConfig, *, seed: int = 0, dtype: str | torch.dtyp
     in bf16: building it in fp32 first would not fit a GPU).
     """
     config.validate()
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise DsmoeError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     tdtype = parse_dtype(dtype)
+    check_fits(config, tdtype, torch.device(device), what=f"a random {config.num_hidden_layers}-layer model")
     with torch.device("meta"):
         model = DeepseekForCausalLM(config).to(tdtype)
     model = model.to_empty(device=device)
@@ -80,20 +89,21 @@ def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def load(source: str | Path, *, dtype: str | torch.dtype | None = None, overrides: dict[str, Any] | None = None,
-         seed: int = 0, device: str | torch.device = "cpu") -> DeepseekForCausalLM:
+         seed: int = 0, device: str | torch.device = "cpu", allow_nonfinite: bool = False) -> DeepseekForCausalLM:
     """Load a checkpoint directory (safetensors) or build ``preset:NAME`` with random weights.
 
     ``dtype`` defaults to float32 for presets and to the checkpoint's ``torch_dtype`` otherwise;
-    ``device`` is where the model ends up (checkpoints are read on the CPU, then moved).
+    ``device`` is where the model ends up (checkpoints are read on the CPU, then moved). A weight
+    holding NaN or Inf is refused (naming it) unless ``allow_nonfinite``.
     """
     config = load_config(source, overrides)
-    if str(source).startswith(PRESET_PREFIX):
+    if is_preset(source):
         return init_model(config, seed=seed, dtype=dtype or "float32", device=device)
     tdtype = parse_dtype(dtype or config.torch_dtype)
     with torch.device("meta"):
         model = DeepseekForCausalLM(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
-    sd = load_state_dict(source, config, expected, tdtype)
+    sd = load_state_dict(source, config, expected, tdtype, check_finite=not allow_nonfinite)
     model.load_state_dict(sd, strict=False, assign=True)
     rebuild_rotary(model)  # non-persistent: not in the checkpoint
     if config.tie_word_embeddings:

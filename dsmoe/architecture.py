@@ -3,9 +3,15 @@ total and active per token, bytes per dtype. What ``dsmoe info`` prints and the 
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
 
 from dsmoe.config import DeepseekConfig
+from dsmoe.errors import DsmoeError
 
 
 @dataclass
@@ -43,3 +49,32 @@ def architecture(c: DeepseekConfig) -> Architecture:
     inactive = len(moe_layers) * ((c.n_routed_experts or 0) - (c.num_experts_per_tok or 0)) * expert
     return Architecture(c.num_hidden_layers, dense_layers, moe_layers, c.n_routed_experts or 0,
                         c.n_shared_experts or 0, c.num_experts_per_tok or 0, total, total - inactive, expert)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes this process can still allocate on ``device``: on a GPU what CUDA reports free; on the
+    CPU the least of the available RAM, the cgroup's remaining limit and the address-space rlimit."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    limits = [psutil.virtual_memory().available]
+    try:
+        cg = Path("/sys/fs/cgroup")
+        raw = (cg / "memory.max").read_text().strip()
+        if raw != "max":
+            limits.append(int(raw) - int((cg / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft - psutil.Process().memory_info().vms)
+    return max(min(limits), 0)
+
+
+def check_fits(config: DeepseekConfig, dtype: torch.dtype, device: torch.device, *, what: str = "the model") -> None:
+    """Refuse (one line, with the numbers) to build a model whose weights cannot fit in memory."""
+    need = architecture(config).params_total * dtype.itemsize
+    have = available_memory(device)
+    if need > have:
+        raise DsmoeError(f"{what} needs {need / 2**30:,.1f} GiB for its weights in {str(dtype).removeprefix('torch.')} "
+                         f"on {device}, but only {have / 2**30:,.1f} GiB are available (try a smaller preset, "
+                         "--set num_hidden_layers=N, or a 16-bit --dtype)")

@@ -17,61 +17,131 @@ renamed, so nothing half-written is left behind.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dsmoe.config import DeepseekConfig
-from dsmoe.contract import FP32_KEY, HF_STACKED, NON_PERSISTENT_KEY
+from dsmoe.contract import CORRECTION_BIAS, FP32_KEY, HF_STACKED, NON_PERSISTENT_KEY
 from dsmoe.dtypes import torch_name
-from dsmoe.errors import CheckpointError, DsmoeError
+from dsmoe.errors import CheckpointError
+from dsmoe.outputs import OutputDir
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                   if hasattr(torch, n))
 
 
-def shard_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory (via the index when sharded)."""
+def shard_plan(path: Path) -> list[tuple[Path, set[str] | None]]:
+    """The safetensors files of a checkpoint directory, each with the keys to read from it: with
+    ``model.safetensors.index.json``, exactly the keys its ``weight_map`` assigns to that file
+    (the index is the truth); without one, ``None`` (every key of the file)."""
     if (path / INDEX).is_file():
-        try:
-            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"malformed {path / INDEX}: {e}") from None
-        files = sorted(set(weight_map.values()))
-        for f in files:
-            if not (path / f).is_file():
-                raise CheckpointError(f"{INDEX} names shard {f!r}, which is missing from {path}")
-        return [path / f for f in files]
+        weight_map = _weight_map(path)
+        plan: dict[str, set[str]] = {}
+        for key, name in weight_map.items():
+            plan.setdefault(name, set()).add(key)
+        for name in plan:
+            if not (path / name).is_file():
+                raise CheckpointError(f"{INDEX} names shard {name!r}, which is missing from {path}")
+        return [(path / name, keys) for name, keys in sorted(plan.items())]
     if (path / SINGLE).is_file():
-        return [path / SINGLE]
+        return [(path / SINGLE, None)]
     found = sorted(path.glob("*.safetensors"))
     if found:
-        return found
+        return [(f, None) for f in found]
     if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
         raise CheckpointError(f"{path} holds only pickle weights (*.bin/*.pt); dsmoe loads safetensors only")
     raise CheckpointError(f"no weights in {path}: expected {SINGLE} or {INDEX}")
 
 
-def read_tensors(path: Path, dtype: torch.dtype):
-    """Yield ``(key, tensor)`` from every shard, memory-mapped, cast to ``dtype`` (fp32 keys kept)."""
-    for f in shard_files(path):
+def shard_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (via the index when sharded)."""
+    return [f for f, _ in shard_plan(path)]
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    """The index's ``{key: shard file}``, checked: string keys and values, shard names that stay
+    inside the checkpoint directory (no absolute paths, no ``..``)."""
+    try:
+        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"malformed {path / INDEX}: {type(e).__name__}: {e}") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"malformed {path / INDEX}: weight_map must be an object of key -> shard file")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"malformed {path / INDEX}: weight_map[{key!r}] is {name!r}, not a shard file name")
+        p = PurePosixPath(name)
+        if p.is_absolute() or ".." in p.parts or "\\" in name:
+            raise CheckpointError(f"{INDEX} names shard {name!r} for {key}, outside the checkpoint directory; "
+                                  "dsmoe reads only files inside it")
+    return weight_map
+
+
+def read_tensors(path: Path, dtype: torch.dtype, *, check_finite: bool = True):
+    """Yield ``(key, tensor)`` from every shard, memory-mapped, cast to ``dtype`` (fp32 keys kept).
+
+    A key is read from the one shard the index names; a key found in two shards, a key the index
+    lists that its shard lacks, and a key a shard holds that the index does not list are errors.
+    Every tensor must be floating point, and (unless ``check_finite`` is off) finite after the cast.
+    """
+    where: dict[str, str] = {}
+    for f, keys in shard_plan(path):
         try:
             with safe_open(str(f), framework="pt") as sf:
-                for key in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    if NON_PERSISTENT_KEY.search(key):
-                        continue
-                    t = sf.get_tensor(key)
-                    want = torch.float32 if FP32_KEY.search(key) else dtype
-                    yield key, (t.to(want) if t.is_floating_point() and t.dtype != want else t)
+                present = {k for k in sf.keys() if not NON_PERSISTENT_KEY.search(k)}  # noqa: SIM118
+                wanted = present if keys is None else {k for k in keys if not NON_PERSISTENT_KEY.search(k)}
+                _check_shard(f, present, wanted, keys is not None, where)
+                for key in sorted(wanted):
+                    where[key] = f.name
+                    yield key, _cast(key, sf.get_tensor(key), dtype, check_finite)
         except SafetensorError as e:
             raise CheckpointError(f"corrupt or truncated safetensors file {f.name}: {e}") from None
         except OSError as e:
             raise CheckpointError(f"cannot read {f}: {e}") from None
+
+
+def _check_shard(f: Path, present: set[str], wanted: set[str], indexed: bool, where: dict[str, str]) -> None:
+    lacking = sorted(wanted - present)
+    if lacking:
+        raise CheckpointError(f"{INDEX} puts {lacking[0]} in {f.name}, which does not hold it"
+                              + (f" (+{len(lacking) - 1} more)" if len(lacking) > 1 else ""))
+    seen = sorted(k for k in present if k in where)
+    if seen:
+        raise CheckpointError(f"key {seen[0]} is in two shards, {where[seen[0]]} and {f.name}: refusing an ambiguous "
+                              "checkpoint" + (f" (+{len(seen) - 1} more)" if len(seen) > 1 else ""))
+    if indexed:
+        stray = sorted(present - wanted)
+        if stray:
+            raise CheckpointError(f"{f.name} holds {stray[0]}, which {INDEX} does not list (or puts in another shard)"
+                                  + (f" (+{len(stray) - 1} more)" if len(stray) > 1 else ""))
+
+
+def _cast(key: str, t: torch.Tensor, dtype: torch.dtype, check_finite: bool) -> torch.Tensor:
+    if t.dtype in FP8_DTYPES:
+        raise CheckpointError(f"{key} is {torch_name(t.dtype)}: fp8 weights need their block scales "
+                              "(weight_scale_inv) to be dequantized, which this model type does not read")
+    if not t.is_floating_point():
+        raise CheckpointError(f"{key} has dtype {torch_name(t.dtype)}: model weights must be floating point "
+                              "(float32, float16 or bfloat16)")
+    want = torch.float32 if FP32_KEY.search(key) else dtype
+    if t.dtype != want:
+        t = t.to(want)
+    if check_finite and not all_finite(t):
+        raise CheckpointError(f"{key} holds NaN or Inf values (as {torch_name(want)}): a model with them computes "
+                              "garbage (--allow-nonfinite loads it anyway)")
+    return t
+
+
+def all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """Whether every element is finite, in chunks (no bool copy of a multi-GB tensor)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(c).all()) for c in flat.split(chunk))
 
 
 def unstack_experts(key: str, t: torch.Tensor, config: DeepseekConfig) -> dict[str, torch.Tensor]:
@@ -92,11 +162,11 @@ def unstack_experts(key: str, t: torch.Tensor, config: DeepseekConfig) -> dict[s
 
 
 def load_state_dict(path: str | Path, config: DeepseekConfig, expected: dict[str, torch.Size],
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                    dtype: torch.dtype, *, check_finite: bool = True) -> dict[str, torch.Tensor]:
     """Read and check a checkpoint against the model's expected ``{key: shape}``."""
     path = Path(path)
     sd: dict[str, torch.Tensor] = {}
-    for key, t in read_tensors(path, dtype):
+    for key, t in read_tensors(path, dtype, check_finite=check_finite):
         if HF_STACKED.match(key):
             sd.update(unstack_experts(key, t, config))
         else:
@@ -106,23 +176,40 @@ def load_state_dict(path: str | Path, config: DeepseekConfig, expected: dict[str
         expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
     unexpected = sorted(set(sd) - set(expected))
     missing = sorted(set(expected) - set(sd))
-    hint = " (config/weights mismatch: check num_hidden_layers, n_routed_experts, first_k_dense_replace)"
     if unexpected:
-        raise CheckpointError(f"unexpected key {unexpected[0]}" + (f" (+{len(unexpected) - 1} more)" if len(unexpected) > 1 else "") + hint)
+        raise CheckpointError(f"unexpected key {unexpected[0]}" + _more(unexpected) + mismatch_hint(unexpected))
     if missing:
-        raise CheckpointError(f"missing key {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "") + hint)
+        raise CheckpointError(f"missing key {missing[0]}" + _more(missing) + mismatch_hint(missing))
     for k, shape in expected.items():
         if tuple(sd[k].shape) != tuple(shape):
             raise CheckpointError(f"wrong shape for {k}: expected {list(shape)}, found {list(sd[k].shape)}")
     return sd
 
 
+def _more(keys: list[str]) -> str:
+    return f" (+{len(keys) - 1} more)" if len(keys) > 1 else ""
+
+
+MLA_KEY = re.compile(r"\.self_attn\.(q_a_proj|q_b_proj|q_a_layernorm|kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj)\.")
+
+
+def mismatch_hint(keys: list[str]) -> str:
+    """What a set of unexpected (or missing) keys says about the config they disagree with."""
+    if any(MLA_KEY.search(k) for k in keys):
+        return (" (these are Multi-head Latent Attention weights of a DeepSeek-V2/V3 checkpoint, whose config says "
+                "model_type deepseek_v2 or deepseek_v3, not deepseek)")
+    if any(FP32_KEY.search(k) for k in keys):
+        return (f" ({CORRECTION_BIAS} is the V3 routing bias: the config must say topk_method 'noaux_tc' and "
+                "scoring_func 'sigmoid' for a checkpoint that has it, and only then)")
+    return " (config/weights mismatch: check num_hidden_layers, n_routed_experts, first_k_dense_replace, moe_layer_freq)"
+
+
 def save_checkpoint(model: torch.nn.Module, out_dir: str | Path, *, dtype: torch.dtype | None = None,
                     max_shard_bytes: int = 5 * 2**30, force: bool = False) -> Path:
-    """Write ``config.json`` + safetensors (per-expert keys) atomically into ``out_dir``."""
-    out_dir = Path(out_dir)
-    tmp = prepare_output_dir(out_dir, force=force)
-    try:
+    """Write ``config.json`` + safetensors (per-expert keys) atomically into ``out_dir``
+    (:class:`dsmoe.outputs.OutputDir`: refused if it exists unless ``force``, never half-written)."""
+    with OutputDir(out_dir, force=force, kind="checkpoint") as staging:
+        tmp = staging.path
         config: DeepseekConfig = model.config
         sd = {}
         for k, t in model.state_dict().items():
@@ -147,11 +234,7 @@ def save_checkpoint(model: torch.nn.Module, out_dir: str | Path, *, dtype: torch
             total = sum(t.numel() * t.element_size() for t in sd.values())
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                  "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
-        commit_output_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+        return staging.commit()
 
 
 def _split_shards(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -165,27 +248,3 @@ def _split_shards(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str,
         shards[-1][k] = t
         size += n
     return shards
-
-
-def prepare_output_dir(out_dir: Path, *, force: bool) -> Path:
-    """Refuse an existing ``out_dir`` unless ``force``; return a fresh temporary sibling to fill."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise DsmoeError(f"output {out_dir} already exists (use --force to replace it)")
-    parent = out_dir.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise DsmoeError(f"cannot write output {out_dir}: {e.strerror or e}") from None
-
-
-def commit_output_dir(tmp: Path, out_dir: Path) -> None:
-    """Atomically move a finished temporary directory to ``out_dir`` (replacing an old one)."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()

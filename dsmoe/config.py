@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsmoe.errors import ConfigError
+from dsmoe.errors import ConfigError, DsmoeWarning
 from dsmoe.functional import ACTIVATIONS
 from dsmoe.routing import SCORING_FUNCS, TOPK_METHODS, RoutingSpec
 
@@ -52,8 +54,8 @@ class DeepseekConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    bos_token_id: int = 100000
-    eos_token_id: int = 100001
+    bos_token_id: int | None = 100000
+    eos_token_id: int | list[int] | None = 100001  # Hugging Face allows a list of stop ids
     initializer_range: float = 0.02
     torch_dtype: str = "bfloat16"
     model_type: str = "deepseek"
@@ -65,6 +67,12 @@ class DeepseekConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The stop ids: ``eos_token_id`` as a tuple (it may be one id, a list, or absent)."""
+        e = self.eos_token_id
+        return () if e is None else tuple(e) if isinstance(e, list) else (e,)
 
     @property
     def has_moe(self) -> bool:
@@ -125,6 +133,20 @@ class DeepseekConfig:
         if self.rope_scaling not in (None, {}):
             raise ConfigError(f"unsupported feature rope_scaling={json.dumps(self.rope_scaling)} "
                               "(only plain RoPE is supported)")
+        theta = self.rope_theta
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+            raise ConfigError(f"rope_theta must be a positive number, got {theta!r}")
+        head_dim = self.extra.get("head_dim")
+        if head_dim is not None and head_dim != self.head_dim:
+            raise ConfigError(f"head_dim {head_dim!r} disagrees with hidden_size {self.hidden_size} / "
+                              f"num_attention_heads {self.num_attention_heads} = {self.head_dim} (multi-head "
+                              "attention of model_type 'deepseek' has head_dim = hidden_size / heads)")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            ids = v if isinstance(v, list) else [v]
+            if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ConfigError(f"{name} must be a token id (an integer >= 0{', or a list of them' if name[0] == 'e' else ''}), "
+                                  f"got {v!r}")
         if not isinstance(self.rms_norm_eps, (int, float)) or self.rms_norm_eps <= 0:
             raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
         if self.has_moe:
@@ -148,6 +170,10 @@ class DeepseekConfig:
         if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
             raise ConfigError(f"routed_scaling_factor must be a positive number, got {self.routed_scaling_factor!r}")
         if self.topk_method == "greedy":
+            if (self.n_group or 1) > 1 or (self.topk_group or 1) > 1:
+                warnings.warn(DsmoeWarning(f"n_group {self.n_group} / topk_group {self.topk_group} are ignored: "
+                                           "topk_method 'greedy' chooses among all experts (group-limited routing "
+                                           "is topk_method 'group_limited_greedy' or 'noaux_tc')"), stacklevel=2)
             return
         G, TG = self.n_group or 1, self.topk_group or 1
         for name, v in (("n_group", G), ("topk_group", TG)):
@@ -172,6 +198,8 @@ class DeepseekConfig:
         d = dict(d)
         if d.get("topk_method") in TOPK_METHOD_ALIASES:
             d["topk_method"] = TOPK_METHOD_ALIASES[d["topk_method"]]
+        if "rope_parameters" in d:  # transformers v5 writes RoPE there
+            _read_rope_parameters(d)
         if "dtype" in d and "torch_dtype" not in d:  # transformers v5 writes "dtype"
             d["torch_dtype"] = d.pop("dtype")
         if d.get("model_type") not in (None, "deepseek") and d.get("model_type") in MLA_MODEL_TYPES:
@@ -220,6 +248,46 @@ class DeepseekConfig:
         return cls(**PRESETS[name]).override(overrides)
 
 
+ROPE_TYPES_WITH_SCALING = ("linear", "dynamic", "yarn", "longrope", "llama3")
+
+
+def _read_rope_parameters(d: dict[str, Any]) -> None:
+    """transformers-v5 ``rope_parameters`` → the ``rope_theta`` / ``rope_scaling`` fields (in place).
+
+    ``{"rope_theta": θ, "rope_type": "default"}`` is plain RoPE; any other ``rope_type`` becomes
+    ``rope_scaling`` (which :meth:`DeepseekConfig.validate` accepts or refuses by type). A field
+    it does not know, or a value that disagrees with a legacy ``rope_theta``/``rope_scaling`` in
+    the same file, is a :class:`ConfigError` — never a silent default.
+    """
+    rp = d.pop("rope_parameters")
+    if rp is None:
+        return
+    if not isinstance(rp, dict):
+        raise ConfigError(f"rope_parameters must be an object, got {rp!r}")
+    if any(isinstance(v, dict) for v in rp.values()):
+        raise ConfigError(f"per-layer-type rope_parameters ({', '.join(rp)}) are not supported")
+    rp = dict(rp)
+    theta = rp.pop("rope_theta", None)
+    if theta is not None:
+        if d.get("rope_theta") not in (None, theta):
+            raise ConfigError(f"rope_parameters.rope_theta {theta!r} disagrees with rope_theta {d['rope_theta']!r}")
+        d["rope_theta"] = theta
+    kind = rp.pop("rope_type", rp.pop("type", "default"))
+    if kind == "default":
+        if rp:
+            raise ConfigError(f"rope_parameters field {sorted(rp)[0]!r} is not understood for rope_type 'default'")
+        if d.get("rope_scaling") not in (None, {}):
+            raise ConfigError("rope_parameters says rope_type 'default' but rope_scaling is set")
+        return
+    if kind not in ROPE_TYPES_WITH_SCALING:
+        raise ConfigError(f"unknown rope_parameters.rope_type {kind!r}")
+    scaling = {"type": kind, **rp}
+    legacy = d.get("rope_scaling")
+    if legacy not in (None, {}) and {k: v for k, v in legacy.items() if k not in ("type", "rope_type")} != rp:
+        raise ConfigError("rope_parameters and rope_scaling disagree")
+    d["rope_scaling"] = scaling
+
+
 def _positive_int(cfg: DeepseekConfig, name: str) -> None:
     v = getattr(cfg, name)
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -237,6 +305,10 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
     if value is None:
         return None
     try:
+        if isinstance(value, list) and "list[int]" in t:  # e.g. eos_token_id: [1, 2]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError
+            return list(value)
         if t.startswith("int") and not isinstance(value, bool):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError

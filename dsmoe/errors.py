@@ -15,3 +15,13 @@ class ConfigError(DsmoeError):
 
 class CheckpointError(DsmoeError):
     """A checkpoint whose tensors do not match the config (missing, extra, wrong shape, corrupt)."""
+
+
+class NonFiniteError(DsmoeError):
+    """A computation produced NaN or Inf where a number is needed (exit code 1: a runtime failure)."""
+
+    exit_code = 1
+
+
+class DsmoeWarning(UserWarning):
+    """Something dsmoe accepted but ignores or cannot check; the CLI shows it as one ``warning:`` line."""

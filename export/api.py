@@ -1,17 +1,18 @@
 """``export_model``: load → capture → passes → lower → write → verify, into an atomic output dir.
 
 The output directory holds ``model.onnx`` (+ ``model.onnx.data`` past 2 GB), the model's
-``config.json`` and ``export_report.json``. It is filled in a temporary sibling and renamed; an
-existing one is refused unless ``force``. With ``verify`` the artifact is committed *and then*
-a failed check raises :class:`VerificationError` (exit code 1), so the failing model and its
-report stay available for inspection.
+``config.json`` and ``export_report.json``. It is written through :class:`dsmoe.outputs.OutputDir`
+(claimed, filled in a temporary sibling, swapped into place atomically; an existing one is
+replaced only with ``force`` and only when dsmoe wrote it). With ``verify`` the check runs
+*before* the commit: a failed export never replaces anything — it is kept at ``<out>.failed``
+for inspection and :class:`VerificationError` (exit code 1) says so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -23,18 +24,17 @@ import onnxscript
 import torch
 
 import dsmoe
-from dsmoe.checkpoint import commit_output_dir, prepare_output_dir
 from dsmoe.dtypes import VERIFY_RTOL, parse_dtype, tag, torch_name
 from dsmoe.export.lower import check_target, lower
-from dsmoe.export.onnx_writer import DATA_FILE, MODEL_FILE, OPSET, io_names, op_histogram, to_onnx
+from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, OPSET, REPORT_FILE, io_names, op_histogram, to_onnx
 from dsmoe.export.runner import OrtDecoder
 from dsmoe.ir import capture, sample_inputs
+from dsmoe.outputs import OutputDir
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import VerificationError, run_pipeline
 
 # ONNX exports are written in fp32 or fp16 (bf16 has no ONNX Runtime CPU kernels for MoE)
 EXPORT_DTYPES = (torch.float32, torch.float16)
-REPORT_FILE = "export_report.json"
 
 __all__ = ["REPORT_FILE", "VerificationError", "export_model", "parse_export_dtype", "verify_export"]
 
@@ -45,7 +45,8 @@ def parse_export_dtype(dtype: str) -> torch.dtype:
 
 def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp32", verify: bool = False,
                  force: bool = False, overrides: dict | None = None, fold_shared_experts: bool = False,
-                 ort_fusions: bool = True, progress: Callable[[str], None] | None = None) -> dict:
+                 ort_fusions: bool = True, progress: Callable[[str], None] | None = None,
+                 allow_nonfinite: bool = False) -> dict:
     """Export ``source`` (checkpoint dir or ``preset:NAME``) to ONNX in ``out``; returns the report.
 
     Raises :class:`DsmoeError` for user errors (unknown target/dtype, existing ``out`` without
@@ -56,12 +57,12 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
     check_target(target)
     tdtype = parse_export_dtype(dtype)
     config = dsmoe.load_config(source, overrides)  # fails fast on a bad source/override
-    out_dir = Path(out)
-    tmp = prepare_output_dir(out_dir, force=force)
+    inputs = [] if dsmoe.is_preset(source) else [source]
     step = _Stages(progress)
-    try:
+    with OutputDir(out, force=force, kind="export", inputs=inputs) as staging:
+        tmp = staging.path
         with step("load"):
-            model = dsmoe.load(source, dtype=tdtype, overrides=overrides)
+            model = dsmoe.load(source, dtype=tdtype, overrides=overrides, allow_nonfinite=allow_nonfinite)
         with step("capture"):
             gm = capture(model)
         with step("passes"):
@@ -75,27 +76,28 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
             hist = op_histogram(proto if proto is not None else _load_graph_only(tmp / MODEL_FILE))
             cfg = config.to_dict()
             cfg["torch_dtype"] = torch_name(tdtype)
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            config_text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+            (tmp / CONFIG_FILE).write_text(config_text)
         verification = None
         if verify:
             with step("verify"):
                 verification = verify_export(model, tmp, dtype=tdtype)
         report = {
             "source": str(source), "target": target, "dtype": tag(tdtype), "opset": OPSET,
-            "files": [*sorted(p.name for p in tmp.iterdir()), REPORT_FILE],
+            "files": [*sorted(p.name for p in tmp.iterdir() if not p.name.startswith(".")), REPORT_FILE],
             "model_bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.name in (MODEL_FILE, DATA_FILE)),
             "inputs": io_names(config.num_hidden_layers)[0], "outputs": io_names(config.num_hidden_layers)[1],
             "passes": [asdict(r) for r in pass_reports], "lowering": lowered.as_dict(), "ort_fusions": fusions, "onnx_ops": hist,
             "onnx_nodes": sum(hist.values()), "seconds": step.seconds, "versions": _versions(),
-            "verification": verification,
+            "verification": verification, "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        commit_output_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if verification is not None and not verification["passed"]:
-        raise VerificationError(f"ONNX Runtime differs from eager: {verification['summary']} (report: {out_dir / REPORT_FILE})")
+        if verification is not None and not verification["passed"]:
+            state = "left as it was" if Path(out).exists() else "not written"
+            kept = staging.set_aside("failed")
+            raise VerificationError(f"ONNX Runtime differs from eager: {verification['summary']}; {out}: {state}; "
+                                    f"the failed export is kept in {kept}")
+        staging.commit()
     return report
 
 
@@ -117,23 +119,32 @@ def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0)
     ref2, ref_past2 = model(nxt, mask2, pos2, ref_past, use_cache=True)
     got2, got_past2 = dec(nxt, mask2, pos2, ref_past)
     results["decode"] = _compare(ref2, got2, ref_past2, got_past2)
+    bad = [name for name, r in results.items() if not r["finite"]]
     worst = max(r["rel_err"] for r in results.values())
     max_abs = max(r["max_abs_err"] for r in results.values())
-    passed = bool(worst <= tol)  # NaN fails
+    passed = not bad and worst <= tol
+    if bad:
+        summary = f"non-finite outputs (NaN/Inf) in {', '.join(bad)}"
+    else:
+        summary = f"max abs error {max_abs:.3g}, relative {worst:.3g} ({'<=' if passed else '>'} {tol:g})"
     return {"passed": passed, "tolerance": tol, "max_abs_err": max_abs, "rel_err": worst, "cases": results,
-            "summary": f"max abs error {max_abs:.3g}, relative {worst:.3g} ({'<=' if passed else '>'} {tol:g})"}
+            "summary": summary}
 
 
 def _compare(ref, got, ref_past, got_past) -> dict:
-    ref, got = ref.float(), got.float()
+    """Errors of ONNX Runtime against eager; ``finite`` is False when either side has a NaN or Inf
+    (then the errors are not numbers to compare, and the check fails)."""
+    pairs = [(ref.float(), got.float())] + [(a.float(), b.float()) for ra, ga in zip(ref_past, got_past)
+                                            for a, b in zip(ra, ga)]
+    finite = all(bool(torch.isfinite(a).all() and torch.isfinite(b).all()) for a, b in pairs)
+    ref, got = pairs[0]
     abs_err = (ref - got).abs().max().item()
     rel = abs_err / max(ref.abs().max().item(), 1e-12)
-    kv = max(((a.float() - b.float()).abs().max().item() for ra, ga in zip(ref_past, got_past) for a, b in zip(ra, ga)),
-             default=0.0)
+    kv = max(((a - b).abs().max().item() for a, b in pairs[1:]), default=0.0)
+    kv_scale = max((a.abs().max().item() for a, _ in pairs[1:]), default=1.0)
     top1 = float((ref[:, -1].argmax(-1) == got[:, -1].argmax(-1)).float().mean().item())
-    kv_scale = max(t.float().abs().max().item() for kvp in ref_past for t in kvp)
-    return {"max_abs_err": abs_err, "rel_err": max(rel, kv / max(kv_scale, 1e-12)),
-            "cache_max_abs_err": kv, "top1_agreement": top1}
+    return {"max_abs_err": abs_err, "rel_err": max(rel, kv / max(kv_scale, 1e-12)), "cache_max_abs_err": kv,
+            "top1_agreement": top1, "finite": finite}
 
 
 def _load_graph_only(path: Path):

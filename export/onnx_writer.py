@@ -30,8 +30,11 @@ from torch.fx import GraphModule
 from dsmoe.ir import MAX_BATCH, MAX_SEQ, sample_inputs
 
 OPSET = 21
+# the export directory: the model, its external data past 2 GB, the model's config, the report
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+CONFIG_FILE = "config.json"
+REPORT_FILE = "export_report.json"
 TWO_GB = 2**31
 
 

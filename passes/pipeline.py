@@ -101,6 +101,9 @@ class _Verifier:
         self.inputs = [sample_inputs(config, batch=2, seq=7, past=0, seed=ctx.verify_seed, dtype=dtype, device=device),
                        sample_inputs(config, batch=2, seq=1, past=6, seed=ctx.verify_seed + 1, dtype=dtype, device=device)]
         self.refs = self._run()
+        if not all(bool(torch.isfinite(r).all()) for r in self.refs):
+            raise VerificationError("the captured graph's outputs are not finite (NaN/Inf) before any pass: "
+                                    "there is nothing to verify the passes against (check the weights)")
 
     @torch.no_grad()
     def _run(self) -> list[torch.Tensor]:
@@ -109,10 +112,12 @@ class _Verifier:
     def check(self, name: str) -> tuple[float, float]:
         abs_err = rel_err = 0.0
         for ref, out in zip(self.refs, self._run()):
+            if not bool(torch.isfinite(out).all()):
+                raise VerificationError(f"pass {name} made the model's outputs non-finite (NaN/Inf)")
             err = (out - ref).abs().max().item()
             abs_err = max(abs_err, err)
             rel_err = max(rel_err, err / max(ref.abs().max().item(), 1e-12))
-        if not rel_err <= self.tol:  # also catches NaN
+        if not rel_err <= self.tol:
             raise VerificationError(f"pass {name} changed the model's outputs: max abs error {abs_err:.3g} "
                                     f"(relative {rel_err:.3g} > tolerance {self.tol:g})")
         return abs_err, rel_err

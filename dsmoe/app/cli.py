@@ -7,8 +7,8 @@ with code 2 (verification failures: 1); ``--debug`` (on both entry points) shows
 from __future__ import annotations
 
 import json
-import shutil
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,11 +22,12 @@ from dsmoe.app.generate import run_generate
 from dsmoe.app.inspection import run_inspect
 from dsmoe.architecture import architecture
 from dsmoe.bench import SUITES, run_bench
-from dsmoe.checkpoint import commit_output_dir, prepare_output_dir, save_checkpoint
+from dsmoe.checkpoint import save_checkpoint
 from dsmoe.config import DeepseekConfig, parse_overrides
 from dsmoe.dtypes import parse_dtype
-from dsmoe.errors import DsmoeError
+from dsmoe.errors import DsmoeError, DsmoeWarning
 from dsmoe.export import export_model
+from dsmoe.outputs import OutputDir, check_target
 from dsmoe.plugins import build_kernels
 
 out = Console()
@@ -51,6 +52,8 @@ def _set_debug(ctx, param, value):
     return value
 
 
+nonfinite_option = click.option("--allow-nonfinite", is_flag=True,
+                                help="load weights holding NaN/Inf instead of refusing (you know why they are there)")
 kernels_option = click.option("--kernels", type=click.Choice(list(KERNELS)), default="reference", show_default=True,
                               help="what dsmoe::route / dsmoe::moe run on the CPU: the reference ops, or the "
                                    "Triton GPU kernels under Triton's interpreter (slow; verifies the kernels)")
@@ -78,8 +81,7 @@ def init(out_dir, preset, overrides, seed, dtype, force):
     """Write a random-weight checkpoint (HF layout) for a preset."""
     config = DeepseekConfig.from_name(preset, **_overrides(overrides))
     tdtype = parse_dtype(dtype)
-    if out_dir.exists() and not force:
-        raise DsmoeError(f"output {out_dir} already exists (use --force to replace it)")
+    check_target(out_dir, force=force)  # before minutes of work, not after
     with stage(f"initializing {preset} ({_arch_line(config)})"):
         model = init_model(config, seed=seed, dtype=tdtype)
     with stage(f"writing {out_dir}"):
@@ -126,14 +128,16 @@ def info(source, overrides, as_json):
 @click.option("--cuda-graph/--no-cuda-graph", default=None,
               help="fused on cuda: replay decode steps from a CUDA graph over a static KV cache [default: on]")
 @kernels_option
+@nonfinite_option
 @set_option
 @click.option("--json", "as_json", is_flag=True, help='print {"ids": [...]}')
 def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, device, cuda_graph,
-             kernels, overrides, as_json):
+             kernels, allow_nonfinite, overrides, as_json):
     """Greedy decoding with the KV cache (eager, fused graph, or an exported model in ORT)."""
     ids, text = run_generate(source=source, prompt_ids=prompt_ids, prompt=prompt, max_new_tokens=max_new_tokens,
                              backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts,
-                             overrides=_overrides(overrides), device=device, cuda_graph=cuda_graph, kernels=kernels)
+                             overrides=_overrides(overrides), device=device, cuda_graph=cuda_graph, kernels=kernels,
+                             allow_nonfinite=allow_nonfinite)
     if as_json:
         click.echo(json.dumps({"ids": ids} | ({"text": text} if text is not None else {})))
     else:
@@ -147,13 +151,15 @@ def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_sh
 @click.option("--no-verify", is_flag=True, help="skip the per-pass numerical check")
 @click.option("--dtype", default=None, help="float32 | float16 | bfloat16")
 @kernels_option
+@nonfinite_option
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def inspect(source, dump_after, fold_shared_experts, no_verify, dtype, kernels, overrides, as_json):
+def inspect(source, dump_after, fold_shared_experts, no_verify, dtype, kernels, allow_nonfinite, overrides, as_json):
     """Capture the model, run the passes with verification, print what each pass did."""
     doc = run_inspect(source=source, dump_after=dump_after, fold_shared_experts=fold_shared_experts,
                       verify=not no_verify, dtype=dtype, overrides=_overrides(overrides),
-                      dump=lambda text: click.echo(text, err=as_json), status=stage, kernels=kernels)
+                      dump=lambda text: click.echo(text, err=as_json), status=stage, kernels=kernels,
+                      allow_nonfinite=allow_nonfinite)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -190,7 +196,8 @@ def _export_options(f):
         click.option("--target", default="ort", show_default=True, help="ort | portable"),
         click.option("--dtype", default="fp32", show_default=True, help="fp32 | fp16"),
         click.option("--verify", is_flag=True, help="compare ONNX Runtime with eager; exit 1 beyond tolerance"),
-        click.option("--force", is_flag=True, help="replace --out if it exists"),
+        click.option("--force", is_flag=True, help="replace --out if it exists and dsmoe wrote it"),
+        nonfinite_option,
         set_option,
         debug_option,
     ]):
@@ -198,7 +205,7 @@ def _export_options(f):
     return f
 
 
-def _export(source, out_dir, target, dtype, verify, force, overrides):
+def _export(source, out_dir, target, dtype, verify, force, allow_nonfinite, overrides):
     """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime."""
     current = {"s": None}
 
@@ -211,7 +218,7 @@ def _export(source, out_dir, target, dtype, verify, force, overrides):
 
     try:
         report = export_model(source, out=str(out_dir), target=target, dtype=dtype, verify=verify, force=force,
-                              overrides=_overrides(overrides), progress=progress)
+                              overrides=_overrides(overrides), progress=progress, allow_nonfinite=allow_nonfinite)
     finally:
         if current["s"] is not None:
             current["s"].__exit__(None, None, None)
@@ -248,14 +255,12 @@ def bench(suite, backends, quick, out_dir, threads, preset, device, dtype, overr
 @click.option("--force", is_flag=True, help="replace --out if dsmoe wrote it")
 def build_kernels_cmd(archs, out_dir, force):
     """Compile the Triton kernels ahead of time (cubin + PTX + manifest.json), no GPU needed."""
-    tmp = prepare_output_dir(out_dir, force=force)
-    try:
-        manifest = build_kernels([a.strip() for a in archs.split(",") if a.strip()], tmp)
-        commit_output_dir(tmp, out_dir)
-    except (ValueError, RuntimeError) as e:
-        raise DsmoeError(str(e)) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with OutputDir(out_dir, force=force, kind="kernels") as staging:
+        try:
+            manifest = build_kernels([a.strip() for a in archs.split(",") if a.strip()], staging.path)
+        except (ValueError, RuntimeError) as e:
+            raise DsmoeError(str(e)) from None
+        staging.commit()
     err.print(f"wrote {out_dir}: {len(manifest['kernels'])} kernels for {archs}")
 
 
@@ -264,8 +269,20 @@ def _arch_line(config) -> str:
     return f"{a.params_total / 1e6:,.0f}M parameters"
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """dsmoe's own warnings as one ``warning:`` line; others as Python shows them."""
+    if issubclass(category, DsmoeWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def _run(command: click.Command, argv=None) -> None:
     _state["debug"] = False
+    warnings.showwarning = _show_warning
     try:
         command.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:

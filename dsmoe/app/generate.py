@@ -20,7 +20,7 @@ import dsmoe
 from dsmoe.app.cuda_graphs import StaticDecoder, Step, static_length
 from dsmoe.app.device import cpu_kernels, require_cuda_kernels, resolve_device
 from dsmoe.config import DeepseekConfig
-from dsmoe.errors import DsmoeError
+from dsmoe.errors import DsmoeError, NonFiniteError
 from dsmoe.export import MODEL_FILE, OrtDecoder
 from dsmoe.ir import capture
 from dsmoe.passes.context import PassContext
@@ -53,12 +53,13 @@ def empty_cache(config: DeepseekConfig, batch: int, dtype: torch.dtype, device="
 def greedy_generate(step: Step, config: DeepseekConfig, prompt_ids: list[int], max_new_tokens: int, *,
                     dtype: torch.dtype = torch.float32, stop_at_eos: bool = False,
                     device: str | torch.device = "cpu") -> list[int]:
-    """Greedy decoding with the KV cache: one prefill step, then one step per new token."""
-    if not prompt_ids:
-        raise DsmoeError("the prompt is empty")
-    bad = [i for i in prompt_ids if not 0 <= i < config.vocab_size]
-    if bad:
-        raise DsmoeError(f"prompt id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+    """Greedy decoding with the KV cache: one prefill step, then one step per new token.
+
+    The prompt plus the new tokens must fit the model's positions (``max_position_embeddings``);
+    a step whose logits are not finite stops with :class:`NonFiniteError` instead of emitting a
+    token read from NaN.
+    """
+    check_request(config, prompt_ids, max_new_tokens)
     ids = torch.tensor([prompt_ids], dtype=torch.int64, device=device)
     past = empty_cache(config, 1, dtype, device)
     out: list[int] = []
@@ -68,13 +69,34 @@ def greedy_generate(step: Step, config: DeepseekConfig, prompt_ids: list[int], m
         mask = torch.ones(1, pos + S, dtype=torch.int64, device=device)
         position_ids = torch.arange(pos, pos + S, dtype=torch.int64, device=device).unsqueeze(0)
         logits, past = step(ids, mask, position_ids, list(past))
-        nxt = int(torch.as_tensor(logits)[0, -1].argmax())
+        last = torch.as_tensor(logits)[0, -1]
+        if not bool(torch.isfinite(last).all()):
+            raise NonFiniteError(f"the model's logits are not finite (NaN/Inf) at step {len(out) + 1}: no token can be "
+                                 "chosen (were its weights loaded with --allow-nonfinite?)")
+        nxt = int(last.argmax())
         out.append(nxt)
         pos += S
         ids = torch.tensor([[nxt]], dtype=torch.int64, device=device)
-        if stop_at_eos and nxt == config.eos_token_id:
+        if stop_at_eos and nxt in config.eos_token_ids:
             break
     return out
+
+
+def check_request(config: DeepseekConfig, prompt_ids: list[int], max_new_tokens: int) -> None:
+    """A prompt and a number of new tokens the model can take, or one :class:`DsmoeError`."""
+    if not prompt_ids:
+        raise DsmoeError("the prompt is empty")
+    bad = [i for i in prompt_ids if not 0 <= i < config.vocab_size]
+    if bad:
+        raise DsmoeError(f"prompt id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+    if max_new_tokens < 1:
+        raise DsmoeError("--max-new-tokens must be at least 1")
+    limit = config.max_position_embeddings
+    if len(prompt_ids) + max_new_tokens > limit:
+        raise DsmoeError(f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's "
+                         f"{limit} positions (max_position_embeddings); ask for at most "
+                         f"{max(limit - len(prompt_ids), 0)} new tokens, or raise the limit with "
+                         "--set max_position_embeddings=N at your own risk (RoPE beyond its trained range)")
 
 
 def generate_ort(export_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, *,
@@ -103,14 +125,20 @@ def _prompt(source: str, prompt_ids: str | None, prompt: str | None):
         from tokenizers import Tokenizer  # lazy: optional dependency
     except ImportError:
         raise DsmoeError("--prompt needs the 'tokenizers' package (pip install tokenizers)") from None
-    tok = Tokenizer.from_file(str(tok_path))
-    return tok.encode(prompt).ids, tok
+    try:
+        tok = Tokenizer.from_file(str(tok_path))
+    except Exception as e:  # the tokenizers package raises plain Exceptions for a bad file
+        raise DsmoeError(f"cannot read {tok_path}: not a valid tokenizer.json ({str(e).splitlines()[0][:160]})") from None
+    ids = tok.encode(prompt).ids
+    if not ids:
+        raise DsmoeError(f"--prompt {prompt!r} encodes to no tokens with {tok_path}")
+    return ids, tok
 
 
 def run_generate(*, source: str, prompt_ids: str | None = None, prompt: str | None = None, max_new_tokens: int = 16,
                  backend: str = "eager", dtype: str | None = None, fold_shared_experts: bool = False,
                  overrides: dict | None = None, device: str = "cpu", cuda_graph: bool | None = None,
-                 kernels: str = "reference") -> tuple[list[int], str | None]:
+                 allow_nonfinite: bool = False, kernels: str = "reference") -> tuple[list[int], str | None]:
     """Returns the generated ids (and their text when a tokenizer was used). ``kernels``
     (``reference`` | ``triton-interpret``) is what the fused graph's ops run on the CPU."""
     if max_new_tokens < 1:
@@ -123,8 +151,14 @@ def run_generate(*, source: str, prompt_ids: str | None = None, prompt: str | No
                              f"(run: dsmoe-export {source} --out DIR)")
         if backend != "ort":
             raise DsmoeError(f"{source} is an ONNX export: use --backend ort")
-        if device != "cpu" or kernels != "reference":
-            raise DsmoeError("the ort backend runs on ONNX Runtime's CPU execution provider: drop --device/--kernels")
+        unused = [flag for flag, given in (("--device", device != "cpu"), ("--dtype", dtype is not None),
+                                           ("--set", bool(overrides)), ("--fold-shared-experts", fold_shared_experts),
+                                           ("--cuda-graph", cuda_graph is not None),
+                                           ("--allow-nonfinite", allow_nonfinite),
+                                           ("--kernels", kernels != "reference")) if given]
+        if unused:
+            raise DsmoeError(f"{', '.join(unused)} do(es) not apply to an exported model (the ort backend runs "
+                             "the export as it was written, on ONNX Runtime's CPU provider); drop it")
         new = generate_ort(source, ids, max_new_tokens)
     else:
         dev = resolve_device(device)
@@ -135,8 +169,9 @@ def run_generate(*, source: str, prompt_ids: str | None = None, prompt: str | No
                              "(and no --device)")
         if dev.type == "cuda" and backend == "fused":
             require_cuda_kernels()
+        check_request(dsmoe.load_config(source, overrides), ids, max_new_tokens)  # before loading any weight
         with cpu_kernels(kernels):
-            model = dsmoe.load(source, dtype=dtype, overrides=overrides, device=dev)
+            model = dsmoe.load(source, dtype=dtype, overrides=overrides, device=dev, allow_nonfinite=allow_nonfinite)
             config, mdtype = model.config, next(model.parameters()).dtype
             if backend == "eager":
                 step = eager_step(model)

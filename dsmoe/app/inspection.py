@@ -15,22 +15,23 @@ from dsmoe.passes.pipeline import PASSES, report_json, run_pipeline
 
 def run_inspect(*, source: str, dump_after: str | None = None, fold_shared_experts: bool = False, verify: bool = True,
                 dtype: str | None = None, overrides: dict | None = None, dump: Callable[[str], None] = print,
-                status: Callable = lambda text: nullcontext(), kernels: str = "reference") -> dict:
+                status: Callable = lambda text: nullcontext(), kernels: str = "reference",
+                allow_nonfinite: bool = False) -> dict:
     """Returns ``{"passes": [...], "ops": {...}, "captured_nodes", "captured_param_bytes",
     "captured_nodes_per_layer", "capture_seconds", "kernels"}``. With ``kernels="triton-interpret"``
     the per-pass verification runs the fused ops through the interpreted Triton kernels."""
     with cpu_kernels(kernels):
-        doc = _inspect(source, dump_after, fold_shared_experts, verify, dtype, overrides, dump, status)
+        doc = _inspect(source, dump_after, fold_shared_experts, verify, dtype, overrides, dump, status, allow_nonfinite)
     doc["kernels"] = kernels
     return doc
 
 
-def _inspect(source, dump_after, fold_shared_experts, verify, dtype, overrides, dump, status) -> dict:
+def _inspect(source, dump_after, fold_shared_experts, verify, dtype, overrides, dump, status, allow_nonfinite) -> dict:
     names = [n for n, _ in PASSES]
     if dump_after is not None and dump_after not in names:
         raise DsmoeError(f"unknown pass {dump_after!r} for --dump-after (passes: {', '.join(names)})")
     with status(f"loading {source}"):
-        model = dsmoe.load(source, dtype=dtype, overrides=overrides)
+        model = dsmoe.load(source, dtype=dtype, overrides=overrides, allow_nonfinite=allow_nonfinite)
     with status("capturing (torch.export)"):
         gm, seconds = timed_capture(model)
     s = summary(gm)
