@@ -161,6 +161,33 @@ def unstack_experts(key: str, t: torch.Tensor, config: DeepseekConfig) -> dict[s
     return out
 
 
+def read_part(path: str | Path, config: DeepseekConfig, expected: dict[str, torch.Size], dtype: torch.dtype, *,
+              check_finite: bool = True) -> dict[str, torch.Tensor]:
+    """Read only the keys of ``expected`` (one layer, say) from a checkpoint, memory-mapped, cast
+    to ``dtype``, in the on-disk per-expert layout; missing or wrongly shaped keys are errors. What
+    the streaming exporter reads one part of the model at a time with."""
+    path = Path(path)
+    stacked = {m.group(1) for k in expected if (m := re.match(r"^(.*\.mlp\.experts)\.\d+\.", k))}
+    sd: dict[str, torch.Tensor] = {}
+    for f, keys in shard_plan(path):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sorted(keys if keys is not None else sf.keys()):
+                    hf = HF_STACKED.match(key)
+                    if key in expected or (hf and hf.group(1) in stacked):
+                        t = _cast(key, sf.get_tensor(key), dtype, check_finite)
+                        sd.update(unstack_experts(key, t, config) if hf else {key: t})
+        except SafetensorError as e:
+            raise CheckpointError(f"corrupt or truncated safetensors file {f.name}: {e}") from None
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise CheckpointError(f"missing key {missing[0]}" + _more(missing) + mismatch_hint(missing))
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != tuple(shape):
+            raise CheckpointError(f"wrong shape for {k}: expected {list(shape)}, found {list(sd[k].shape)}")
+    return {k: sd[k] for k in expected}
+
+
 def load_state_dict(path: str | Path, config: DeepseekConfig, expected: dict[str, torch.Size],
                     dtype: torch.dtype, *, check_finite: bool = True) -> dict[str, torch.Tensor]:
     """Read and check a checkpoint against the model's expected ``{key: shape}``."""

@@ -260,16 +260,25 @@ def init_weights(model: DeepseekForCausalLM, seed: int = 0) -> DeepseekForCausal
     g = torch.Generator(device).manual_seed(seed)
     std = model.config.initializer_range
     for name, p in model.named_parameters():
-        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-            p.fill_(1.0)
-        elif name.endswith(".bias"):
-            p.zero_()
-        else:
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32, device=device) * std)
+        p.copy_(init_value(name, p.shape, g, std, device))
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
-            b.copy_(torch.randn(b.shape, generator=g, dtype=torch.float32, device=device) * 0.01)
+            b.copy_(init_value(name, b.shape, g, std, device))
     return model
+
+
+def init_value(name: str, shape, g: torch.Generator, std: float, device="cpu") -> torch.Tensor:
+    """The initial fp32 value of parameter (or routing-bias buffer) ``name``: norms 1, biases 0,
+    the routing bias normal(0, 0.01), every other weight normal(0, std), drawn from ``g``. The one
+    rule :func:`init_weights` and the layer-by-layer checkpoint writer (:mod:`dsmoe.streaming`)
+    share: the same draws in the same order give the same weights."""
+    if name.endswith("e_score_correction_bias"):
+        return torch.randn(shape, generator=g, dtype=torch.float32, device=device) * 0.01
+    if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=torch.float32, device=device)
+    if name.endswith(".bias"):
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+    return torch.randn(shape, generator=g, dtype=torch.float32, device=device) * std
 
 
 def rebuild_rotary(model: nn.Module) -> None:

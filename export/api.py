@@ -25,13 +25,21 @@ import torch
 
 import dsmoe
 from dsmoe.dtypes import VERIFY_RTOL, parse_dtype, tag, torch_name
+from dsmoe.architecture import architecture
+from dsmoe.errors import DsmoeError
 from dsmoe.export.lower import check_target, lower
+from dsmoe.export.lower_quant import int4_initializers, lower_quantized, quant_scheme
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, OPSET, REPORT_FILE, io_names, op_histogram, to_onnx
+from dsmoe.export.quant_report import module_bytes, part_bytes, quality
 from dsmoe.export.runner import OrtDecoder
+from dsmoe.export.verify_quant import check_quantized_ops, op_check_feeds
+from dsmoe.export.stream import (StreamedWeights, meta_model, must_stream, peak_rss_bytes, streamed_checks,
+                                 swap_in_placeholders, template)
 from dsmoe.ir import capture, sample_inputs
 from dsmoe.outputs import OutputDir
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import VerificationError, run_pipeline
+from dsmoe.quantized import quantized_reference
 
 # ONNX exports are written in fp32 or fp16 (bf16 has no ONNX Runtime CPU kernels for MoE)
 EXPORT_DTYPES = (torch.float32, torch.float16)
@@ -46,42 +54,85 @@ def parse_export_dtype(dtype: str) -> torch.dtype:
 def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp32", verify: bool = False,
                  force: bool = False, overrides: dict | None = None, fold_shared_experts: bool = False,
                  ort_fusions: bool = True, progress: Callable[[str], None] | None = None,
-                 allow_nonfinite: bool = False) -> dict:
+                 allow_nonfinite: bool = False, quant: str | None = None, block_size: int | None = None,
+                 quant_scope: str | None = None, asymmetric: bool = False, stream: bool | None = None) -> dict:
     """Export ``source`` (checkpoint dir or ``preset:NAME``) to ONNX in ``out``; returns the report.
 
     Raises :class:`DsmoeError` for user errors (unknown target/dtype, existing ``out`` without
     ``force``, bad source) and :class:`VerificationError` (``exit_code = 1``) when ``verify``
     finds ONNX Runtime and eager apart beyond :data:`dsmoe.dtypes.VERIFY_RTOL`. ``ort_fusions`` (target ``ort``
     only) applies ONNX Runtime's contrib fusions for norms, rotary and attention.
+
+    ``quant`` (``int8``/``int4``; with ``block_size``, ``quant_scope``, ``asymmetric``) exports
+    weight-only quantized weights (:mod:`dsmoe.export.lower_quant`); the report's ``quant`` holds the
+    scheme, the bytes per part and the accuracy (:mod:`dsmoe.export.quant_report`), measured on
+    every quantized export; ``verify`` then fails on the first check (exactness). ``stream``
+    (default: when the fp32 model would not fit in memory) exports a checkpoint one layer at a time
+    (:mod:`dsmoe.export.stream`).
     """
     check_target(target)
     tdtype = parse_export_dtype(dtype)
     config = dsmoe.load_config(source, overrides)  # fails fast on a bad source/override
+    scheme = quant_scheme(config, target=target, dtype=tdtype, quant=quant, block_size=block_size,
+                          scope=quant_scope, asymmetric=asymmetric)
+    stream = _should_stream(source, config, scheme, stream, fold_shared_experts)
     inputs = [] if dsmoe.is_preset(source) else [source]
     step = _Stages(progress)
     with OutputDir(out, force=force, kind="export", inputs=inputs) as staging:
         tmp = staging.path
-        with step("load"):
-            model = dsmoe.load(source, dtype=tdtype, overrides=overrides, allow_nonfinite=allow_nonfinite)
-        with step("capture"):
-            gm = capture(model)
-        with step("passes"):
-            gm, pass_reports = run_pipeline(gm, PassContext(fold_shared_experts=fold_shared_experts))
-        with step("lower"):
-            lowered = lower(gm, target=target)
+        model = gm = None
+        if stream:
+            with step("capture"):  # the whole graph on the meta device: capture, passes, lowering
+                gm, pass_reports, lowered = template(config, target=target, scheme=scheme)
+                fp_bytes = module_bytes(meta_model(config))
+                q_bytes = part_bytes(list(gm.named_parameters()) + list(gm.named_buffers()))
+                placeholders = swap_in_placeholders(gm, config)
+            writer = StreamedWeights(source, config, target=target, scheme=scheme, placeholders=placeholders,
+                                     check_finite=not allow_nonfinite, progress=progress)
+            export_kw = dict(should_fold=lambda node: False if any(v is not None and v.name in placeholders
+                                                                   for v in node.inputs) else None, save=writer)
+        else:
+            with step("load"):
+                model = dsmoe.load(source, dtype=tdtype, overrides=overrides, allow_nonfinite=allow_nonfinite)
+            with step("capture"):
+                gm = capture(model)
+            with step("passes"):
+                gm, pass_reports = run_pipeline(gm, PassContext(fold_shared_experts=fold_shared_experts))
+            with step("lower"):
+                fp_bytes = module_bytes(model) if scheme else None
+                lowered = lower(gm, target=target) if scheme is None else lower_quantized(gm, target=target, scheme=scheme)
+                q_bytes = part_bytes(list(gm.named_parameters()) + list(gm.named_buffers())) if scheme else None
+            export_kw = {}
         with step("write"):
             proto, fusions = to_onnx(gm, tmp / MODEL_FILE, config=config, dtype=tdtype,
-                                     ort_fusions=ort_fusions and target == "ort")
+                                     ort_fusions=ort_fusions and target == "ort",
+                                     edit=int4_initializers if scheme and target == "portable" else None, **export_kw)
             del gm
             hist = op_histogram(proto if proto is not None else _load_graph_only(tmp / MODEL_FILE))
             cfg = config.to_dict()
             cfg["torch_dtype"] = torch_name(tdtype)
             config_text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
             (tmp / CONFIG_FILE).write_text(config_text)
-        verification = None
-        if verify:
+        verification = quant_doc = None
+        if scheme is not None:  # both checks run on every quantized export
+            with step("verify"):
+                if stream:
+                    end_to_end, accuracy = streamed_checks(source, config, scheme, tmp, progress=progress,
+                                                           check_finite=not allow_nonfinite)
+                else:
+                    reference = quantized_reference(model, scheme)
+                    end_to_end = verify_export(reference, tmp, dtype=tdtype)
+                    accuracy = quality(model, reference, tmp)
+                    del reference
+                # check 1: ort's kernels quantize activations, so op by op (verify_quant explains why)
+                verification = check_quantized_ops(tmp, op_check_feeds(config)) if scheme.act_quant else end_to_end
+            quant_doc = {"scheme": scheme.as_dict(), "bytes": q_bytes, "bytes_unquantized": fp_bytes,
+                         "exactness": verification, "end_to_end_vs_reference": _brief(end_to_end),
+                         "quality": accuracy, "streamed": stream, "peak_rss_bytes": peak_rss_bytes()}
+        elif verify:
             with step("verify"):
                 verification = verify_export(model, tmp, dtype=tdtype)
+        del model
         report = {
             "source": str(source), "target": target, "dtype": tag(tdtype), "opset": OPSET,
             "files": [*sorted(p.name for p in tmp.iterdir() if not p.name.startswith(".")), REPORT_FILE],
@@ -90,15 +141,43 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
             "passes": [asdict(r) for r in pass_reports], "lowering": lowered.as_dict(), "ort_fusions": fusions, "onnx_ops": hist,
             "onnx_nodes": sum(hist.values()), "seconds": step.seconds, "versions": _versions(),
             "verification": verification, "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+            "quant": quant_doc,
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        if verification is not None and not verification["passed"]:
+        if verify and verification is not None and not verification["passed"]:
             state = "left as it was" if Path(out).exists() else "not written"
             kept = staging.set_aside("failed")
-            raise VerificationError(f"ONNX Runtime differs from eager: {verification['summary']}; {out}: {state}; "
+            what = "the quantized reference" if scheme else "eager"
+            raise VerificationError(f"ONNX Runtime differs from {what}: {verification['summary']}; {out}: {state}; "
                                     f"the failed export is kept in {kept}")
         staging.commit()
     return report
+
+
+def _brief(check: dict) -> dict:
+    """The end-to-end comparison with the quantized reference, as reported beside the op-level check."""
+    return {k: check[k] for k in ("rel_err", "max_abs_err", "summary") if k in check}
+
+
+def _should_stream(source, config, scheme, stream: bool | None, fold_shared_experts: bool) -> bool:
+    """Whether to stream (``None``: when the fp32 model would not fit); what cannot stream is one line."""
+    big = must_stream(config)
+    if stream is None:
+        stream = scheme is not None and big and not dsmoe.is_preset(source)
+    if not stream:
+        if scheme is not None and big and dsmoe.is_preset(source):
+            raise DsmoeError(f"{source} does not fit in memory in fp32 ({architecture(config).params_total * 4 / 2**30:,.1f} "
+                             "GiB); a quantized export streams it from a checkpoint: write one with dsmoe init DIR "
+                             f"--preset {str(source).removeprefix('preset:')} --dtype bfloat16, then export DIR")
+        return False
+    if scheme is None:
+        raise DsmoeError("--stream applies only with --quant (an unquantized export holds the whole model)")
+    if dsmoe.is_preset(source):
+        raise DsmoeError(f"--stream reads a checkpoint directory part by part: write {source} with dsmoe init DIR "
+                         f"--preset {str(source).removeprefix('preset:')} first")
+    if fold_shared_experts:
+        raise DsmoeError("--fold-shared-experts does not apply to a streamed export")
+    return True
 
 
 @torch.no_grad()

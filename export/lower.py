@@ -112,6 +112,13 @@ def moe_dense_std(x, weights, ids, w13t, w2t):
     return (out.float() * combine.transpose(0, 1).unsqueeze(-1)).sum(dim=0).to(x.dtype)
 
 
+def interleave_gate_up(w13: torch.Tensor) -> torch.Tensor:
+    """``[.., 2I, K]`` gate rows then up rows → rows interleaved ``g0, u0, g1, u1, …`` (what ORT's
+    ``MoE``/``QMoE`` CPU kernels take with ``swiglu_fusion=1``)."""
+    *lead, twoI, K = w13.shape
+    return w13.reshape(*lead, 2, twoI // 2, K).transpose(-3, -2).reshape(*lead, twoI, K).contiguous()
+
+
 # ---- per-op lowerings: (gm, node, report) → replaces the node ----------------------------------
 
 def _check_activation(node: Node, activation: str) -> None:
@@ -148,10 +155,8 @@ def _lower_moe_ort(gm: GraphModule, node: Node, report: LowerReport) -> None:
     if w13_n.op != "get_attr" or w2_n.op != "get_attr":
         raise LoweringError(f"{node.name} (dsmoe::moe): expert weights must be parameters for com.microsoft.MoE")
     w13 = attr(gm, w13_n)
-    E, twoI, H = w13.shape
-    # ORT's CPU kernel wants gate/up interleaved per row pair (swiglu_fusion=1): g0,u0,g1,u1,...
-    w13i = w13.view(E, 2, twoI // 2, H).transpose(1, 2).reshape(E, twoI, H).contiguous()
-    w13i_n = add_buffer_beside(gm, w13_n, "w13_interleaved", w13i)
+    E = w13.shape[0]
+    w13i_n = add_buffer_beside(gm, w13_n, "w13_interleaved", interleave_gate_up(w13))
     route = _route_of(node)
     spec = RoutingSpec.from_node(route) if route is not None else None
     if spec is not None and spec.scoring == "softmax" and not spec.group_limited and route.args[2] is None:
@@ -196,8 +201,13 @@ def check_target(target: str) -> None:
 def lower(gm: GraphModule, *, target: str) -> LowerReport:
     """Rewrite every ``dsmoe::*`` node of ``gm`` for ``target`` (in place); report what became what."""
     check_target(target)
-    table = LOWERINGS[target]
-    report = LowerReport(target)
+    return apply_lowerings(gm, LOWERINGS[target], LowerReport(target))
+
+
+def apply_lowerings(gm: GraphModule, table: dict, report: LowerReport) -> LowerReport:
+    """Lower every node whose target is in ``table`` (in the table's order), then check that no
+    ``dsmoe`` op is left and clean up; the quantized lowerings (``lower_quant``) share it."""
+    target = report.target
     # Lowering order is the table's order (moe before route, see above).
     for op, fn in table.items():
         for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]:

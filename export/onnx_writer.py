@@ -20,6 +20,8 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+import onnxscript.optimizer
+import onnxscript.rewriter.onnx_fusions
 import torch
 from onnx import TensorProto, helper
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
@@ -59,9 +61,11 @@ class _Decoder(nn.Module):
         return (logits, *[t for kv in present for t in kv])
 
 
-def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype,
-            ort_fusions: bool = False) -> tuple[onnx.ModelProto | None, dict[str, int]]:
-    """Export the lowered decoder ``gm`` to ``path`` through :func:`export_module`."""
+def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype, ort_fusions: bool = False,
+            edit: Callable | None = None, **export_kw) -> tuple[onnx.ModelProto | None, dict[str, int]]:
+    """Export the lowered decoder ``gm`` to ``path`` through :func:`export_module` (``edit``: one
+    more edit of the ONNX IR before it is saved, e.g. the quantized lowering's int4 tensors;
+    ``export_kw``: the streaming exporter's ``should_fold`` and ``save``)."""
     args = sample_inputs(config, batch=2, seq=3, past=5, dtype=dtype)
     B = Dim("batch", min=1, max=MAX_BATCH)
     S = Dim("seq", min=1, max=MAX_SEQ)
@@ -70,13 +74,15 @@ def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype,
     dynamic = ({0: B, 1: S}, {0: B, 1: Dim.AUTO}, {0: B, 1: S}, kv)
     names_in, names_out = io_names(config.num_hidden_layers)
     return export_module(_Decoder(gm), tuple(args), path, dynamic_shapes=dynamic, input_names=names_in,
-                         output_names=names_out, ort_fusions=ort_fusions,
-                         edit=lambda model: _name_dynamic_axes(model, config.num_hidden_layers))
+                         output_names=names_out, ort_fusions=ort_fusions, **export_kw,
+                         edit=lambda model: (_name_dynamic_axes(model, config.num_hidden_layers),
+                                             edit(model) if edit else None))
 
 
 def export_module(module: nn.Module, args: tuple, path: Path, *, dynamic_shapes, input_names: list[str],
-                  output_names: list[str], ort_fusions: bool = False,
-                  edit: Callable | None = None) -> tuple[onnx.ModelProto | None, dict[str, int]]:
+                  output_names: list[str], ort_fusions: bool = False, edit: Callable | None = None,
+                  should_fold: Callable | None = None,
+                  save: Callable | None = None) -> tuple[onnx.ModelProto | None, dict[str, int]]:
     """``torch.onnx.export(dynamo=True)`` of ``module`` at :data:`OPSET` to ``path`` (+ external
     data once the initializers pass 2 GB), then ``edit(model)`` on the ONNX IR before saving, and
     ``onnx.checker``'s full check. Returns the proto when it is held in memory (small models),
@@ -87,6 +93,11 @@ def export_module(module: nn.Module, args: tuple, path: Path, *, dynamic_shapes,
     MultiHeadAttention). Kept for the ``ort`` target because it measured faster: on the ``small``
     preset, fp32, 2-core CPU, decode (1 token after 128) 12.7–13.8 ms → 10.6–10.9 ms, prefill of
     128 tokens unchanged (97–110 ms either way), outputs equal to 8e-7 relative.
+
+    The streaming exporter (:mod:`dsmoe.export.stream`) exports a graph whose weights are
+    placeholders: ``should_fold(node)`` (onnxscript's hook: False = never fold this node) keeps
+    the optimizer from folding them, and ``save(model, path)`` writes the real weights instead of
+    the exporter's ``save``.
     """
     onnx_log = logging.getLogger("torch.onnx")
     level = onnx_log.level
@@ -96,7 +107,10 @@ def export_module(module: nn.Module, args: tuple, path: Path, *, dynamic_shapes,
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic_shapes,
                                      input_names=input_names, output_names=output_names,
-                                     opset_version=OPSET, optimize=True, verbose=False, report=False)
+                                     opset_version=OPSET, optimize=should_fold is None, verbose=False, report=False)
+            if should_fold is not None:  # what optimize=True runs, with the folding hook
+                onnxscript.optimizer.optimize_ir(prog.model, should_fold=should_fold)
+                onnxscript.rewriter.onnx_fusions.fuse(prog.model)
     finally:
         onnx_log.setLevel(level)
     if edit is not None:
@@ -108,7 +122,11 @@ def export_module(module: nn.Module, args: tuple, path: Path, *, dynamic_shapes,
         fusions = {k: v for k, v in (fused or {}).items() if v}
     size = sum(v.const_value.nbytes for v in prog.model.graph.initializers.values() if v.const_value is not None)
     large = size >= TWO_GB
-    prog.save(str(path), external_data=large)
+    if save is not None:
+        save(prog.model, path)
+        large = True
+    else:
+        prog.save(str(path), external_data=large)
     if ort_fusions:
         _expand_unregistered_norms(path)
     onnx.checker.check_model(str(path), full_check=True)

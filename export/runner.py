@@ -28,6 +28,11 @@ def session(path: str | Path, *, threads: int | None = None, optimize: bool = Tr
         so.inter_op_num_threads = 1
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    # ORT fuses a blocked DequantizeLinear + MatMul (a portable quantized export) into MatMulNBits,
+    # by default at accuracy level 4 (int8 activations): level 1 keeps the standard ops' fp32
+    # semantics, so a portable export computes what it says. (ort-target MatMulNBits nodes carry
+    # their own accuracy_level attribute; this setting does not touch them.)
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 

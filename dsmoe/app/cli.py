@@ -16,19 +16,19 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from dsmoe import init_model, load_config
+from dsmoe import load_config
 from dsmoe.app.device import KERNELS
 from dsmoe.app.generate import run_generate
 from dsmoe.app.inspection import run_inspect
 from dsmoe.architecture import architecture
 from dsmoe.bench import SUITES, run_bench
-from dsmoe.checkpoint import save_checkpoint
 from dsmoe.config import DeepseekConfig, parse_overrides
 from dsmoe.dtypes import parse_dtype
 from dsmoe.errors import DsmoeError, DsmoeWarning
 from dsmoe.export import export_model
 from dsmoe.outputs import OutputDir, check_target
 from dsmoe.plugins import build_kernels
+from dsmoe.streaming import write_random_checkpoint
 
 out = Console()
 err = Console(stderr=True)
@@ -82,10 +82,8 @@ def init(out_dir, preset, overrides, seed, dtype, force):
     config = DeepseekConfig.from_name(preset, **_overrides(overrides))
     tdtype = parse_dtype(dtype)
     check_target(out_dir, force=force)  # before minutes of work, not after
-    with stage(f"initializing {preset} ({_arch_line(config)})"):
-        model = init_model(config, seed=seed, dtype=tdtype)
-    with stage(f"writing {out_dir}"):
-        save_checkpoint(model, out_dir, dtype=tdtype, force=force)
+    with stage(f"initializing and writing {preset} ({_arch_line(config)}) to {out_dir}, layer by layer"):
+        write_random_checkpoint(config, out_dir, seed=seed, dtype=tdtype, force=force)
     err.print(f"wrote {out_dir} ({preset}, seed {seed}, {dtype})")
 
 
@@ -196,6 +194,18 @@ def _export_options(f):
         click.option("--target", default="ort", show_default=True, help="ort | portable"),
         click.option("--dtype", default="fp32", show_default=True, help="fp32 | fp16"),
         click.option("--verify", is_flag=True, help="compare ONNX Runtime with eager; exit 1 beyond tolerance"),
+        click.option("--quant", default=None, metavar="int8|int4",
+                     help="weight-only block quantization (router and embeddings stay fp32)"),
+        click.option("--block-size", default=None, type=int, metavar="32|64|128",
+                     help="weights per quantization block along the input dimension [default: 128, or the largest "
+                          "of 64, 32 that divides every quantized dimension]"),
+        click.option("--quant-scope", default=None, metavar="all|experts",
+                     help="all: every linear but the router (attention, lm_head, MLPs); experts: routed + shared "
+                          "experts and dense MLPs only [default: all]"),
+        click.option("--asymmetric", is_flag=True, help="per-block zero points (default: symmetric blocks)"),
+        click.option("--stream/--no-stream", default=None,
+                     help="with --quant: export a checkpoint one layer at a time [default: when the fp32 model "
+                          "would not fit in memory]"),
         click.option("--force", is_flag=True, help="replace --out if it exists and dsmoe wrote it"),
         nonfinite_option,
         set_option,
@@ -205,7 +215,8 @@ def _export_options(f):
     return f
 
 
-def _export(source, out_dir, target, dtype, verify, force, allow_nonfinite, overrides):
+def _export(source, out_dir, target, dtype, verify, quant, block_size, quant_scope, asymmetric, stream, force,
+            allow_nonfinite, overrides):
     """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime."""
     current = {"s": None}
 
@@ -218,13 +229,26 @@ def _export(source, out_dir, target, dtype, verify, force, allow_nonfinite, over
 
     try:
         report = export_model(source, out=str(out_dir), target=target, dtype=dtype, verify=verify, force=force,
-                              overrides=_overrides(overrides), progress=progress, allow_nonfinite=allow_nonfinite)
+                              overrides=_overrides(overrides), progress=progress, allow_nonfinite=allow_nonfinite,
+                              quant=quant, block_size=block_size, quant_scope=quant_scope, asymmetric=asymmetric,
+                              stream=stream)
     finally:
         if current["s"] is not None:
             current["s"].__exit__(None, None, None)
     _print_skipped(report["passes"], err)
     v = report.get("verification")
-    err.print(f"wrote {out_dir} (target {target}, {dtype})" + (f"; verified: {v.get('summary', v)}" if v else ""))
+    q = report.get("quant")
+    what = f"{dtype}" if not q else f"{q['scheme']['type']}, block {q['scheme']['block_size']}, scope {q['scheme']['scope']}"
+    err.print(f"wrote {out_dir} (target {target}, {what})" + (f"; verified: {v.get('summary', v)}" if v else ""))
+    if q:
+        a = q["quality"]
+        if q["streamed"]:
+            err.print(f"streamed layer by layer: peak RSS {q['peak_rss_bytes'] / 2**30:.2f} GiB, "
+                      f"{report['model_bytes'] / 2**30:.2f} GiB written")
+        err.print(f"vs the unquantized model on {a['prompts']} prompts × {a['prompt_len']} tokens: top-1 agreement "
+                  f"{a['top1_agreement']:.1%}, mean KL {a['mean_kl']:.3g}, max |logit error| {a['max_abs_logit_err']:.3g}, "
+                  f"routing drift {a['routing_drift_mean']:.1%} (mean over MoE layers); "
+                  f"{q['bytes']['total'] / 2**20:,.1f} MiB of weights ({q['bytes_unquantized']['total'] / 2**20:,.1f} MiB fp32)")
 
 
 cli.add_command(click.command("export")(_export_options(_export)))
