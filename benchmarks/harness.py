@@ -27,13 +27,15 @@ from dsmoe.app.device import resolve_device
 from dsmoe.bench.backends import REGISTRY, Unsupported
 from dsmoe.bench.limits import Limits, floor_s, measure_gpu_limits, measure_limits
 from dsmoe.bench.report import SCHEMA, machine_info, print_table, versions, write_files
-from dsmoe.bench.suites import SEED, SUITES, Workload, model_workload, moe_layer_workload
+from dsmoe.bench.suites import SEED, SUITES, Workload, model_workload, moe_layer_workload, quant_workload
 from dsmoe.bench.timing import FULL, GPU_FULL, GPU_QUICK, QUICK, Method, cross_check, measure
 from dsmoe.dtypes import BENCH_RTOL, parse_dtype, tag
 from dsmoe.errors import DsmoeError
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_BACKENDS = ("eager", "fused", "grouped_mm", "cuda", "cuda-graph", "ort", "ort-cuda")
+# suites with backends of their own (run only there by default)
+SUITE_BACKENDS = {"quant": ("eager", "ort", "ort-int8", "ort-int4", "llama.cpp-q8_0", "llama.cpp-q4_0")}
 
 # What each suite measures, full and quick. `model` quick uses the `tiny` preset (a smoke run of
 # every backend): the 16B-wide model's setup alone (init, capture, ONNX export of 4.4 GB) takes
@@ -43,6 +45,9 @@ SIZES = {
     ("moe-layer", True): dict(source="preset:deepseek-moe-16b", overrides={}, tokens=[1, 16]),
     ("model", False): dict(source="preset:deepseek-moe-16b", overrides={"num_hidden_layers": 2}, prefill=128, decode=32),
     ("model", True): dict(source="preset:tiny", overrides={"num_hidden_layers": 2}, prefill=32, decode=8),
+    # the quantized backends on the model suite's 16B-wide 2-layer model (quick: tiny)
+    ("quant", False): dict(source="preset:deepseek-moe-16b", overrides={"num_hidden_layers": 2}, prefill=128, decode=32),
+    ("quant", True): dict(source="preset:tiny", overrides={"num_hidden_layers": 2}, prefill=32, decode=8),
     # on a GPU: the issue's sizes, T up to 4096, and the whole 28-layer model (33 GB in bf16)
     ("moe-layer", False, "cuda"): dict(source="preset:deepseek-moe-16b", overrides={},
                                        tokens=[1, 4, 16, 64, 256, 1024, 4096]),
@@ -56,6 +61,7 @@ GOALS = {
     "moe-layer": [("ort ≥ 1.5× eager at every T", "ort", 1.5), ("fused ≥ 1.3× eager at every T", "fused", 1.3),
                   ("best backend at T=1 within 1.3× of the memory floor", None, 1.3)],
     "model": [("ort decode ≥ 1.5× eager per token", "ort", 1.5)],
+    "quant": [],  # quant_goals: ratios between backends and to each backend's own floor
 }
 
 
@@ -75,15 +81,13 @@ def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None 
     dev = resolve_device(device)
     tdtype = _dtype(dtype, dev)
     suites = list(suites)
-    backends = list(backends or [b for b in DEFAULT_BACKENDS if b in REGISTRY])
+    chosen = list(backends) if backends else None
     for s in suites:
         if s not in SUITES:
             raise DsmoeError(f"unknown suite {s!r} (suites: {', '.join(SUITES)}, all)")
-    for b in backends:
+    for b in chosen or []:
         if b not in REGISTRY:
             raise DsmoeError(f"unknown backend {b!r} (backends: {', '.join(REGISTRY)})")
-    if "eager" not in backends:
-        backends.insert(0, "eager")  # the reference every other backend is checked against
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     console = Console(width=max(Console().width, 130))
@@ -95,6 +99,9 @@ def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None 
         meth = method or (QUICK if quick else FULL)
     result = {"machine": machine_info(threads, dev), "suites": {}, "files": []}
     for suite in suites:
+        backends = list(chosen or [b for b in SUITE_BACKENDS.get(suite, DEFAULT_BACKENDS) if b in REGISTRY])
+        if "eager" not in backends:
+            backends.insert(0, "eager")  # the reference every other backend is checked against
         doc = _run_suite(suite, backends, quick, threads, meth, say, preset, overrides, tokens, limits, dev, tdtype)
         doc["machine"] = result["machine"]
         result["suites"][suite] = doc
@@ -135,7 +142,8 @@ def _run_suite(suite, backends, quick, threads, meth, say, preset, overrides, to
     if suite == "moe-layer":
         w = moe_layer_workload(size["source"], size["overrides"], size["tokens"], device=dev, dtype=dtype)
     else:
-        w = model_workload(size["source"], size["overrides"], size["prefill"], size["decode"], device=dev, dtype=dtype)
+        make = quant_workload if suite == "quant" else model_workload
+        w = make(size["source"], size["overrides"], size["prefill"], size["decode"], device=dev, dtype=dtype)
     say(f"[{suite}] workload ready in {time.perf_counter() - t:.1f} s")
     prepared, binfo = _prepare_all(w, backends, threads, say)
     cases = [_run_case(w, c, prepared, binfo, meth, lim, say) for c in w.cases]
@@ -188,27 +196,34 @@ def _run_case(w: Workload, case, prepared, binfo, meth: Method, lim: Limits, say
            "work": {"bytes": case.work.bytes, "flops": case.work.flops}, "floor": fl, "results": {}}
     with torch.inference_mode():
         ref = case.run(prepared["eager"].fn)
-    rtol = BENCH_RTOL[w.dtype]  # max|out − ref| ≤ rtol · max|ref|
     res = out["results"]
     for name in binfo:
         if name not in prepared:
             res[name] = {"status": binfo[name]["status"], "reason": binfo[name]["reason"]}
             continue
+        p = prepared[name]
+        rtol = p.rtol or BENCH_RTOL[w.dtype]  # max|out − ref| ≤ rtol · max|ref|
         try:
-            with torch.inference_mode():
-                chk = cross_check(case.run(prepared[name].fn), ref, rtol=rtol)
+            if p.external:  # times itself; it returns no outputs to check
+                say(f"[{w.suite}] {case.name} {name}: timing (external)")
+                chk, t = None, p.fn.time(case)
+            else:
+                with torch.inference_mode():
+                    chk = cross_check(case.run(p.fn), ref, rtol=rtol)
         except Exception as e:
             res[name] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:500]}
             continue
-        if not chk.ok:
+        if chk is not None and not chk.ok:
             res[name] = {"status": "mismatch", "reason": f"not timed: {chk.detail}", "check": chk.as_dict()}
             say(f"[{w.suite}] {case.name} {name}: output mismatch vs eager, not timed ({chk.detail})")
             continue
-        say(f"[{w.suite}] {case.name} {name}: timing")
-        t = measure(lambda fn=prepared[name].fn: case.run(fn), meth, w.device)
+        if chk is not None:
+            say(f"[{w.suite}] {case.name} {name}: timing")
+            t = measure(lambda fn=p.fn: case.run(fn), meth, w.device)
         lat = t.median_s / case.per
-        res[name] = {"status": "ok", "check": chk.as_dict(), "timing": t.as_dict(), "latency_s": lat,
-                     "floor_fraction": fl["floor_s"] / lat}
+        own = fl if p.weight_bytes is None or case.work_at is None else floor_s(case.work_at(p.weight_bytes), lim)
+        res[name] = {"status": "ok", "check": chk.as_dict() if chk else None, "timing": t.as_dict(), "latency_s": lat,
+                     "floor_fraction": own["floor_s"] / lat, "floor": own if own is not fl else None}
     eager = res.get("eager", {}).get("latency_s")
     for r in res.values():
         if r["status"] == "ok":
@@ -220,6 +235,8 @@ def evaluate_goals(doc: dict) -> list[dict]:
     """The issue's targets, evaluated on this run (reported, never asserted)."""
     if doc.get("device", "cpu").startswith("cuda"):
         return gpu_goals(doc)
+    if doc["suite"] == "quant":
+        return quant_goals(doc)
     out = []
     cases = doc["cases"]
     for text, backend, target in GOALS[doc["suite"]]:
@@ -246,6 +263,34 @@ def evaluate_goals(doc: dict) -> list[dict]:
                     "detail": "speed-ups " + ", ".join(f"{n}: {r['vs_eager']:.2f}×" for n, r in got)
                               + f"; worst {worst[0]} at {worst[1]['vs_eager']:.2f}× (target {target}×)"})
     return out
+
+
+# ---- quant goals (issue 16) --------------------------------------------------------------------
+
+def quant_goals(doc: dict) -> list[dict]:
+    """Decode per token: ORT int4 ≥ 1.2× llama.cpp Q4_0, int8 ≥ 1.2× Q8_0, int4 ≥ 3× ORT fp32, and
+    ORT int4 at ≥ 80% of the memory floor of the bytes it reads."""
+    dec = [c for c in doc["cases"] if c["case"].startswith("decode")]
+
+    def lat(c, b):
+        r = _ok(c, b)
+        return r["latency_s"] if r else None
+
+    def ratio(c, slow, fast):
+        a, b = lat(c, slow), lat(c, fast)
+        return a / b if a and b else None
+
+    def own_floor(c, b):
+        r = _ok(c, b)
+        return r["floor_fraction"] if r else None
+
+    return [
+        _goal("ort-int4 decode ≥ 1.2× llama.cpp-q4_0", [(c["case"], ratio(c, "llama.cpp-q4_0", "ort-int4")) for c in dec], 1.2),
+        _goal("ort-int8 decode ≥ 1.2× llama.cpp-q8_0", [(c["case"], ratio(c, "llama.cpp-q8_0", "ort-int8")) for c in dec], 1.2),
+        _goal("ort-int4 decode ≥ 3× ort (fp32)", [(c["case"], ratio(c, "ort", "ort-int4")) for c in dec], 3.0),
+        _goal("ort-int4 decode ≥ 80% of the memory floor of the bytes it reads",
+              [(c["case"], own_floor(c, "ort-int4")) for c in dec], 0.8, unit="%"),
+    ]
 
 
 # ---- GPU goals (issue: CUDA kernels) ----------------------------------------------------------

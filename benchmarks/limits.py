@@ -142,46 +142,54 @@ def floor_s(work: Work, limits: Limits) -> dict:
 
 # ---- work of the DeepSeek blocks (S = bytes per weight element) -----------------------------
 
-def moe_layer_work(config: DeepseekConfig, T: int, hit_experts: int, *, itemsize: int = 4) -> Work:
+def moe_layer_work(config: DeepseekConfig, T: int, hit_experts: int, *, itemsize: int = 4,
+                   weight_bytes: float | None = None) -> Work:
     """One MoE layer on T tokens whose router hit ``hit_experts`` distinct experts.
 
     bytes: router [E,H] + hit experts · 3·H·I + shared 3·H·I_s (+ x and y, T·H each);
     flops: 2·T·(E·H + K·3·H·I + 3·H·I_s) (router, routed and shared GEMMs; element-wise ops ignored).
+    ``weight_bytes``: bytes per element of the (quantized) expert weights, scales included;
+    the router stays at ``itemsize``.
     """
     H, E, I, K = config.hidden_size, config.n_routed_experts, config.moe_intermediate_size, config.num_experts_per_tok
     Is = config.shared_intermediate_size
-    weights = E * H + hit_experts * 3 * H * I + 3 * H * Is
-    return Work(bytes=float((weights + 2 * T * H) * itemsize),
-                flops=float(2 * T * (E * H + K * 3 * H * I + 3 * H * Is)))
+    wb = itemsize if weight_bytes is None else weight_bytes
+    nbytes = (E * H + 2 * T * H) * itemsize + (hit_experts * 3 * H * I + 3 * H * Is) * wb
+    return Work(bytes=float(nbytes), flops=float(2 * T * (E * H + K * 3 * H * I + 3 * H * Is)))
 
 
-def attention_work(config: DeepseekConfig, S: int, past: int, *, itemsize: int = 4) -> Work:
+def attention_work(config: DeepseekConfig, S: int, past: int, *, itemsize: int = 4,
+                   weight_bytes: float | None = None) -> Work:
     """q/k/v/o projections for S tokens plus scores and weighted sum over past+S keys, as executed
     (the full S×(past+S) score matrix); reads the projections and the past K/V cache."""
     H, d = config.hidden_size, config.head_dim
     nh, nkv = config.num_attention_heads, config.num_key_value_heads
     proj = H * nh * d * 2 + H * nkv * d * 2
     L = past + S
-    return Work(bytes=float((proj + 2 * nkv * d * past) * itemsize),
+    wb = itemsize if weight_bytes is None else weight_bytes
+    return Work(bytes=float(proj * wb + 2 * nkv * d * past * itemsize),
                 flops=float(2 * S * proj + 4 * nh * d * S * L))
 
 
-def dense_mlp_work(config: DeepseekConfig, S: int, *, itemsize: int = 4) -> Work:
+def dense_mlp_work(config: DeepseekConfig, S: int, *, itemsize: int = 4, weight_bytes: float | None = None) -> Work:
     w = 3 * config.hidden_size * config.intermediate_size
-    return Work(bytes=float(w * itemsize), flops=float(2 * S * w))
+    return Work(bytes=float(w * (itemsize if weight_bytes is None else weight_bytes)), flops=float(2 * S * w))
 
 
-def model_step_work(config: DeepseekConfig, S: int, past: int, hits: list[int], *, itemsize: int = 4) -> Work:
+def model_step_work(config: DeepseekConfig, S: int, past: int, hits: list[int], *, itemsize: int = 4,
+                    weight_bytes: float | None = None) -> Work:
     """One decoder step of S tokens after ``past`` cached ones; ``hits[j]`` is the number of
     distinct experts the router of the j-th MoE layer hit. Embedding rows read: S·H; lm_head read
-    whole; norms ignored."""
+    whole; norms ignored. ``weight_bytes``: bytes per element of every linear's weight (a
+    quantized model: codes + scales), the router, embeddings and KV cache staying at ``itemsize``."""
     H, V = config.hidden_size, config.vocab_size
+    kw = dict(itemsize=itemsize, weight_bytes=weight_bytes)
     w = Work(bytes=float(S * H * itemsize), flops=0.0)
     moe = iter(hits)
     for i in range(config.num_hidden_layers):
-        w = w + attention_work(config, S, past, itemsize=itemsize)
+        w = w + attention_work(config, S, past, **kw)
         if config.is_moe_layer(i):
-            w = w + moe_layer_work(config, S, next(moe), itemsize=itemsize)
+            w = w + moe_layer_work(config, S, next(moe), **kw)
         else:
-            w = w + dense_mlp_work(config, S, itemsize=itemsize)
-    return w + Work(bytes=float(H * V * itemsize), flops=float(2 * S * H * V))
+            w = w + dense_mlp_work(config, S, **kw)
+    return w + Work(bytes=float(H * V * (itemsize if weight_bytes is None else weight_bytes)), flops=float(2 * S * H * V))

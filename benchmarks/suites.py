@@ -28,7 +28,7 @@ from dsmoe.config import DeepseekConfig
 from dsmoe.ir import DecoderStep
 from dsmoe.model import DeepseekMoE, MoEGate
 
-SUITES = ("moe-layer", "model")
+SUITES = ("moe-layer", "model", "quant")
 SEED = 0
 
 
@@ -40,6 +40,8 @@ class Case:
     work: Work
     per: int = 1                    # latency is divided by this (decode: per token)
     info: dict = field(default_factory=dict)
+    # the work with the linears' weights at another size per element (a quantized backend's floor)
+    work_at: Callable[[float], Work] | None = None
 
 
 @dataclass
@@ -135,9 +137,14 @@ def model_workload(source: str, overrides: dict, prefill: int, decode: int, *, d
     for h in hooks:
         h.remove()
     cache = [(k.clone(), v.clone()) for k, v in cache]
-    decode_work = Work(0.0, 0.0)
-    for i, h in enumerate(step_hits):
-        decode_work = decode_work + model_step_work(config, 1, prefill + i, h, itemsize=dtype.itemsize)
+    def decode_work(weight_bytes: float | None = None) -> Work:
+        total = Work(0.0, 0.0)
+        for i, h in enumerate(step_hits):
+            total = total + model_step_work(config, 1, prefill + i, h, itemsize=dtype.itemsize, weight_bytes=weight_bytes)
+        return total.scaled(1 / decode)
+
+    def prefill_work(weight_bytes: float | None = None) -> Work:
+        return model_step_work(config, prefill, 0, prefill_hits, itemsize=dtype.itemsize, weight_bytes=weight_bytes)
 
     def run_decode(f):
         past, outs = cache, []
@@ -147,12 +154,12 @@ def model_workload(source: str, overrides: dict, prefill: int, decode: int, *, d
         return outs
 
     cases = [
-        Case(name=f"prefill {prefill}", tokens=prefill, run=_call_with(*prefill_args),
-             work=model_step_work(config, prefill, 0, prefill_hits, itemsize=dtype.itemsize),
-             info={"hit_experts": prefill_hits}),
-        Case(name=f"decode ×{decode} (per token)", tokens=1, run=run_decode, work=decode_work.scaled(1 / decode),
+        Case(name=f"prefill {prefill}", tokens=prefill, run=_call_with(*prefill_args), work=prefill_work(),
+             info={"hit_experts": prefill_hits}, work_at=prefill_work),
+        Case(name=f"decode ×{decode} (per token)", tokens=1, run=run_decode, work=decode_work(),
              per=decode, info={"steps": decode, "past_start": prefill,
-                               "hit_experts_mean": [sum(c) / len(c) for c in zip(*step_hits)] if step_hits else []}),
+                               "hit_experts_mean": [sum(c) / len(c) for c in zip(*step_hits)] if step_hits else []},
+             work_at=decode_work),
     ]
     shapes = {"source": source, "overrides": overrides, "layers": config.num_hidden_layers,
               "moe_layers": config.moe_layers, "H": config.hidden_size, "V": config.vocab_size,
@@ -160,6 +167,15 @@ def model_workload(source: str, overrides: dict, prefill: int, decode: int, *, d
               "prefill": prefill, "decode_steps": decode,
               "model_params": sum(p.numel() for p in model.parameters())}
     return Workload("model", source, overrides, config, step, cases, shapes, dtype=dtype, device=device)
+
+
+def quant_workload(source: str, overrides: dict, prefill: int, decode: int, *, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> Workload:
+    """The ``model`` suite's workload (same model, inputs and cases) for the quantized backends:
+    eager fp32, ORT fp32, ORT int8/int4 (``dsmoe-export --quant``) and llama.cpp Q8_0/Q4_0."""
+    w = model_workload(source, overrides, prefill, decode, device=device, dtype=dtype)
+    w.suite = "quant"
+    return w
 
 
 def _decode_args(tok: torch.Tensor, pos: int, device: torch.device):

@@ -67,6 +67,11 @@ class QuantScheme:
         return {"type": self.name, **asdict(self)}
 
 
+def bytes_per_weight(bits: int, block_size: int, *, symmetric: bool = True) -> float:
+    """Stored bytes per weight: the code, its share of the fp32 scale (and of the zero point)."""
+    return bits / 8 + 4 / block_size + (0 if symmetric else bits / 8 / block_size)
+
+
 def parse_scheme(quant: str, *, block_size: int | None = None, symmetric: bool = True, scope: str = "all",
                  dims: dict[str, int] | None = None) -> QuantScheme:
     """``--quant int4 --block-size 32`` → :class:`QuantScheme`; a bad value is one :class:`DsmoeError`.
@@ -230,3 +235,54 @@ def qlinear(x: Tensor, qt: QuantizedTensor, bias: Tensor | None = None, *, act_q
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# ---- llama.cpp's block formats (the GGUF baseline) -------------------------------------------
+# Q8_0 and Q4_0 as ggml's reference quantizers (ggml-quants.c, quantize_row_q{8,4}_0_ref) write
+# them, byte for byte (a test compares with the gguf package's implementation): blocks of 32
+# along K, an fp16 scale d, then the codes. Q8_0: d = max|x|/127, q = roundf(x/d) (half away from
+# zero), int8. Q4_0: d = m/−8 with m the value of largest magnitude, q = min(15, trunc(x/d + 8.5)),
+# stored two per byte: element j in the low nibble, element j + 16 in the high one.
+GGML_BLOCK = 32
+GGML_TYPES = ("Q8_0", "Q4_0")
+GGML_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18}
+
+
+def ggml_quantize(w: Tensor, qtype: str) -> Tensor:
+    """``w [.., K]`` → ``[.., K/32 · bytes per block]`` uint8 (34 for Q8_0, 18 for Q4_0)."""
+    *lead, K = w.shape
+    if K % GGML_BLOCK:
+        raise DsmoeError(f"{qtype} needs the last dimension to be a multiple of {GGML_BLOCK}, got {K}")
+    b = w.detach().float().reshape(-1, GGML_BLOCK)
+    if qtype == "Q8_0":
+        d = b.abs().amax(dim=-1, keepdim=True) / 127
+        q = _roundf(b * torch.where(d == 0, torch.zeros_like(d), 1 / d)).to(torch.int8).view(torch.uint8)
+    elif qtype == "Q4_0":
+        m = b.gather(1, b.abs().argmax(dim=-1, keepdim=True))
+        d = m / -8
+        q = torch.trunc(b * torch.where(d == 0, torch.zeros_like(d), 1 / d) + 8.5).clamp(0, 15).to(torch.uint8)
+        q = q[:, :16] | (q[:, 16:] << 4)
+    else:
+        raise DsmoeError(f"unsupported GGML type {qtype!r} (supported: {', '.join(GGML_TYPES)})")
+    out = torch.cat([d.half().view(torch.uint8), q], dim=1)
+    return out.reshape(*lead, -1)
+
+
+def ggml_dequantize(blocks: Tensor, qtype: str, K: int) -> Tensor:
+    """Inverse of :func:`ggml_quantize` (fp32 ``[.., K]``), as ggml dequantizes."""
+    *lead, _ = blocks.shape
+    b = blocks.reshape(-1, GGML_BLOCK_BYTES[qtype])
+    d = b[:, :2].contiguous().view(torch.float16).float()
+    if qtype == "Q8_0":
+        q = b[:, 2:].contiguous().view(torch.int8).float()
+    else:
+        qs = b[:, 2:]
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float() - 8
+    return (q * d).reshape(*lead, K)
+
+
+def _roundf(x: Tensor) -> Tensor:
+    """C ``roundf`` (half away from zero), as ggml and the gguf package compute it."""
+    a = x.abs()
+    f = torch.floor(a)
+    return torch.sign(x) * (f + torch.floor(2 * (a - f)))

@@ -25,14 +25,13 @@ import torch
 
 import dsmoe
 from dsmoe.dtypes import VERIFY_RTOL, parse_dtype, tag, torch_name
-from dsmoe.architecture import architecture
 from dsmoe.errors import DsmoeError
 from dsmoe.export.lower import check_target, lower
 from dsmoe.export.lower_quant import int4_initializers, lower_quantized, quant_scheme
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, OPSET, REPORT_FILE, io_names, op_histogram, to_onnx
 from dsmoe.export.quant_report import module_bytes, part_bytes, quality
 from dsmoe.export.runner import OrtDecoder
-from dsmoe.export.verify_quant import check_quantized_ops, op_check_feeds
+from dsmoe.export.verify_quant import check_quantized_ops, op_check_feeds, with_end_to_end
 from dsmoe.export.stream import (StreamedWeights, meta_model, must_stream, peak_rss_bytes, streamed_checks,
                                  swap_in_placeholders, template)
 from dsmoe.ir import capture, sample_inputs
@@ -124,8 +123,10 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
                     end_to_end = verify_export(reference, tmp, dtype=tdtype)
                     accuracy = quality(model, reference, tmp)
                     del reference
-                # check 1: ort's kernels quantize activations, so op by op (verify_quant explains why)
-                verification = check_quantized_ops(tmp, op_check_feeds(config)) if scheme.act_quant else end_to_end
+                # check 1: ort's kernels quantize activations, so op by op, plus end to end within
+                # E2E_RTOL (verify_quant explains why); portable: end to end at the fp32 tolerance
+                verification = (with_end_to_end(check_quantized_ops(tmp, op_check_feeds(config)), end_to_end)
+                                if scheme.act_quant else end_to_end)
             quant_doc = {"scheme": scheme.as_dict(), "bytes": q_bytes, "bytes_unquantized": fp_bytes,
                          "exactness": verification, "end_to_end_vs_reference": _brief(end_to_end),
                          "quality": accuracy, "streamed": stream, "peak_rss_bytes": peak_rss_bytes()}
@@ -160,21 +161,14 @@ def _brief(check: dict) -> dict:
 
 
 def _should_stream(source, config, scheme, stream: bool | None, fold_shared_experts: bool) -> bool:
-    """Whether to stream (``None``: when the fp32 model would not fit); what cannot stream is one line."""
-    big = must_stream(config)
+    """Whether to stream (``None``: a quantized export whose fp32 model would not fit in memory);
+    what cannot stream is one line. (An unquantized model too big to load is refused by the load.)"""
     if stream is None:
-        stream = scheme is not None and big and not dsmoe.is_preset(source)
+        stream = scheme is not None and must_stream(config)
     if not stream:
-        if scheme is not None and big and dsmoe.is_preset(source):
-            raise DsmoeError(f"{source} does not fit in memory in fp32 ({architecture(config).params_total * 4 / 2**30:,.1f} "
-                             "GiB); a quantized export streams it from a checkpoint: write one with dsmoe init DIR "
-                             f"--preset {str(source).removeprefix('preset:')} --dtype bfloat16, then export DIR")
         return False
     if scheme is None:
         raise DsmoeError("--stream applies only with --quant (an unquantized export holds the whole model)")
-    if dsmoe.is_preset(source):
-        raise DsmoeError(f"--stream reads a checkpoint directory part by part: write {source} with dsmoe init DIR "
-                         f"--preset {str(source).removeprefix('preset:')} first")
     if fold_shared_experts:
         raise DsmoeError("--fold-shared-experts does not apply to a streamed export")
     return True

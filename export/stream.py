@@ -15,7 +15,9 @@ with at most one decoder layer in full precision in memory.
 3. **Accuracy, streamed** (:func:`streamed_checks`): ONNX Runtime runs the seeded prompts through
    the export; then the unquantized model and the quantized reference run them layer by layer.
 
-Only checkpoint directories stream (random access by part); ``dsmoe init`` writes one part by part.
+The weights come from a checkpoint directory, or — for a preset, with no checkpoint on disk — are
+drawn part by part in :func:`dsmoe.model.init_weights`' order (the same weights ``dsmoe init``
+writes and ``dsmoe.load("preset:NAME")`` builds).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
+from dsmoe import is_preset
 from dsmoe.architecture import architecture, available_memory
+from dsmoe.contract import CORRECTION_BIAS
 from dsmoe.config import DeepseekConfig
 from dsmoe.dtypes import VERIFY_RTOL
 from dsmoe.errors import DsmoeError
@@ -41,7 +45,7 @@ from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import run_pipeline
 from dsmoe.quant import QuantScheme
 from dsmoe.quantized import quantized_reference
-from dsmoe.streaming import layer_of, part_module, part_names, read_part
+from dsmoe.streaming import layer_of, part_module, part_names, part_shapes, random_parts, read_part
 
 SMALL = 4096          # placeholders up to this many elements hold distinct random values
 ALIGN = 4096          # external-data offsets (page-aligned: ORT can map them)
@@ -117,21 +121,19 @@ def _slice_config(config: DeepseekConfig, part: str, scheme: QuantScheme) -> Dee
     return config.override({"num_hidden_layers": 1, "first_k_dense_replace": 1, "intermediate_size": scheme.block_size})
 
 
-def lowered_part(source: str | Path, config: DeepseekConfig, part: str, *, target: str, scheme: QuantScheme,
-                 check_finite: bool = True) -> dict[str, torch.Tensor]:
-    """``{ONNX initializer name: tensor}`` of one part (``"ends"`` = embeddings + head, or a
-    layer), lowered through a slice model exactly as the whole graph is."""
+def lowered_part(config: DeepseekConfig, part: str, weights: dict[str, torch.Tensor], *, target: str,
+                 scheme: QuantScheme) -> dict[str, torch.Tensor]:
+    """``{ONNX initializer name: tensor}`` of one part — ``"ends"`` (``weights``: the embedding's
+    and the head's) or a layer — lowered through a slice model exactly as the whole graph is."""
     cfg = _slice_config(config, part, scheme)
     i = layer_of(part)
     with torch.device("meta"):
         model = DeepseekForCausalLM(cfg).eval().requires_grad_(False)
-    real: dict[str, torch.Tensor] = {}
     if i is not None:
-        for k, t in read_part(source, config, part, check_finite=check_finite).items():
-            real[k.replace(f"model.layers.{i}.", "model.layers.0.", 1)] = t
+        real = {k.replace(f"model.layers.{i}.", "model.layers.0.", 1): t for k, t in weights.items()}
     else:
-        for p in ("embed", "head"):
-            real.update(read_part(source, config, p, check_finite=check_finite))
+        real = dict(weights)
+    weights.clear()
     sd = {k: real.pop(k) if k in real else torch.zeros(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()
           if not k.endswith("inv_freq")}
     model.load_state_dict(sd, strict=False, assign=True)
@@ -149,6 +151,20 @@ def lowered_part(source: str | Path, config: DeepseekConfig, part: str, *, targe
     return out
 
 
+def source_parts(source: str | Path, config: DeepseekConfig, *, check_finite: bool = True, seed: int = 0):
+    """``(part, {key: fp32 tensor})`` in model order (embed, layers, head): read from a checkpoint
+    directory, or a preset's random weights drawn part by part (equal to ``dsmoe.load(preset)``)."""
+    if is_preset(source):
+        if any(CORRECTION_BIAS in k for p in part_names(config) for k in part_shapes(config, p)):
+            raise DsmoeError("a preset with routing biases (noaux_tc) draws them after every weight, so it cannot be "
+                             "streamed: write it with dsmoe init DIR first and export DIR")
+        for part, sd in random_parts(config, seed):
+            yield part, {k: v.to(torch.float32) for k, v in sd.items()}
+        return
+    for part in part_names(config):
+        yield part, read_part(source, config, part, check_finite=check_finite)
+
+
 class StreamedWeights:
     """``save(model, path)`` for :func:`dsmoe.export.export_module`: writes every part's lowered
     weights into ``model.onnx.data`` and points the graph's initializers at them."""
@@ -160,38 +176,47 @@ class StreamedWeights:
         self.progress = progress or (lambda s: None)
         self.bytes_written = 0
 
+    def parts(self):
+        """The lowered parts in the order the weights come: each layer as it is read or drawn; the
+        embeddings wait (fp32, one [V, H]) for the head, and the two go through one slice."""
+        ends = {}
+        for part, sd in source_parts(self.source, self.config, check_finite=self.check_finite):
+            if part in ("embed", "head"):
+                ends.update(sd)
+                if part == "head":
+                    yield "ends", lowered_part(self.config, "ends", ends, target=self.target, scheme=self.scheme)
+                continue
+            yield part, lowered_part(self.config, part, sd, target=self.target, scheme=self.scheme)
+
     def __call__(self, model: ir.Model, path: Path) -> None:
         inits = model.graph.initializers
         unknown = sorted(n for n in inits if n not in self.placeholders and n.startswith(ONNX_PREFIX))
         if unknown:
             raise DsmoeError(f"cannot stream this export: the ONNX exporter derived initializer {unknown[0]} from the "
                              "weights (it would hold placeholder values)")
-        parts = ["ends"] + [p for p in part_names(self.config) if layer_of(p) is not None]
         todo = {n for n in self.placeholders if n in inits and not n.endswith("inv_freq")}
         with open(path.parent / DATA_FILE, "wb") as f:
-            for part in parts:
+            for part, tensors in self.parts():
                 self.progress(f"write {part}")
-                for name, t in lowered_part(self.source, self.config, part, target=self.target, scheme=self.scheme,
-                                            check_finite=self.check_finite).items():
+                for name, t in tensors.items():
                     if name not in inits:  # a stand-in the whole graph does not have (deduplicated)
                         continue
                     v = inits[name]
                     want = (v.const_value.dtype, tuple(v.const_value.shape))
-                    got = ir.Tensor(t.detach().contiguous().numpy())
-                    if want[0] in (ir.DataType.INT4, ir.DataType.UINT4):  # the portable int4 edit's codes
-                        got = int4_tensor(t.detach().contiguous().numpy(), name)
+                    arr = t.detach().contiguous().numpy()
+                    got = int4_tensor(arr, name) if want[0] in (ir.DataType.INT4, ir.DataType.UINT4) else ir.Tensor(arr)
                     if (got.dtype, tuple(got.shape)) != want:
                         raise DsmoeError(f"streamed {name}: {got.dtype} {list(got.shape)}, the graph wants "
                                          f"{want[0]} {list(want[1])}")
-                    pad = -f.tell() % ALIGN
-                    f.write(b"\0" * pad)
+                    f.write(b"\0" * (-f.tell() % ALIGN))
                     offset = f.tell()
                     data = got.tobytes()
                     f.write(data)
                     v.const_value = ir.ExternalTensor(DATA_FILE, offset, len(data), got.dtype, shape=got.shape,
                                                       name=name, base_dir=path.parent)
                     todo.discard(name)
-                    del data, got
+                    del data, got, arr
+                del tensors
             self.bytes_written = f.tell()
         if todo:
             raise DsmoeError(f"streaming left initializer {sorted(todo)[0]} unwritten (+{len(todo) - 1} more)")
@@ -207,10 +232,9 @@ def file_bytes(d: Path) -> int:
     return sum(os.path.getsize(d / n) for n in os.listdir(d) if not n.startswith("."))
 
 
-def _part(source, config: DeepseekConfig, part: str, check_finite: bool) -> torch.nn.Module:
-    """A part as a real fp32 module holding its checkpoint weights."""
+def _module(config: DeepseekConfig, part: str, sd: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A part as a real fp32 module holding ``sd`` (its checkpoint keys)."""
     prefix, mod = part_module(config, part)
-    sd = read_part(source, config, part, check_finite=check_finite)
     mod.load_state_dict({(k[len(prefix):] if prefix else k.removeprefix("model.")): v for k, v in sd.items()},
                         strict=True, assign=True)
     return mod.float().eval().requires_grad_(False)
@@ -220,48 +244,52 @@ def _part(source, config: DeepseekConfig, part: str, check_finite: bool) -> torc
 def streamed_checks(source, config: DeepseekConfig, scheme: QuantScheme, export_dir: Path, *, n: int = PROMPTS,
                     length: int = PROMPT_LEN, seed: int = 1234, check_finite: bool = True,
                     progress=None) -> tuple[dict, dict]:
-    """Both accuracy checks of a streamed export, ``(exactness, quality)``: ONNX Runtime runs the
-    seeded prompts first (then lets go of its session), then the unquantized model and the
-    quantized reference run them one layer at a time (prefill; the logits and every present cache
-    are compared — the decode step is the same graph, checked on small models)."""
+    """Both accuracy checks of a streamed export, ``(end to end vs the quantized reference,
+    quality)``: ONNX Runtime runs the seeded prompts first (then lets go of its session), then the
+    unquantized model and the quantized reference run them one part at a time (prefill; the logits
+    and every present cache are compared — the decode step is the same graph, checked on small
+    models)."""
     say = progress or (lambda s: None)
     args = prompts(config, n, length, seed)
     ids, mask, pos, _ = args
     say("verify: ONNX Runtime")
     got, present = OrtDecoder(export_dir)(*args)
-    embed = _part(source, config, "embed", check_finite)
-    h_fp = embed(ids)
-    h_q = h_fp.clone()
     cos, sin = DeepseekRotaryEmbedding(config.head_dim, config.rope_theta)(pos, torch.float32)
     amask = causal_mask(*ids.shape, 0, mask, ids.device)
     tol, worst = VERIFY_RTOL[torch.float32], 0.0
     fp_ids, q_ids = {}, {}
-    for i in range(config.num_hidden_layers):
-        say(f"verify: layer {i}")
-        layer = _part(source, config, f"layer {i}", check_finite)
-        qlayer = quantized_reference(layer, scheme)
-        r_fp, r_q = Routes(layer, [i]), Routes(qlayer, [i])
-        h_fp, _ = layer(h_fp, cos, sin, amask, None)
-        h_q, (k, v) = qlayer(h_q, cos, sin, amask, None)
-        fp_ids.update(r_fp.close())
-        q_ids.update(r_q.close())
-        for ref, out in ((k, present[i][0]), (v, present[i][1])):
-            worst = max(worst, float((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12)))
-        del layer, qlayer
-    head = _part(source, config, "head", check_finite)
-    lm_head = head.lm_head if hasattr(head, "lm_head") else _tied_head(embed)
-    q_lm = quantized_reference(torch.nn.Sequential(lm_head), scheme)[0]
-    want = lm_head(head.norm(h_fp))
-    ref = q_lm(head.norm(h_q))
+    for part, sd in source_parts(source, config, check_finite=check_finite):
+        say(f"verify: {part}")
+        mod = _module(config, part, sd)
+        i = layer_of(part)
+        if part == "embed":
+            embed = mod
+            h_fp = embed(ids)
+            h_q = h_fp.clone()
+        elif i is not None:
+            qmod = quantized_reference(mod, scheme)
+            r_fp, r_q = Routes(mod, [i]), Routes(qmod, [i])
+            h_fp, _ = mod(h_fp, cos, sin, amask, None)
+            h_q, (k, v) = qmod(h_q, cos, sin, amask, None)
+            fp_ids.update(r_fp.close())
+            q_ids.update(r_q.close())
+            for ref, out in ((k, present[i][0]), (v, present[i][1])):
+                worst = max(worst, float((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12)))
+        else:
+            lm_head = mod.lm_head if hasattr(mod, "lm_head") else _tied_head(embed)
+            q_lm = quantized_reference(torch.nn.Sequential(lm_head), scheme)[0]
+            want = lm_head(mod.norm(h_fp))
+            ref = q_lm(mod.norm(h_q))
+        del mod
     abs_err = float((ref - got).abs().max())
     worst = max(worst, abs_err / float(ref.abs().max().clamp_min(1e-12)))
     passed = bool(torch.isfinite(got).all()) and worst <= tol
-    exactness = {"passed": passed, "tolerance": tol, "rel_err": worst, "max_abs_err": abs_err,
-                 "summary": f"max abs error {abs_err:.3g}, relative {worst:.3g} ({'<=' if passed else '>'} {tol:g}; "
-                            "prefill logits and caches, streamed)"}
+    end_to_end = {"passed": passed, "tolerance": tol, "rel_err": worst, "max_abs_err": abs_err,
+                  "summary": f"max abs error {abs_err:.3g}, relative {worst:.3g} ({'<=' if passed else '>'} {tol:g}; "
+                             "prefill logits and caches, streamed)"}
     quality = {"prompts": n, "prompt_len": ids.shape[1], "seed": seed, **compare_logits(want, got),
                **routing_drift(fp_ids, q_ids)}
-    return exactness, quality
+    return end_to_end, quality
 
 
 def _tied_head(embed: torch.nn.Embedding) -> torch.nn.Linear:

@@ -5,12 +5,17 @@ Why op by op: at ``accuracy_level`` 4 the kernels quantize their *activations* t
 (:func:`dsmoe.quant.quantize_activations`), a step function. ONNX Runtime's fused norms and
 attention round differently from torch in the last bit, and once in a while such a bit moves an
 activation across a rounding boundary, so end to end the export and the emulating reference
-differ by one activation code here and there (~1e-3 of the logits on a real model, however exact
-each op is). So the check runs the export with every quantized node's inputs and outputs exposed,
+differ by one activation code here and there (1.5e-2 of the largest logit on the 16B-wide 2-layer
+model, however exact each op is). So the check runs the export with every quantized node's inputs and outputs exposed,
 recomputes each node from its own initializers (unpacked by :mod:`dsmoe.quant`) on ONNX Runtime's
 inputs with dsmoe's reference math — :func:`dsmoe.quant.qlinear`, top-k routing, SwiGLU — and
-holds each to the fp32 tolerance. The end-to-end difference to the reference model is reported
-beside it. (The ``portable`` target's standard ops keep fp32 activations: it is checked end to end.)
+holds each to the fp32 tolerance. A QMoE node also quantizes its *inner* activation (fc1 → fc2),
+which no output exposes: where the reference's value of it lies within 1e-3 of a code's rounding
+boundary, either rounding is allowed (the bound :func:`_undecided` adds exactly that), the rest
+of the error must stay within the tolerance (without the allowance: 2.8e-4 on a 16B MoE layer,
+with it 1.3e-6). That reads the weights from the export itself, so the end-to-end difference to
+the reference model (whose weights dsmoe quantized from the source) must also stay within :data:`E2E_RTOL` — a wrong weight or layout is far outside it. (The ``portable``
+target's standard ops keep fp32 activations: it is checked end to end at the fp32 tolerance.)
 """
 
 from __future__ import annotations
@@ -29,9 +34,13 @@ from dsmoe.export.lower_quant import ACCURACY_LEVEL
 from dsmoe.export.onnx_writer import MODEL_FILE
 from dsmoe.export.runner import session
 from dsmoe.ir import sample_inputs
-from dsmoe.quant import QuantizedTensor, qlinear, unpack
+from dsmoe.quant import QuantizedTensor, qlinear, quantize_activations, unpack
 
 QUANT_OPS = ("MatMulNBits", "QMoE")
+# End to end, the export may differ from the emulating reference by the odd activation code (see
+# above): up to this much of the largest logit. Wrong weights or a wrong layout land far outside
+# (O(1)); the op-by-op check is what holds the kernels to the fp32 tolerance.
+E2E_RTOL = 5e-2
 
 
 def _attrs(node) -> dict:
@@ -78,7 +87,22 @@ def _swiglu(h: torch.Tensor, a: dict) -> torch.Tensor:
     return g * torch.sigmoid(a.get("activation_alpha", 1.0) * g) * (u + a.get("activation_beta", 0.0))
 
 
-def _qmoe(node, a: dict, vals: dict, inits: _Initializers) -> torch.Tensor:
+AMBIGUOUS = 1e-3  # an activation this close (in code units) to a rounding boundary may round either way
+
+
+def _undecided(a: torch.Tensor, w2: QuantizedTensor) -> torch.Tensor:
+    """``[t, N]``: how far W2·a can move when each activation code the reference cannot decide
+    (``a``'s int8 value within :data:`AMBIGUOUS` of a rounding boundary) goes one step either way:
+    Σ over those codes of one activation step times |ŵ| (the fc1 → fc2 activation is quantized
+    inside QMoE, where ONNX Runtime's fc1 sum may differ from the reference's in the last bit)."""
+    q, sa = quantize_activations(a, w2.block_size)  # [t, nb, B], [t, nb]
+    amax = a.abs().reshape(q.shape).amax(-1, keepdim=True)
+    v = a.float().reshape(q.shape) * torch.where(amax != 0, 127.0 / amax, torch.zeros_like(amax))
+    near = ((v - v.floor() - 0.5).abs() < AMBIGUOUS).float() * sa.unsqueeze(-1)  # one step where undecided
+    return near.flatten(1) @ w2.dequantize().abs().T
+
+
+def _qmoe(node, a: dict, vals: dict, inits: _Initializers, *, bound: bool = False):
     name = lambda i: node.input[i] if len(node.input) > i and node.input[i] else None  # noqa: E731
     x, probs = vals[name(0)], vals[name(1)].float()
     bits, B, k = a.get("expert_weight_bits", 4), a["block_size"], a["k"]
@@ -93,12 +117,16 @@ def _qmoe(node, a: dict, vals: dict, inits: _Initializers) -> torch.Tensor:
     if a.get("normalize_routing_weights", 0):
         w = w / w.sum(-1, keepdim=True)
     y = torch.zeros(x.shape, dtype=torch.float32)
+    slack = torch.zeros(x.shape, dtype=torch.float32)
     x2 = x.reshape(-1, H)
     for e in ids.unique().tolist():
         tok, slot = torch.where(ids == e)
         h = qlinear(x2[tok], _expert(w1, e), act_quant=act)
-        y.view(-1, H).index_add_(0, tok, qlinear(_swiglu(h, a), _expert(w2, e), act_quant=act) * w[tok, slot].unsqueeze(-1))
-    return y.to(x.dtype)
+        mid, ws = _swiglu(h, a), w[tok, slot].unsqueeze(-1)
+        y.view(-1, H).index_add_(0, tok, qlinear(mid, _expert(w2, e), act_quant=act) * ws)
+        if bound and act:
+            slack.view(-1, H).index_add_(0, tok, _undecided(mid, _expert(w2, e)) * ws.abs())
+    return (y.to(x.dtype), slack) if bound else y.to(x.dtype)
 
 
 def _expert(q: QuantizedTensor, e: int) -> QuantizedTensor:
@@ -128,9 +156,14 @@ def check_quantized_ops(export_dir: str | Path, feeds: list[dict]) -> dict:
             vals = {n: torch.from_numpy(v) for n, v in zip(names, sess.run(names, feed))}
             for node in nodes:
                 a = _attrs(node)
-                ref = (_matmul_nbits if node.op_type == "MatMulNBits" else _qmoe)(node, a, vals, inits)
+                if node.op_type == "MatMulNBits":
+                    ref, slack = _matmul_nbits(node, a, vals, inits), 0.0
+                else:
+                    ref, slack = _qmoe(node, a, vals, inits, bound=True)
                 got = vals[node.output[0]]
-                err = float((ref.float() - got.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+                scale = ref.float().abs().max().clamp_min(1e-12)
+                # what is left after the undecided codes' worst case, relative to the output
+                err = float(((ref.float() - got.float()).abs() - slack).clamp_min(0).max() / scale)
                 per_op[node.op_type] += 1
                 if not err <= worst:
                     worst, where = err, f"{node.op_type} {node.name or node.output[0]}"
@@ -142,6 +175,16 @@ def check_quantized_ops(export_dir: str | Path, feeds: list[dict]) -> dict:
             "nodes_checked": {k: v // max(len(feeds), 1) for k, v in per_op.items()}, "feeds": len(feeds),
             "summary": f"every quantized op vs dsmoe's reference on ONNX Runtime's own inputs: worst relative error "
                        f"{worst:.3g} ({'<=' if passed else '>'} {tol:g}) at {where}"}
+
+
+def with_end_to_end(ops: dict, end_to_end: dict) -> dict:
+    """Check 1 of an ``ort`` export: every op at the fp32 tolerance and the whole within E2E_RTOL."""
+    e2e_ok = bool(end_to_end["rel_err"] <= E2E_RTOL)
+    passed = ops["passed"] and e2e_ok
+    summary = (f"{ops['summary']}; end to end vs the quantized reference: relative {end_to_end['rel_err']:.3g} "
+               f"({'<=' if e2e_ok else '>'} {E2E_RTOL:g})")
+    return {**ops, "passed": passed, "summary": summary, "end_to_end_rel_err": end_to_end["rel_err"],
+            "end_to_end_tolerance": E2E_RTOL, "max_abs_err": end_to_end.get("max_abs_err")}
 
 
 def op_check_feeds(config) -> list[dict]:

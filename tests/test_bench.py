@@ -225,3 +225,36 @@ def test_gpu_goals_by_hand():
          "results": {"cuda-graph": {"status": "ok", "latency_s": 3e-3}}}]}
     (goal,) = bench.gpu_goals(model)
     assert goal["met"] is True and goal["value"] == pytest.approx(3 / 1.7)
+
+
+@pytest.mark.slow
+def test_quant_suite_runs(tmp_path):
+    """ORT int4 (dsmoe-export --quant) beside eager and ORT fp32; llama.cpp runs where it is
+    built and is reported as skipped with the reason where it is not."""
+    from dsmoe.bench.llama_cpp import find_llama_bench
+
+    r = _run(tmp_path, "quant", ["eager", "ort", "ort-int4", "llama.cpp-q4_0"], overrides={"num_hidden_layers": 2},
+             tokens=[4], write=False)
+    doc = r["suites"]["quant"]
+    llama = doc["backends"]["llama.cpp-q4_0"]
+    if find_llama_bench()[0] is None:
+        assert llama["status"] == "skipped" and "llama-bench" in llama["reason"]
+    else:
+        assert llama["status"] == "ok" and llama["notes"]["gguf"]["type"] == "Q4_0"
+    for case in doc["cases"]:
+        q = case["results"]["ort-int4"]
+        assert q["status"] == "ok", q
+        assert q["floor"]["memory_s"] < case["floor"]["memory_s"] / 4  # its own, smaller floor: int4 bytes
+    notes = doc["backends"]["ort-int4"]["notes"]
+    assert notes["quant"]["bits"] == 4 and 0 <= notes["quality"]["top1_agreement"] <= 1
+    assert [g["goal"].split()[0] for g in doc["goals"]] == ["ort-int4", "ort-int8", "ort-int4", "ort-int4"]
+
+
+def test_floor_counts_quantized_weight_bytes():
+    cfg = DeepseekConfig.from_name("tiny")
+    fp = model_step_work(cfg, 1, 4, [2, 2])
+    q = model_step_work(cfg, 1, 4, [2, 2], weight_bytes=0.625)  # int4, fp32 scale per 32
+    H, V = cfg.hidden_size, cfg.vocab_size
+    linears = (3 * (4 * H * H) + 3 * H * cfg.intermediate_size + 2 * (2 * 3 * H * 32 + 3 * H * 64) + H * V)
+    assert fp.bytes - q.bytes == pytest.approx(linears * (4 - 0.625))
+    assert q.flops == fp.flops

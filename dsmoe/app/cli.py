@@ -22,6 +22,7 @@ from dsmoe.app.generate import run_generate
 from dsmoe.app.inspection import run_inspect
 from dsmoe.architecture import architecture
 from dsmoe.bench import SUITES, run_bench
+from dsmoe.bench.quant_full import run_quant_full
 from dsmoe.config import DeepseekConfig, parse_overrides
 from dsmoe.dtypes import parse_dtype
 from dsmoe.errors import DsmoeError, DsmoeWarning
@@ -256,7 +257,8 @@ export_cmd = click.command("dsmoe-export")(_export_options(_export))  # its own 
 
 
 @cli.command()
-@click.option("--suite", type=click.Choice([*SUITES, "all"]), default="all", show_default=True)
+@click.option("--suite", type=click.Choice([*SUITES, "quant-full", "all"]), default="all", show_default=True,
+              help="all = moe-layer, model, quant; quant-full (the whole 28-layer int4 model vs llama.cpp) runs alone")
 @click.option("--backend", "backends", multiple=True, help="restrict to these backends (repeatable)")
 @click.option("--quick", is_flag=True, help="fewer sizes and iterations (< 2 minutes)")
 @click.option("--out", "out_dir", default="benchmarks/results", show_default=True, type=click.Path(path_type=Path))
@@ -267,6 +269,9 @@ export_cmd = click.command("dsmoe-export")(_export_options(_export))  # its own 
 @set_option
 def bench(suite, backends, quick, out_dir, threads, preset, device, dtype, overrides):
     """Benchmark eager vs fused vs ONNX Runtime (and the CUDA kernels) against this machine's limits."""
+    if suite == "quant-full":
+        run_quant_full(threads=threads, out_dir=str(out_dir), progress=lambda s: err.print(f"[dim]· {s}[/dim]"))
+        return
     suites = list(SUITES) if suite == "all" else [suite]
     run_bench(suites=suites, backends=list(backends) or None, quick=quick, out_dir=str(out_dir), threads=threads,
               preset=preset, overrides=_overrides(overrides) or None, progress=lambda s: err.print(f"[dim]· {s}[/dim]"),
