@@ -14,8 +14,9 @@ which no output exposes: where the reference's value of it lies within 1e-3 of a
 boundary, either rounding is allowed (the bound :func:`_undecided` adds exactly that), the rest
 of the error must stay within the tolerance (without the allowance: 2.8e-4 on a 16B MoE layer,
 with it 1.3e-6). That reads the weights from the export itself, so the end-to-end difference to
-the reference model (whose weights dsmoe quantized from the source) must also stay within :data:`E2E_RTOL` — a wrong weight or layout is far outside it. (The ``portable``
-target's standard ops keep fp32 activations: it is checked end to end at the fp32 tolerance.)
+the reference model (whose weights dsmoe quantized from the source) must also stay within
+:data:`E2E_RTOL` — a wrong weight or layout is far outside it. (The ``portable`` target's
+standard ops keep fp32 activations: it is checked end to end at the fp32 tolerance.)
 """
 
 from __future__ import annotations
