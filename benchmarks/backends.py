@@ -29,10 +29,7 @@ from torch.export import Dim
 
 from dsmoe.app.cuda_graphs import CudaGraphed, StaticDecoder, static_length
 from dsmoe.app.device import require_cuda_kernels
-from dsmoe.bench.gguf_export import write_gguf
-from dsmoe.bench.llama_cpp import find_llama_bench, run_llama_bench
-from dsmoe.bench.suites import SEED, Workload
-from dsmoe.bench.timing import Timing
+from dsmoe.bench.suites import Workload
 from dsmoe.contract import STACKED_W2, STACKED_W13, experts_path
 from dsmoe.errors import DsmoeError
 from dsmoe.export import MODEL_FILE, REPORT_FILE, OrtDecoder, export_module, lower, session
@@ -42,7 +39,6 @@ from dsmoe.ops import MOE, ROUTE, moe_reference, route_reference
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import run_pipeline
 from dsmoe.plugins import grouped_mm_available, grouped_mm_moe
-from dsmoe.quant import GGML_BLOCK, GGML_BLOCK_BYTES, bytes_per_weight
 
 
 class Unsupported(Exception):
@@ -320,84 +316,6 @@ def _ort_decoder(w: Workload, tmp: Path, threads: int, extra: tuple[str, ...] = 
     return dec, notes
 
 
-# ---- quantized: ORT int8/int4 (dsmoe-export --quant) and llama.cpp Q8_0/Q4_0 ----------------------
-
-# How far a quantized backend's logits may be from eager's before it is not timed (max |Δ| over
-# max |logit|): a wrong export lands far outside; the accuracy itself is measured by the export
-# (top-1, KL: the notes) and reported, not judged here.
-QUANT_RTOL = {8: 0.1, 4: 0.5}
-
-
-def _need_quant_suite(w: Workload) -> None:
-    if w.suite != "quant":
-        raise Unsupported("quantized backends run in the quant suite")
-
-
-def _prepare_ort_quant(w: Workload, threads: int, bits: int) -> Prepared:
-    _need_quant_suite(w)
-    if w.device.type != "cpu":
-        raise Unsupported("ONNX Runtime backends take the CPU workload")
-    tmp = _scratch()
-    try:
-        fn, notes = _ort_decoder(w, tmp, threads, ("--quant", f"int{bits}"))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    s = notes["quant"]
-    notes.update(threads=threads, provider="CPUExecutionProvider")
-    return Prepared(fn, notes, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), rtol=QUANT_RTOL[bits],
-                    weight_bytes=bytes_per_weight(s["bits"], s["block_size"], symmetric=s["symmetric"]))
-
-
-def _llama_available() -> tuple[bool, str]:
-    exe, why = find_llama_bench()
-    if exe is None:
-        return False, why
-    try:
-        _gguf_module()
-    except ImportError:
-        return False, "the gguf package is not installed (pip install gguf): no GGUF can be written"
-    return True, ""
-
-
-def _gguf_module():
-    import gguf  # lazy: optional dependency (the llama.cpp baseline only)
-
-    return gguf
-
-
-class LlamaBench:
-    """llama-bench on a GGUF: a case's latency as llama.cpp measures it (prefill: ``-p S``;
-    decode: ``-n N -d P``, per token), on the workload's thread count."""
-
-    def __init__(self, path: Path, threads: int, reps: int):
-        self.path, self.threads, self.reps = path, threads, reps
-
-    def time(self, case) -> Timing:
-        if case.per > 1:
-            run = run_llama_bench(self.path, threads=self.threads, gen=case.info["steps"], depth=case.info["past_start"],
-                                  reps=self.reps)
-        else:
-            run = run_llama_bench(self.path, threads=self.threads, prompt=case.tokens, reps=self.reps)
-        return Timing(median_s=run.mean_s, min_s=run.mean_s - run.stddev_s, max_s=run.mean_s + run.stddev_s,
-                      iqr_s=2 * run.stddev_s, iters=run.reps, warmup=1)
-
-
-def _prepare_llama(w: Workload, threads: int, qtype: str) -> Prepared:
-    _need_quant_suite(w)
-    tmp = _scratch()
-    try:
-        info = write_gguf(w.source, tmp / f"model-{qtype}.gguf", qtype=qtype, overrides=w.overrides, seed=SEED)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    notes = {"gguf": {k: v for k, v in info.items() if k != "path"}, "threads": threads,
-             "timing": "llama-bench's own: mean ± stddev of its repetitions (shown as spread)"}
-    return Prepared(LlamaBench(Path(info["path"]), threads, reps=3), notes,
-                    cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), external=True,
-                    weight_bytes=GGML_BLOCK_BYTES[qtype] / GGML_BLOCK)
-
-
 # ---- the registry ---------------------------------------------------------------------------
 
 register(Backend("eager", "reference PyTorch model", _always, _prepare_eager))
@@ -411,11 +329,3 @@ register(Backend("cuda-graph", "cuda backend, decode step replayed from a CUDA g
 register(Backend("ort", "ONNX Runtime CPU EP (com.microsoft.MoE), threads = cores", _always, _prepare_ort))
 register(Backend("ort-cuda", "ONNX Runtime CUDA EP", _ort_cuda_available,
                  lambda w, t: _prepare_ort(w, t, "CUDAExecutionProvider")))
-register(Backend("ort-int8", "ONNX Runtime CPU EP, dsmoe-export --quant int8 (QMoE + MatMulNBits)", _always,
-                 lambda w, t: _prepare_ort_quant(w, t, 8)))
-register(Backend("ort-int4", "ONNX Runtime CPU EP, dsmoe-export --quant int4 (QMoE + MatMulNBits)", _always,
-                 lambda w, t: _prepare_ort_quant(w, t, 4)))
-register(Backend("llama.cpp-q8_0", "llama.cpp llama-bench, GGUF Q8_0 of the same weights", _llama_available,
-                 lambda w, t: _prepare_llama(w, t, "Q8_0")))
-register(Backend("llama.cpp-q4_0", "llama.cpp llama-bench, GGUF Q4_0 of the same weights", _llama_available,
-                 lambda w, t: _prepare_llama(w, t, "Q4_0")))

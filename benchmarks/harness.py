@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 
 from dsmoe.app.device import resolve_device
+from dsmoe.bench import quant_backends  # noqa: F401  (registers ort-int8/int4, llama.cpp-q8_0/q4_0)
 from dsmoe.bench.backends import REGISTRY, Unsupported
 from dsmoe.bench.limits import Limits, floor_s, measure_gpu_limits, measure_limits
 from dsmoe.bench.report import SCHEMA, machine_info, print_table, versions, write_files

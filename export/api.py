@@ -27,7 +27,8 @@ import dsmoe
 from dsmoe.dtypes import VERIFY_RTOL, parse_dtype, tag, torch_name
 from dsmoe.errors import DsmoeError
 from dsmoe.export.lower import check_target, lower
-from dsmoe.export.lower_quant import int4_initializers, lower_quantized, quant_scheme
+from dsmoe.export.lower_quant import int4_initializers, lower_quantized
+from dsmoe.export.quant_options import quant_scheme
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, OPSET, REPORT_FILE, io_names, op_histogram, to_onnx
 from dsmoe.export.quant_report import module_bytes, part_bytes, quality
 from dsmoe.export.runner import OrtDecoder

@@ -49,26 +49,17 @@ from torch.fx import GraphModule, Node
 
 from dsmoe.contract import GATED_MLP as MLP_CLASS
 from dsmoe.contract import ROUTER
-from dsmoe.errors import DsmoeError
 from dsmoe.export.lower import (ORT_DOMAIN, LoweringError, LowerReport, _check_activation, _lower_route_std, _route_of,
                                 apply_lowerings, interleave_gate_up, moe_dense_std)
 from dsmoe.functional import glu
 from dsmoe.ops import GATED_MLP, MOE, ROUTE
 from dsmoe.passes.graph import add_buffer_beside, attr
-from dsmoe.dtypes import tag
-from dsmoe.quant import QuantizedTensor, QuantScheme, parse_scheme, quantize
-from dsmoe.quantized import quantized_dims
+from dsmoe.export.quant_options import ACCURACY_LEVEL, check_quant_target
+from dsmoe.quant import QuantizedTensor, QuantScheme, quantize
 from dsmoe.routing import RoutingSpec
 
 aten = torch.ops.aten
-ACCURACY_LEVEL = 4
-QUANT_TARGETS = ("ort", "portable")
 LINEAR = aten.linear.default
-
-
-def act_quant_of(target: str) -> bool:
-    """Whether the target's quantized matmuls quantize activations (what the reference emulates)."""
-    return target == "ort"
 
 
 # ---- the functions the lowered graph calls (traced by torch.onnx.export) ---------------------
@@ -293,30 +284,6 @@ QUANT_LOWERINGS = {
     "portable": {MOE: _lower_moe_dq, GATED_MLP: _lower_gated_mlp_dq, ROUTE: _lower_route_std,
                  LINEAR: functools.partial(_linear, ort=False)},
 }
-
-
-def quant_scheme(config, *, target: str, dtype: torch.dtype, quant: str | None, block_size: int | None = None,
-                 scope: str | None = None, asymmetric: bool = False) -> QuantScheme | None:
-    """The ``--quant`` options as a :class:`QuantScheme` for ``target`` (``None`` without
-    ``--quant``); options that do not apply are one :class:`DsmoeError`."""
-    if quant is None:
-        given = [f for f, v in (("--block-size", block_size), ("--quant-scope", scope), ("--asymmetric", asymmetric)) if v]
-        if given:
-            raise DsmoeError(f"{given[0]} applies only with --quant int8|int4")
-        return None
-    check_quant_target(target)
-    if dtype != torch.float32:
-        raise DsmoeError(f"--quant keeps fp32 activations and scales: --dtype {tag(dtype)} does not apply "
-                         "(ONNX Runtime's fast quantized CPU kernels are fp32 with int8 activations)")
-    scope = scope or "all"
-    scheme = parse_scheme(quant, block_size=block_size, symmetric=not asymmetric, scope=scope,
-                          dims=quantized_dims(config, scope))
-    return scheme.with_act_quant(act_quant_of(target))
-
-
-def check_quant_target(target: str) -> None:
-    if target not in QUANT_LOWERINGS:
-        raise DsmoeError(f"--quant does not apply to target {target!r} (quantized targets: {', '.join(QUANT_LOWERINGS)})")
 
 
 def lower_quantized(gm: GraphModule, *, target: str, scheme: QuantScheme) -> LowerReport:

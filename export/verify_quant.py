@@ -31,7 +31,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from dsmoe.dtypes import VERIFY_RTOL
-from dsmoe.export.lower_quant import ACCURACY_LEVEL
+from dsmoe.export.quant_options import ACCURACY_LEVEL
 from dsmoe.export.onnx_writer import MODEL_FILE
 from dsmoe.export.runner import session
 from dsmoe.ir import sample_inputs

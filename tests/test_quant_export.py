@@ -182,7 +182,7 @@ def test_bad_quant_options_are_one_line_exit_2(tmp_path, capsys, argv, msg):
 
 
 def test_quant_on_a_target_that_cannot_take_it():
-    from dsmoe.export.lower_quant import check_quant_target
+    from dsmoe.export.quant_options import check_quant_target
 
     with pytest.raises(dsmoe.DsmoeError, match="--quant does not apply to target 'tensorrt'"):
         check_quant_target("tensorrt")
