@@ -157,12 +157,30 @@ class QuantizedTensor:
         return self.codes.numel() * self.bits // 8 + self.scales.numel() * 4 + (0 if zp is None else zp.numel())
 
 
+CHUNK = 1 << 24  # weights quantized at a time (rows are independent: chunking changes nothing)
+
+
 def quantize(w: Tensor, bits: int, block_size: int, *, symmetric: bool = True) -> QuantizedTensor:
-    """Block-quantize ``w [.., N, K]`` along K (see the module docstring); K must be a multiple of B."""
+    """Block-quantize ``w [.., N, K]`` along K (see the module docstring); K must be a multiple of B.
+    Done :data:`CHUNK` weights at a time, so a 1.5 GB expert stack needs tens of MB of temporaries."""
     *lead, N, K = w.shape
     if K % block_size:
         raise DsmoeError(f"block size {block_size} does not divide the input dimension {K} of a weight {list(w.shape)}")
-    wb = w.detach().float().reshape(*lead, N, K // block_size, block_size)
+    rows = w.detach().reshape(-1, K)
+    step = max(1, CHUNK // K)
+    if rows.shape[0] > step:
+        parts = [_quantize_rows(rows[i:i + step], bits, block_size, symmetric) for i in range(0, rows.shape[0], step)]
+        zp = None if symmetric else torch.cat([p.zero_points for p in parts])
+        nb = K // block_size
+        return QuantizedTensor(torch.cat([p.codes for p in parts]).reshape(w.shape),
+                               torch.cat([p.scales for p in parts]).reshape(*lead, N, nb),
+                               None if zp is None else zp.reshape(*lead, N, nb), bits, block_size)
+    return _quantize_rows(w.detach(), bits, block_size, symmetric)
+
+
+def _quantize_rows(w: Tensor, bits: int, block_size: int, symmetric: bool) -> QuantizedTensor:
+    *lead, N, K = w.shape
+    wb = w.float().reshape(*lead, N, K // block_size, block_size)
     levels = (1 << bits) - 1
     if symmetric:
         qmax = (1 << (bits - 1)) - 1

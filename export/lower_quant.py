@@ -184,7 +184,8 @@ def _lower_moe_qmoe(gm: GraphModule, node: Node, report: LowerReport, scheme: Qu
     w13 = _weight_attr(gm, node, w13_n, "dsmoe::moe")
     w2 = _weight_attr(gm, node, w2_n, "dsmoe::moe")
     E = w13.shape[0]
-    q1 = _ort_buffers(gm, w13_n, "w13_interleaved", _quantize(interleave_gate_up(w13), scheme, node.name))
+    # rows quantize independently: quantize, then interleave the codes (no fp32 interleaved copy)
+    q1 = _ort_buffers(gm, w13_n, "w13_interleaved", _quantize(w13, scheme, node.name).map_rows(interleave_gate_up))
     q2 = _ort_buffers(gm, w2_n, "w2", _quantize(w2, scheme, node.name))
     kw = dict(bits=scheme.bits, block_size=scheme.block_size)
     route = _route_of(node)

@@ -22,11 +22,13 @@ writes and ``dsmoe.load("preset:NAME")`` builds).
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 from pathlib import Path
 
 import onnx_ir as ir
+import psutil
 import torch
 
 from dsmoe import is_preset
@@ -148,6 +150,11 @@ def lowered_part(config: DeepseekConfig, part: str, weights: dict[str, torch.Ten
             out[ONNX_PREFIX + name.replace("lm.model.layers.0.", f"lm.model.layers.{i}.", 1)] = t
         elif i is None and not in_layer and not name.endswith("inv_freq"):
             out[ONNX_PREFIX + name] = t
+    del gm
+    # the captured graph, its exported program and fake-tensor caches hold the slice's fp32 weights
+    # in reference cycles: collect them now, not when Python's object counts say so (that was one
+    # layer's weights more per layer, until the OOM killer came at layer 8 of 28)
+    gc.collect()
     return out
 
 
@@ -197,7 +204,7 @@ class StreamedWeights:
         todo = {n for n in self.placeholders if n in inits and not n.endswith("inv_freq")}
         with open(path.parent / DATA_FILE, "wb") as f:
             for part, tensors in self.parts():
-                self.progress(f"write {part}")
+                self.progress(f"write {part} (RSS {rss_bytes() / 2**30:.1f} GiB)")
                 for name, t in tensors.items():
                     if name not in inits:  # a stand-in the whole graph does not have (deduplicated)
                         continue
@@ -221,6 +228,11 @@ class StreamedWeights:
         if todo:
             raise DsmoeError(f"streaming left initializer {sorted(todo)[0]} unwritten (+{len(todo) - 1} more)")
         ir.save(model, str(path))
+
+
+def rss_bytes() -> int:
+    """This process's resident set now."""
+    return psutil.Process().memory_info().rss
 
 
 def peak_rss_bytes() -> int:

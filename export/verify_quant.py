@@ -5,8 +5,8 @@ Why op by op: at ``accuracy_level`` 4 the kernels quantize their *activations* t
 (:func:`dsmoe.quant.quantize_activations`), a step function. ONNX Runtime's fused norms and
 attention round differently from torch in the last bit, and once in a while such a bit moves an
 activation across a rounding boundary, so end to end the export and the emulating reference
-differ by one activation code here and there (1.5e-2 of the largest logit on the 16B-wide 2-layer
-model, however exact each op is). So the check runs the export with every quantized node's inputs and outputs exposed,
+differ by one activation code here and there (0.015 of the largest logit on the 16B-wide 2-layer
+model, 0.024 on 5 layers, however exact each op is). So the check runs the export with every quantized node's inputs and outputs exposed,
 recomputes each node from its own initializers (unpacked by :mod:`dsmoe.quant`) on ONNX Runtime's
 inputs with dsmoe's reference math — :func:`dsmoe.quant.qlinear`, top-k routing, SwiGLU — and
 holds each to the fp32 tolerance. A QMoE node also quantizes its *inner* activation (fc1 → fc2),
@@ -41,7 +41,7 @@ QUANT_OPS = ("MatMulNBits", "QMoE")
 # End to end, the export may differ from the emulating reference by the odd activation code (see
 # above): up to this much of the largest logit. Wrong weights or a wrong layout land far outside
 # (O(1)); the op-by-op check is what holds the kernels to the fp32 tolerance.
-E2E_RTOL = 5e-2
+E2E_RTOL = 0.1
 
 
 def _attrs(node) -> dict:
