@@ -18,6 +18,7 @@ Part names: ``"embed"``, ``"layer 0"`` … ``"layer L-1"``, ``"head"``.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from dsmoe.architecture import available_memory
 from dsmoe.checkpoint import INDEX, SINGLE
 from dsmoe.checkpoint import read_part as _read_keys
 from dsmoe.config import DeepseekConfig
@@ -105,6 +107,26 @@ def _nbytes(shapes: dict[str, torch.Size], dtype: torch.dtype) -> int:
     return sum(s.numel() * (4 if FP32_KEY.search(k) else dtype.itemsize) for k, s in shapes.items())
 
 
+def _check_room(config: DeepseekConfig, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
+    """Refuse (one line, with the numbers) what cannot be written: memory for one shard plus the
+    largest part drawn in fp32, and disk for the whole checkpoint."""
+    sizes = {p: part_shapes(config, p) for p in part_names(config)}
+    largest = max(sizes, key=lambda p: _nbytes(sizes[p], torch.float32))
+    part_fp32 = _nbytes(sizes[largest], torch.float32)
+    total = sum(_nbytes(v, dtype) for v in sizes.values())
+    need = min(max_shard_bytes, total) + part_fp32 + _nbytes(sizes[largest], dtype)
+    have = available_memory(torch.device("cpu"))
+    gib = lambda n: f"{n / 2**30:,.1f} GiB"  # noqa: E731
+    if need > have:
+        raise DsmoeError(f"writing this checkpoint needs {gib(need)} of memory (a shard of up to {gib(min(max_shard_bytes, total))} "
+                         f"plus its largest part, {largest}, drawn in float32: {gib(part_fp32)}), but only {gib(have)} "
+                         "are available (try a smaller preset or --set num_hidden_layers=N)")
+    parent = out.parent if out.parent.exists() else Path.cwd()
+    free = shutil.disk_usage(parent).free
+    if total > free:
+        raise DsmoeError(f"the checkpoint is {gib(total)} in {torch_name(dtype)}, but {parent} has {gib(free)} free")
+
+
 def write_random_checkpoint(config: DeepseekConfig, out_dir: str | Path, *, seed: int = 0,
                             dtype: torch.dtype = torch.float32, force: bool = False,
                             max_shard_bytes: int = 5 * 2**30) -> Path:
@@ -113,6 +135,7 @@ def write_random_checkpoint(config: DeepseekConfig, out_dir: str | Path, *, seed
     :class:`dsmoe.outputs.OutputDir`; equal to ``init_model(config, seed=seed, dtype=dtype)``."""
     config.validate()
     check_seed(seed)
+    _check_room(config, Path(out_dir), dtype, max_shard_bytes)
     plan: list[list[str]] = [[]]
     size = 0
     for part in part_names(config):  # shards by part, in order, each under max_shard_bytes if it can be
