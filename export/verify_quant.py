@@ -10,7 +10,7 @@ model, 0.024 on 5 layers, however exact each op is). So the check runs the expor
 recomputes each node from its own initializers (unpacked by :mod:`dsmoe.quant`) on ONNX Runtime's
 inputs with dsmoe's reference math — :func:`dsmoe.quant.qlinear`, top-k routing, SwiGLU — and
 holds each to the fp32 tolerance. A QMoE node also quantizes its *inner* activation (fc1 → fc2),
-which no output exposes: where the reference's value of it lies within 1e-3 of a code's rounding
+which no output exposes: where the reference's value of it lies within 5e-3 of a code's rounding
 boundary, either rounding is allowed (the bound :func:`_undecided` adds exactly that), the rest
 of the error must stay within the tolerance (without the allowance: 2.8e-4 on a 16B MoE layer,
 with it 1.3e-6). That reads the weights from the export itself, so the end-to-end difference to
@@ -88,7 +88,11 @@ def _swiglu(h: torch.Tensor, a: dict) -> torch.Tensor:
     return g * torch.sigmoid(a.get("activation_alpha", 1.0) * g) * (u + a.get("activation_beta", 0.0))
 
 
-AMBIGUOUS = 1e-3  # an activation this close (in code units) to a rounding boundary may round either way
+# An inner (fc1 → fc2) activation this close to a rounding boundary, in code units, may round either
+# way: ONNX Runtime's SwiGLU (its SiLU's exp approximation, fc1's summation order) differs from
+# torch's by up to ~3e-3 codes, measured on the 28-layer 16B model (1e-3 left a 8.8e-4 residual
+# on one of 27 QMoE nodes there; 3e-3 none). About 1% of the codes get the allowance.
+AMBIGUOUS = 5e-3
 
 
 def _undecided(a: torch.Tensor, w2: QuantizedTensor) -> torch.Tensor:
