@@ -34,6 +34,7 @@ from dsmoe.contract import STACKED_W2, STACKED_W13, experts_path
 from dsmoe.errors import DsmoeError
 from dsmoe.export import MODEL_FILE, REPORT_FILE, OrtDecoder, export_module, lower, session
 from dsmoe.export import op_histogram as onnx_op_histogram
+from dsmoe.export.quant_report import linear_bytes_per_weight
 from dsmoe.ir import capture, op_histogram, unlift
 from dsmoe.ops import MOE, ROUTE, moe_reference, route_reference
 from dsmoe.passes.context import PassContext
@@ -310,6 +311,7 @@ def _ort_decoder(w: Workload, tmp: Path, threads: int, extra: tuple[str, ...] = 
     if report.get("quant"):
         q = report["quant"]
         notes.update(quant=q["scheme"], weight_bytes=q["bytes"], exactness=q["exactness"]["summary"],
+                     linear_bytes_per_weight=linear_bytes_per_weight(q),
                      quality={k: q["quality"][k] for k in ("top1_agreement", "mean_kl", "max_abs_logit_err",
                                                            "routing_drift_mean")},
                      export_seconds=report["seconds"], model_bytes=report["model_bytes"])

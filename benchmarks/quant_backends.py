@@ -19,7 +19,7 @@ from dsmoe.bench.gguf_export import write_gguf
 from dsmoe.bench.llama_cpp import find_llama_bench, run_llama_bench
 from dsmoe.bench.suites import SEED, Workload
 from dsmoe.bench.timing import Timing
-from dsmoe.quant import GGML_BLOCK, GGML_BLOCK_BYTES, bytes_per_weight
+from dsmoe.quant import GGML_BLOCK, GGML_BLOCK_BYTES
 
 
 # How far a quantized backend's logits may be from eager's before it is not timed (max |Δ| over
@@ -43,10 +43,9 @@ def _prepare_ort_quant(w: Workload, threads: int, bits: int) -> Prepared:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    s = notes["quant"]
     notes.update(threads=threads, provider="CPUExecutionProvider")
     return Prepared(fn, notes, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), rtol=QUANT_RTOL[bits],
-                    weight_bytes=bytes_per_weight(s["bits"], s["block_size"], symmetric=s["symmetric"]))
+                    weight_bytes=notes.pop("linear_bytes_per_weight"))
 
 
 def _llama_available() -> tuple[bool, str]:

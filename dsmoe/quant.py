@@ -39,8 +39,10 @@ from dsmoe.errors import DsmoeError
 
 QUANT_TYPES = {"int8": 8, "int4": 4}
 BLOCK_SIZES = (32, 64, 128)
-# The block size used when none is given: the fastest in the quant benchmark on this machine
-# that divides every quantized dimension (benchmarks/results/*-quant.md), then the others.
+# Without --block-size each weight takes the first of these that divides its input dimension:
+# larger blocks decode faster (ORT 1.32, 2 threads, weights far beyond the caches: int4 MatMulNBits
+# 21.1 / 19.8 / 18.9 GB/s and int4 QMoE 21.7 / 19.9 / 18.6 GB/s at 128 / 64 / 32), smaller ones
+# are more accurate.
 PREFERRED_BLOCK_SIZES = (128, 64, 32)
 SCOPES = ("all", "experts")  # all linears but the router | routed + shared experts and dense MLPs
 
@@ -51,7 +53,7 @@ class QuantScheme:
     int8 per block (set by the export target: ``ort``'s fast CPU kernels do, ``portable`` does not)."""
 
     bits: int
-    block_size: int
+    block_size: int | None  # None: per weight, the first of PREFERRED_BLOCK_SIZES that divides its K
     symmetric: bool = True
     scope: str = "all"
     act_quant: bool = False
@@ -60,16 +62,25 @@ class QuantScheme:
     def name(self) -> str:
         return f"int{self.bits}"
 
+    def block_for(self, *dims: int) -> int:
+        """The block size of a weight with input dimension(s) ``dims`` (a QMoE node's fc1 and fc2
+        share one: both H and I)."""
+        if self.block_size is not None:
+            return self.block_size
+        for b in PREFERRED_BLOCK_SIZES:
+            if all(d % b == 0 for d in dims):
+                return b
+        raise DsmoeError(f"no block size of {', '.join(map(str, BLOCK_SIZES))} divides {', '.join(map(str, dims))}")
+
     def with_act_quant(self, on: bool) -> QuantScheme:
         return replace(self, act_quant=on)
 
     def as_dict(self) -> dict:
-        return {"type": self.name, **asdict(self)}
-
-
-def bytes_per_weight(bits: int, block_size: int, *, symmetric: bool = True) -> float:
-    """Stored bytes per weight: the code, its share of the fp32 scale (and of the zero point)."""
-    return bits / 8 + 4 / block_size + (0 if symmetric else bits / 8 / block_size)
+        d = {"type": self.name, **asdict(self)}
+        if self.block_size is None:
+            d["block_size"] = "auto"
+            d["preferred_block_sizes"] = list(PREFERRED_BLOCK_SIZES)
+        return d
 
 
 def parse_scheme(quant: str, *, block_size: int | None = None, symmetric: bool = True, scope: str = "all",
@@ -77,8 +88,8 @@ def parse_scheme(quant: str, *, block_size: int | None = None, symmetric: bool =
     """``--quant int4 --block-size 32`` → :class:`QuantScheme`; a bad value is one :class:`DsmoeError`.
 
     ``dims`` (``{"hidden_size": 2048, ...}``) are the input dimensions the scheme will cut into
-    blocks: an explicit block size must divide each; without one, the first of
-    :data:`PREFERRED_BLOCK_SIZES` that divides them all is taken.
+    blocks: an explicit block size must divide each; without one (``auto``) each weight takes the
+    first of :data:`PREFERRED_BLOCK_SIZES` that divides its own input dimension.
     """
     key = str(quant).strip().lower()
     if key not in QUANT_TYPES:
@@ -87,11 +98,10 @@ def parse_scheme(quant: str, *, block_size: int | None = None, symmetric: bool =
         raise DsmoeError(f"unsupported --quant-scope {scope!r} (supported: {', '.join(SCOPES)})")
     dims = dims or {}
     if block_size is None:
-        fits = [b for b in PREFERRED_BLOCK_SIZES if all(v % b == 0 for v in dims.values())]
-        if not fits:
-            raise DsmoeError(f"no block size of {', '.join(map(str, BLOCK_SIZES))} divides every quantized dimension "
-                             f"({_dims_text(dims)})")
-        block_size = fits[0]
+        bad = {k: v for k, v in dims.items() if v % min(BLOCK_SIZES)}
+        if bad:
+            raise DsmoeError(f"no block size of {', '.join(map(str, BLOCK_SIZES))} divides {_dims_text(bad)}")
+        return QuantScheme(bits=QUANT_TYPES[key], block_size=None, symmetric=symmetric, scope=scope)
     if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
         raise DsmoeError(f"unsupported --block-size {block_size!r} for {key} (supported: {', '.join(map(str, BLOCK_SIZES))})")
     for name, v in dims.items():

@@ -18,7 +18,7 @@ import copy
 import torch
 from torch import nn
 
-from dsmoe.contract import GATED_MLP
+from dsmoe.contract import EXPERTS_ATTR, GATED_MLP, MOE_BLOCK
 from dsmoe.quant import QuantizedTensor, QuantScheme, qlinear, quantize
 
 
@@ -58,13 +58,20 @@ def linears_in_scope(model: nn.Module, scope: str) -> list[tuple[nn.Module, str,
 
 
 @torch.no_grad()
-def quantized_reference(model: nn.Module, scheme: QuantScheme) -> nn.Module:
+def quantized_reference(model: nn.Module, scheme: QuantScheme, config=None) -> nn.Module:
     """A copy of ``model`` whose in-scope linears are :class:`QuantLinear` (the original is left
-    as it is; the copy shares every other parameter with it, so it costs only the codes)."""
+    as it is; the copy shares every other parameter with it, so it costs only the codes).
+    ``config``: the model's (default ``model.config``; a streamed layer has none of its own)."""
     memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     ref = copy.deepcopy(model, memo)
+    config = config or getattr(model, "config", None)
+    routed = {id(m) for mod in ref.modules() if type(mod).__name__ == MOE_BLOCK for m in getattr(mod, EXPERTS_ATTR)}
     for parent, name, lin in linears_in_scope(ref, scheme.scope):
-        qt = quantize(lin.weight, scheme.bits, scheme.block_size, symmetric=scheme.symmetric)
+        if id(parent) in routed:  # one QMoE node per layer: fc1 (K = H) and fc2 (K = I) share a block size
+            block = scheme.block_for(config.hidden_size, config.moe_intermediate_size)
+        else:
+            block = scheme.block_for(lin.in_features)
+        qt = quantize(lin.weight, scheme.bits, block, symmetric=scheme.symmetric)
         setattr(parent, name, QuantLinear(qt, lin.bias, act_quant=scheme.act_quant))
     return ref.eval()
 

@@ -75,9 +75,10 @@ def ort_linear_nbits(x, q, s, z, bias, **kw):
     return _matmul_nbits(x, q, s, z, bias, **kw)
 
 
-def ort_gated_mlp_nbits(x, q1, s1, z1, q2, s2, z2, *, n1: int, n2: int, activation: str, **kw):
-    h = _matmul_nbits(x, q1, s1, z1, None, N=n1, K=x.shape[-1], **kw)
-    return _matmul_nbits(glu(h, activation), q2, s2, z2, None, N=n2, K=n1 // 2, **kw)
+def ort_gated_mlp_nbits(x, q1, s1, z1, q2, s2, z2, *, n1: int, n2: int, activation: str, bits: int,
+                        blocks: tuple[int, int]):
+    h = _matmul_nbits(x, q1, s1, z1, None, N=n1, K=x.shape[-1], bits=bits, block_size=blocks[0])
+    return _matmul_nbits(glu(h, activation), q2, s2, z2, None, N=n2, K=n1 // 2, bits=bits, block_size=blocks[1])
 
 
 def _qmoe_node(x, router_probs, router_weights, q1, s1, z1, q2, s2, z2, *, k: int, normalize: bool, bits: int,
@@ -121,9 +122,9 @@ def portable_linear_dq(x, q, s, z, bias, *, block_size: int):
     return y if bias is None else y + bias
 
 
-def portable_gated_mlp_dq(x, q1, s1, z1, q2, s2, z2, *, activation: str, block_size: int):
-    h = torch.matmul(x, _dequantize_linear(q1, s1, z1, axis=0, block_size=block_size))
-    return torch.matmul(glu(h, activation), _dequantize_linear(q2, s2, z2, axis=0, block_size=block_size))
+def portable_gated_mlp_dq(x, q1, s1, z1, q2, s2, z2, *, activation: str, blocks: tuple[int, int]):
+    h = torch.matmul(x, _dequantize_linear(q1, s1, z1, axis=0, block_size=blocks[0]))
+    return torch.matmul(glu(h, activation), _dequantize_linear(q2, s2, z2, axis=0, block_size=blocks[1]))
 
 
 def portable_moe_dq(x, weights, ids, q1, s1, z1, q2, s2, z2, *, block_size: int):
@@ -164,10 +165,11 @@ def _portable_buffers(gm: GraphModule, like: Node, name: str, qt: QuantizedTenso
             add_buffer_beside(gm, like, f"{name}_zero_points", t.zero_points))
 
 
-def _quantize(w: torch.Tensor, scheme: QuantScheme, what: str) -> QuantizedTensor:
-    if w.shape[-1] % scheme.block_size:
-        raise LoweringError(f"{what}: block size {scheme.block_size} does not divide its input dimension {w.shape[-1]}")
-    return quantize(w, scheme.bits, scheme.block_size, symmetric=scheme.symmetric)
+def _quantize(w: torch.Tensor, scheme: QuantScheme, what: str, block: int | None = None) -> QuantizedTensor:
+    block = block or scheme.block_for(w.shape[-1])
+    if w.shape[-1] % block:
+        raise LoweringError(f"{what}: block size {block} does not divide its input dimension {w.shape[-1]}")
+    return quantize(w, scheme.bits, block, symmetric=scheme.symmetric)
 
 
 def _weight_attr(gm: GraphModule, node: Node, n: Node, what: str) -> torch.Tensor:
@@ -184,10 +186,11 @@ def _lower_moe_qmoe(gm: GraphModule, node: Node, report: LowerReport, scheme: Qu
     w13 = _weight_attr(gm, node, w13_n, "dsmoe::moe")
     w2 = _weight_attr(gm, node, w2_n, "dsmoe::moe")
     E = w13.shape[0]
+    block = scheme.block_for(w13.shape[-1], w2.shape[-1])  # one block_size attribute for fc1 and fc2
     # rows quantize independently: quantize, then interleave the codes (no fp32 interleaved copy)
-    q1 = _ort_buffers(gm, w13_n, "w13_interleaved", _quantize(w13, scheme, node.name).map_rows(interleave_gate_up))
-    q2 = _ort_buffers(gm, w2_n, "w2", _quantize(w2, scheme, node.name))
-    kw = dict(bits=scheme.bits, block_size=scheme.block_size)
+    q1 = _ort_buffers(gm, w13_n, "w13_interleaved", _quantize(w13, scheme, node.name, block).map_rows(interleave_gate_up))
+    q2 = _ort_buffers(gm, w2_n, "w2", _quantize(w2, scheme, node.name, block))
+    kw = dict(bits=scheme.bits, block_size=block)
     route = _route_of(node)
     spec = RoutingSpec.from_node(route) if route is not None else None
     if spec is not None and spec.scoring == "softmax" and not spec.group_limited and route.args[2] is None:
@@ -207,12 +210,13 @@ def _lower_gated_mlp_nbits(gm: GraphModule, node: Node, report: LowerReport, sch
     x, w13_n, w2_n, activation = node.args
     _check_activation(node, activation)
     w13, w2 = _weight_attr(gm, node, w13_n, "dsmoe::gated_mlp"), _weight_attr(gm, node, w2_n, "dsmoe::gated_mlp")
-    q1 = _ort_buffers(gm, w13_n, "w13", _quantize(w13, scheme, node.name), blocks=True)
-    q2 = _ort_buffers(gm, w2_n, "w2", _quantize(w2, scheme, node.name), blocks=True)
+    qt1, qt2 = _quantize(w13, scheme, node.name), _quantize(w2, scheme, node.name)
+    q1 = _ort_buffers(gm, w13_n, "w13", qt1, blocks=True)
+    q2 = _ort_buffers(gm, w2_n, "w2", qt2, blocks=True)
     node.target = ort_gated_mlp_nbits
     node.args = (x, *q1, *q2)
     node.kwargs = dict(n1=w13.shape[0], n2=w2.shape[0], activation=activation, bits=scheme.bits,
-                       block_size=scheme.block_size)
+                       blocks=(qt1.block_size, qt2.block_size))
     report.count("dsmoe::gated_mlp", f"MatMulNBits int{scheme.bits} (gate|up, down)")
 
 
@@ -220,11 +224,12 @@ def _lower_gated_mlp_dq(gm: GraphModule, node: Node, report: LowerReport, scheme
     x, w13_n, w2_n, activation = node.args
     _check_activation(node, activation)
     w13, w2 = _weight_attr(gm, node, w13_n, "dsmoe::gated_mlp"), _weight_attr(gm, node, w2_n, "dsmoe::gated_mlp")
-    q1 = _portable_buffers(gm, w13_n, "w13", _quantize(w13, scheme, node.name))
-    q2 = _portable_buffers(gm, w2_n, "w2", _quantize(w2, scheme, node.name))
+    qt1, qt2 = _quantize(w13, scheme, node.name), _quantize(w2, scheme, node.name)
+    q1 = _portable_buffers(gm, w13_n, "w13", qt1)
+    q2 = _portable_buffers(gm, w2_n, "w2", qt2)
     node.target = portable_gated_mlp_dq
     node.args = (x, *q1, *q2)
-    node.kwargs = dict(activation=activation, block_size=scheme.block_size)
+    node.kwargs = dict(activation=activation, blocks=(qt1.block_size, qt2.block_size))
     report.count("dsmoe::gated_mlp", f"DequantizeLinear int{scheme.bits} + MatMul (gate|up, down)")
 
 
@@ -234,11 +239,12 @@ def _lower_moe_dq(gm: GraphModule, node: Node, report: LowerReport, scheme: Quan
     if activation != "silu":
         raise LoweringError(f"{node.name} (dsmoe::moe): the portable lowering computes SiLU experts only")
     w13, w2 = _weight_attr(gm, node, w13_n, "dsmoe::moe"), _weight_attr(gm, node, w2_n, "dsmoe::moe")
-    q1 = _portable_buffers(gm, w13_n, "w13", _quantize(w13, scheme, node.name))
-    q2 = _portable_buffers(gm, w2_n, "w2", _quantize(w2, scheme, node.name))
+    block = scheme.block_for(w13.shape[-1], w2.shape[-1])  # as the reference quantizes routed experts
+    q1 = _portable_buffers(gm, w13_n, "w13", _quantize(w13, scheme, node.name, block))
+    q2 = _portable_buffers(gm, w2_n, "w2", _quantize(w2, scheme, node.name, block))
     node.target = portable_moe_dq
     node.args = (x, weights, ids, *q1, *q2)
-    node.kwargs = dict(block_size=scheme.block_size)
+    node.kwargs = dict(block_size=block)
     report.count("dsmoe::moe", f"DequantizeLinear int{scheme.bits} + dense experts (masked mixing)")
 
 
@@ -270,12 +276,12 @@ def _linear(gm: GraphModule, node: Node, report: LowerReport, scheme: QuantSchem
     if ort:
         node.target = ort_linear_nbits
         node.args = (x, *_ort_buffers(gm, w_n, "weight", qt, blocks=True), bias)
-        node.kwargs = dict(N=w.shape[0], K=w.shape[1], bits=scheme.bits, block_size=scheme.block_size)
+        node.kwargs = dict(N=w.shape[0], K=w.shape[1], bits=scheme.bits, block_size=qt.block_size)
         report.count("linear", f"MatMulNBits int{scheme.bits}")
     else:
         node.target = portable_linear_dq
         node.args = (x, *_portable_buffers(gm, w_n, "weight", qt), bias)
-        node.kwargs = dict(block_size=scheme.block_size)
+        node.kwargs = dict(block_size=qt.block_size)
         report.count("linear", f"DequantizeLinear int{scheme.bits} + MatMul")
 
 

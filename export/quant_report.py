@@ -59,6 +59,16 @@ def part_bytes(named_tensors) -> dict[str, int]:
     return out
 
 
+LINEAR_PARTS = ("routed experts", "shared experts", "dense MLP", "attention", "lm_head")
+
+
+def linear_bytes_per_weight(quant: dict) -> float:
+    """Stored bytes per weight of the linears (codes, scales, zero points; fp32 where the scope
+    leaves a linear unquantized), from an export report's ``quant``: what a floor counts."""
+    q, fp = quant["bytes"], quant["bytes_unquantized"]
+    return sum(q.get(p, 0) for p in LINEAR_PARTS) / (sum(fp.get(p, 0) for p in LINEAR_PARTS) / 4)
+
+
 def module_bytes(module: nn.Module) -> dict[str, int]:
     return part_bytes(list(module.named_parameters()) + list(module.named_buffers()))
 

@@ -45,7 +45,7 @@ from dsmoe.ir import capture
 from dsmoe.model import DeepseekForCausalLM, DeepseekRotaryEmbedding, causal_mask, rebuild_rotary
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import run_pipeline
-from dsmoe.quant import QuantScheme
+from dsmoe.quant import PREFERRED_BLOCK_SIZES, QuantScheme
 from dsmoe.quantized import quantized_reference
 from dsmoe.streaming import layer_of, part_module, part_names, part_shapes, random_parts, read_part
 
@@ -120,7 +120,8 @@ def _slice_config(config: DeepseekConfig, part: str, scheme: QuantScheme) -> Dee
     if i is not None:
         return config.override({"num_hidden_layers": 1, "first_k_dense_replace": 0 if config.is_moe_layer(i) else 1,
                                 "moe_layer_freq": 1, "vocab_size": 2})
-    return config.override({"num_hidden_layers": 1, "first_k_dense_replace": 1, "intermediate_size": scheme.block_size})
+    return config.override({"num_hidden_layers": 1, "first_k_dense_replace": 1,
+                            "intermediate_size": scheme.block_size or PREFERRED_BLOCK_SIZES[-1]})
 
 
 def lowered_part(config: DeepseekConfig, part: str, weights: dict[str, torch.Tensor], *, target: str,
@@ -279,7 +280,7 @@ def streamed_checks(source, config: DeepseekConfig, scheme: QuantScheme, export_
             h_fp = embed(ids)
             h_q = h_fp.clone()
         elif i is not None:
-            qmod = quantized_reference(mod, scheme)
+            qmod = quantized_reference(mod, scheme, config)
             r_fp, r_q = Routes(mod, [i]), Routes(qmod, [i])
             h_fp, _ = mod(h_fp, cos, sin, amask, None)
             h_q, (k, v) = qmod(h_q, cos, sin, amask, None)
@@ -289,7 +290,7 @@ def streamed_checks(source, config: DeepseekConfig, scheme: QuantScheme, export_
                 worst = max(worst, float((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12)))
         else:
             lm_head = mod.lm_head if hasattr(mod, "lm_head") else _tied_head(embed)
-            q_lm = quantized_reference(torch.nn.Sequential(lm_head), scheme)[0]
+            q_lm = quantized_reference(torch.nn.Sequential(lm_head), scheme, config)[0]
             want = lm_head(mod.norm(h_fp))
             ref = q_lm(mod.norm(h_q))
         del mod

@@ -9,7 +9,7 @@ import torch
 
 import dsmoe
 from dsmoe.errors import DsmoeError
-from dsmoe.quant import (bytes_per_weight, ggml_dequantize, ggml_quantize, pack, parse_scheme, qlinear, quantize,
+from dsmoe.quant import (ggml_dequantize, ggml_quantize, pack, parse_scheme, qlinear, quantize,
                          quantize_activations, unpack)
 from dsmoe.quantized import QuantLinear, linears_in_scope, quantized_dims, quantized_reference
 
@@ -88,14 +88,18 @@ def test_activation_quantization_and_qlinear():
 
 def test_parse_scheme_refuses_and_defaults():
     dims = {"hidden_size": 64, "moe_intermediate_size": 32}
-    assert parse_scheme("int4", dims=dims).block_size == 32     # 128, 64 do not divide 32
-    assert parse_scheme("INT8", dims={"hidden_size": 256}).block_size == 128
+    auto = parse_scheme("int4", dims=dims)
+    assert auto.block_size is None and auto.as_dict()["block_size"] == "auto"
+    assert (auto.block_for(64), auto.block_for(32), auto.block_for(10944), auto.block_for(2048, 1408)) == (64, 32, 64, 128)
+    assert auto.block_for(64, 32) == 32  # a QMoE node: one block size for fc1 and fc2
+    assert parse_scheme("INT8", block_size=32, dims=dims).block_for(64) == 32
+    with pytest.raises(DsmoeError, match="no block size of 32, 64, 128 divides intermediate_size 48"):
+        parse_scheme("int4", dims={"intermediate_size": 48})
     for bad, msg in [(dict(quant="int3"), "unsupported --quant"), (dict(quant="int4", block_size=48), "unsupported --block-size"),
                      (dict(quant="int4", block_size=64), "does not divide moe_intermediate_size 32"),
                      (dict(quant="int4", scope="attention"), "unsupported --quant-scope")]:
         with pytest.raises(DsmoeError, match=msg):
             parse_scheme(dims=dims, **bad)
-    assert bytes_per_weight(4, 32) == 0.5 + 4 / 32 and bytes_per_weight(8, 128, symmetric=False) == 1 + 4 / 128 + 1 / 128
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])

@@ -198,8 +198,8 @@ def _export_options(f):
         click.option("--quant", default=None, metavar="int8|int4",
                      help="weight-only block quantization (router and embeddings stay fp32)"),
         click.option("--block-size", default=None, type=int, metavar="32|64|128",
-                     help="weights per quantization block along the input dimension [default: 128, or the largest "
-                          "of 64, 32 that divides every quantized dimension]"),
+                     help="weights per quantization block along the input dimension [default: auto, per weight the "
+                          "largest of 128, 64, 32 that divides its input dimension]"),
         click.option("--quant-scope", default=None, metavar="all|experts",
                      help="all: every linear but the router (attention, lm_head, MLPs); experts: routed + shared "
                           "experts and dense MLPs only [default: all]"),
@@ -239,7 +239,7 @@ def _export(source, out_dir, target, dtype, verify, quant, block_size, quant_sco
     _print_skipped(report["passes"], err)
     v = report.get("verification")
     q = report.get("quant")
-    what = f"{dtype}" if not q else f"{q['scheme']['type']}, block {q['scheme']['block_size']}, scope {q['scheme']['scope']}"
+    what = f"{dtype}" if not q else f"{q['scheme']['type']}, blocks {q['scheme']['block_size']}, scope {q['scheme']['scope']}"
     err.print(f"wrote {out_dir} (target {target}, {what})" + (f"; verified: {v.get('summary', v)}" if v else ""))
     if q:
         a = q["quality"]
