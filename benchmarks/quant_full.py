@@ -166,7 +166,10 @@ def markdown(doc: dict) -> str:
              f"- **Read bandwidth measured in this run** (the faster of a measurement before and one after the rounds): "
              f"{lim['bandwidth_gbs']:.2f} GB/s.",
              f"- **Case**: greedy decode of {doc['shapes']['decode']} tokens after a {doc['shapes']['prefill']}-token "
-             "prompt, per token. ORT: median of the repetitions (`timing`); llama.cpp: llama-bench's mean ± stddev.",
+             f"prompt, per token, {len(doc['load']['rounds'])} rounds with the backends in turn (each loads its model, "
+             "is timed and lets go of it); per round ORT is the median of 2–3 decode runs after a warm-up one, "
+             "llama.cpp llama-bench's mean of 2 repetitions (`-n N -d P -r 2`, its own warm-up); the table shows "
+             "the median over rounds.",
              "- **Floor** = bytes the backend reads per token in its own format (all non-routed weights, the 6 "
              "routed experts of each MoE layer, lm_head, KV cache) ÷ bandwidth.", "",
              "| backend | per token | tokens/s | bytes/token | floor | of floor |", "|---|---|---|---|---|---|"]
