@@ -59,7 +59,7 @@ def exported(request, tmp_path_factory, tiny):
 def test_export_dir_and_report(exported):
     out, report, stages = exported
     assert stages == ["load", "capture", "passes", "lower", "write", "verify"]
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "export_report.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "export_report.json", "genai_config.json", "model.onnx"]
     on_disk = json.loads((out / "export_report.json").read_text())
     assert on_disk["target"] == report["target"] and on_disk["dtype"] == "fp32"
     assert set(on_disk["versions"]) >= {"torch", "onnx", "onnxruntime"}
