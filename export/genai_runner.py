@@ -46,7 +46,10 @@ class GenaiModel:
         config = og.Config(str(d))
         if threads:
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-        self.model = og.Model(config)
+        try:
+            self.model = og.Model(config)
+        except RuntimeError as e:  # e.g. a hand-edited config naming a missing input
+            raise DsmoeError(f"onnxruntime-genai cannot load {d}: {str(e).strip().splitlines()[0]}") from None
         self.pad_id = int(self.doc["model"]["pad_token_id"])
         self.vocab_size = int(self.doc["model"]["vocab_size"])
         self.share_buffer = bool(self.doc["search"]["past_present_share_buffer"])

@@ -18,22 +18,24 @@ from dsmoe.export.static_cache import PAST_AXIS
 
 _NP_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
-# Session options, chosen by measurement on this project's machines (AMD EPYC, 2 cores shared by
-# several engineers; `small` preset, fp32, greedy decode of 32 tokens after a 128-token prompt,
-# ms per decoded token, medians of 3-4 interleaved runs, /tmp measurement scripts in the issue):
+# Session options, chosen by measurement on this project's machines (2 cores, shared by several
+# engineers; /proc/cpuinfo: "Intel(R) Xeon(R) Processor", AVX-512/AMX). `small` preset, fp32,
+# greedy decode of 32 tokens after a 128-token prompt, ms per decoded token, medians of 3-4
+# interleaved runs; "+busy": one more process spinning on a core during the run:
 #
-#                                  quiet (load ~1)   loaded (load ~2)   + one busy process
-#   2 threads, spinning (ORT default)   3.8              15.1                  8.7 (p75 18.9)
-#   2 threads, no spinning              5.0               6.0                  6.0 (p75 7.1)
-#   1 thread                            5.8               6.5                  5.9
-#   GenAI 0.18 as is (1 thread here)    5.6               6.2                  6.0
+#   load average                        ~1.5    ~2    ~2.5 +busy    ~4    ~7 +busy
+#   2 threads, spinning (ORT default)    3.8   15.1      8.7       40.7     72.4
+#   2 threads, no spinning               5.0    6.0      6.0       20.6     44.0
+#   1 thread                             5.8    6.5      5.9       16.6     58.3
+#   GenAI 0.18 as is (1 thread here)     5.6    6.2      6.0       15.2     51.5
 #
-# Spinning threads win only on an idle machine; once another process wants a core, the spinning
-# worker and the waiting main thread take turns on it and a decode step takes 2-4× longer. Two
-# threads without spinning are never much slower than one and are faster when the machine is quiet
-# (prefill of 128 tokens: 43-53 ms vs 66-70 ms), so: intra-op threads = ORT's default (the cores),
-# spinning off. IO binding of the KV cache did not pay in the dynamic mode at these sizes (5.1 vs
-# 5.0 ms); the static mode binds it because that is the mode (one buffer as past and present).
+# Spinning threads win only on an idle machine; once other processes want the cores, a spinning
+# worker and the waiting main thread take turns on them and a decode step takes 2-3× longer. Two
+# threads without spinning are never far from one and faster when the machine is quiet or very
+# busy (prefill of 128 tokens, quiet: 43-53 ms vs 66-70 ms), so: intra-op threads = ORT's
+# default (the cores), spinning off. IO binding of the KV cache did not pay in the dynamic mode at
+# these sizes (5.1 vs 5.0 ms, quiet); the static mode binds it because that is the mode (one
+# buffer as past and present).
 SPINNING = False
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "1" if SPINNING else "0"}
 
