@@ -298,7 +298,9 @@ def model_export(w: Workload, kv_cache: str = "dynamic") -> Path:
     ``genai`` backends of a mode run the same directory."""
     key = f"export-{kv_cache}"
     if key not in w.cache:
-        out = _scratch() / "model-ort"
+        # on disk, not /dev/shm: two sessions (ort, genai) already hold the weights in RAM, and a
+        # third, pinned copy of the files got the 16B 2-layer run OOM-killed on a 23 GB machine
+        out = Path(tempfile.mkdtemp(prefix="dsmoe-bench-")) / "model-ort"
         argv = [w.source, "--out", str(out), "--target", "ort", "--dtype", "fp32", "--kv-cache", kv_cache]
         for k, v in (w.overrides or {}).items():
             argv += ["--set", f"{k}={json.dumps(v)}"]

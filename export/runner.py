@@ -103,7 +103,7 @@ class OrtDecoder:
         P = past[0][0].shape[2] if past else 0
         if feed["attention_mask"].shape[1] != P + S:
             raise DsmoeError(f"attention_mask covers {feed['attention_mask'].shape[1]} slots, past + new tokens are {P + S}")
-        own = self._is_own(past, B, P)
+        own = self._is_own(past, P)
         if not self._bufs or self._bufs[0].shape[0] != B or self._bufs[0].shape[2] < P + S:
             self._allocate(B, P + S, past if own else None)
         if not own:
@@ -119,7 +119,7 @@ class OrtDecoder:
         return logits, [(self._views[2 * i][:, :, :n], self._views[2 * i + 1][:, :, :n])
                         for i in range(self.config.num_hidden_layers)]
 
-    def _is_own(self, past, B: int, P: int) -> bool:
+    def _is_own(self, past, P: int) -> bool:
         return (bool(self._bufs) and self._fill == P and P > 0 and isinstance(past[0][0], torch.Tensor)
                 and all(t.data_ptr() == v.data_ptr() for t, v in zip([t for kv in past for t in kv], self._views)))
 
