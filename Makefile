@@ -32,10 +32,11 @@ demo: $(STAMP)
 	$(VENV)/bin/dsmoe info $(MODEL)
 	$(VENV)/bin/dsmoe inspect $(MODEL)
 	$(VENV)/bin/dsmoe-export $(MODEL) --out $(OUT) --verify --force
-	@echo "--- greedy tokens: eager, fused graph, ONNX Runtime (must agree)"
+	@echo "--- greedy tokens: eager, fused graph, ONNX Runtime (dsmoe's loop), ONNX Runtime GenAI (must agree)"
 	$(VENV)/bin/dsmoe generate $(MODEL) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend eager
 	$(VENV)/bin/dsmoe generate $(MODEL) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend fused
 	$(VENV)/bin/dsmoe generate $(OUT) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend ort
+	$(VENV)/bin/dsmoe generate $(OUT) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend genai
 	$(VENV)/bin/dsmoe bench --quick --suite model --preset small --out out/bench
 
 lint: $(STAMP)

@@ -33,6 +33,7 @@ from dsmoe.bench.suites import Workload
 from dsmoe.contract import STACKED_W2, STACKED_W13, experts_path
 from dsmoe.errors import DsmoeError
 from dsmoe.export import MODEL_FILE, OrtDecoder, export_module, lower, session
+from dsmoe.export.genai_runner import GenaiModel, GenaiStep, require_genai
 from dsmoe.export import op_histogram as onnx_op_histogram
 from dsmoe.ir import capture, op_histogram, unlift
 from dsmoe.ops import MOE, ROUTE, moe_reference, route_reference
@@ -257,20 +258,25 @@ def _scratch() -> Path:
     return Path(tempfile.mkdtemp(prefix="dsmoe-bench-", dir=base))
 
 
-def _prepare_ort(w: Workload, threads: int, provider: str = "CPUExecutionProvider") -> Prepared:
+def _prepare_ort(w: Workload, threads: int, provider: str = "CPUExecutionProvider", kv_cache: str = "dynamic") -> Prepared:
     if w.device.type != "cpu":
         raise Unsupported(f"ONNX Runtime backends take the CPU workload (this one is on {w.device})")
     if w.suite == "model" and provider != "CPUExecutionProvider":
         raise Unsupported(f"the model suite runs ORT through dsmoe.export.OrtDecoder (CPU); {provider} not wired")
+    if kv_cache != "dynamic" and w.suite != "model":
+        raise Unsupported("a KV-cache mode is a property of a whole-decoder export (the model suite)")
+    if w.suite == "model":
+        out = model_export(w, kv_cache)
+        dec = OrtDecoder(out, threads=threads)
+        notes = {"onnx_ops": _onnx_ops(out / MODEL_FILE), "kv_cache": dec.kv_cache, "threads": threads,
+                 "provider": provider, "what": "dsmoe's loop: dsmoe.export.OrtDecoder on the dsmoe-export directory"}
+        return Prepared(dec, notes, cleanup=lambda: shutil.rmtree(out.parent, ignore_errors=True))
     tmp = _scratch()
     try:
-        if w.suite == "moe-layer":
-            notes = layer_onnx(w, tmp / "layer.onnx")
-            sess = session(tmp / "layer.onnx", threads=threads, providers=[provider])
-            notes["onnx_ops"] = _onnx_ops(tmp / "layer.onnx")
-            fn = lambda x: torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])  # noqa: E731
-        else:
-            fn, notes = _ort_decoder(w, tmp, threads)
+        notes = layer_onnx(w, tmp / "layer.onnx")
+        sess = session(tmp / "layer.onnx", threads=threads, providers=[provider])
+        notes["onnx_ops"] = _onnx_ops(tmp / "layer.onnx")
+        fn = lambda x: torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])  # noqa: E731
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -286,20 +292,53 @@ class ExportFailed(RuntimeError):
     """``dsmoe-export`` of the workload failed: the backend is reported as failed, with its message."""
 
 
-def _ort_decoder(w: Workload, tmp: Path, threads: int):
+def model_export(w: Workload, kv_cache: str = "dynamic") -> Path:
     """The whole model through ``dsmoe-export`` — the product's own command, in a child process so
-    that its peak memory is returned before timing — then :class:`dsmoe.export.OrtDecoder`."""
-    out = tmp / "model-ort"
-    argv = [w.source, "--out", str(out), "--target", "ort", "--dtype", "fp32"]
-    for k, v in (w.overrides or {}).items():
-        argv += ["--set", f"{k}={json.dumps(v)}"]
-    proc = subprocess.run([sys.executable, "-c", "from dsmoe.app.cli import export_main; export_main()", *argv],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-        raise ExportFailed(f"dsmoe-export exited {proc.returncode}: {tail[0]}")
-    dec = OrtDecoder(out, threads=threads)
-    return dec, {"onnx_ops": _onnx_ops(out / MODEL_FILE)}
+    that its peak memory is returned before timing — once per cache mode; the ``ort`` and
+    ``genai`` backends of a mode run the same directory."""
+    key = f"export-{kv_cache}"
+    if key not in w.cache:
+        # on disk, not /dev/shm: two sessions (ort, genai) already hold the weights in RAM, and a
+        # third, pinned copy of the files got the 16B 2-layer run OOM-killed on a 23 GB machine
+        out = Path(tempfile.mkdtemp(prefix="dsmoe-bench-")) / "model-ort"
+        argv = [w.source, "--out", str(out), "--target", "ort", "--dtype", "fp32", "--kv-cache", kv_cache]
+        for k, v in (w.overrides or {}).items():
+            argv += ["--set", f"{k}={json.dumps(v)}"]
+        proc = subprocess.run([sys.executable, "-c", "from dsmoe.app.cli import export_main; export_main()", *argv],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            shutil.rmtree(out.parent, ignore_errors=True)
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+            raise ExportFailed(f"dsmoe-export exited {proc.returncode}: {tail[0]}")
+        w.cache[key] = out
+    return w.cache[key]
+
+
+# ---- genai: the same export in ONNX Runtime GenAI (the real client) ------------------------
+
+def _genai_available() -> tuple[bool, str]:
+    try:
+        require_genai()
+    except DsmoeError as e:
+        return False, str(e)
+    return True, ""
+
+
+def _prepare_genai(w: Workload, threads: int, kv_cache: str = "dynamic") -> Prepared:
+    """:class:`dsmoe.export.genai_runner.GenaiStep` on the ``ort`` backend's export, loaded from its
+    own ``genai_config.json`` (intra-op threads overlaid to ``threads``, as every backend gets).
+    GenAI keeps its own cache, so the decode case continues from the prompt it was primed with."""
+    if w.suite != "model":
+        raise Unsupported("GenAI runs whole decoders (the model suite)")
+    if w.device.type != "cpu":
+        raise Unsupported(f"the GenAI backend takes the CPU workload (this one is on {w.device})")
+    out = model_export(w, kv_cache)
+    model = GenaiModel(out, threads=threads)
+    step = GenaiStep(model, max_length=w.shapes["prefill"] + w.shapes["decode_steps"])
+    step.prime(w.prompt_ids)
+    notes = {"kv_cache": kv_cache, "past_present_share_buffer": model.share_buffer, "threads": threads,
+             "what": "onnxruntime-genai (its own loop and KV cache) on the dsmoe-export directory, as written"}
+    return Prepared(step, notes, cleanup=lambda: shutil.rmtree(out.parent, ignore_errors=True))
 
 
 # ---- the registry ---------------------------------------------------------------------------
@@ -312,6 +351,13 @@ register(Backend("cuda", "fused graph, dsmoe::route / dsmoe::moe on the Triton k
                  _prepare_cuda))
 register(Backend("cuda-graph", "cuda backend, decode step replayed from a CUDA graph", _cuda_available,
                  _prepare_cuda_graph))
-register(Backend("ort", "ONNX Runtime CPU EP (com.microsoft.MoE), threads = cores", _always, _prepare_ort))
+register(Backend("ort", "ONNX Runtime CPU EP (com.microsoft.MoE), threads = cores; model: dsmoe's own loop",
+                 _always, _prepare_ort))
+register(Backend("genai", "onnxruntime-genai on the ort backend's export (model suite)", _genai_available,
+                 _prepare_genai))
+register(Backend("ort-static", "ort backend on a --kv-cache static export (buffers bound in place)", _always,
+                 lambda w, t: _prepare_ort(w, t, kv_cache="static")))
+register(Backend("genai-static", "genai backend on a --kv-cache static export (past_present_share_buffer)",
+                 _genai_available, lambda w, t: _prepare_genai(w, t, kv_cache="static")))
 register(Backend("ort-cuda", "ONNX Runtime CUDA EP", _ort_cuda_available,
                  lambda w, t: _prepare_ort(w, t, "CUDAExecutionProvider")))

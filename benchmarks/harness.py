@@ -33,7 +33,7 @@ from dsmoe.dtypes import BENCH_RTOL, parse_dtype, tag
 from dsmoe.errors import DsmoeError
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-DEFAULT_BACKENDS = ("eager", "fused", "grouped_mm", "cuda", "cuda-graph", "ort", "ort-cuda")
+DEFAULT_BACKENDS = ("eager", "fused", "grouped_mm", "cuda", "cuda-graph", "ort", "genai", "ort-cuda")
 
 # What each suite measures, full and quick. `model` quick uses the `tiny` preset (a smoke run of
 # every backend): the 16B-wide model's setup alone (init, capture, ONNX export of 4.4 GB) takes
@@ -57,6 +57,8 @@ GOALS = {
                   ("best backend at T=1 within 1.3× of the memory floor", None, 1.3)],
     "model": [("ort decode ≥ 1.5× eager per token", "ort", 1.5)],
 }
+# (goal, backend, reference backend, at most): dsmoe's own ORT loop against GenAI on the same export
+PEER_GOALS = {"model": [("ort (dsmoe's loop) decode within 1.1× of genai per token", "ort", "genai", 1.1)]}
 
 
 def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None = None, quick: bool = False,
@@ -245,6 +247,14 @@ def evaluate_goals(doc: dict) -> list[dict]:
         out.append({"goal": text, "met": worst[1]["vs_eager"] >= target, "value": worst[1]["vs_eager"],
                     "detail": "speed-ups " + ", ".join(f"{n}: {r['vs_eager']:.2f}×" for n, r in got)
                               + f"; worst {worst[0]} at {worst[1]['vs_eager']:.2f}× (target {target}×)"})
+    for text, backend, peer, target in PEER_GOALS.get(doc["suite"], []):
+        dec = [c for c in cases if c["case"].startswith("decode")]
+        if not any(c["results"].get(peer, {}).get("status") == "ok" for c in dec):
+            out.append({"goal": text, "met": None, "detail": f"{peer} did not run"})
+            continue
+        vals = [(c["case"], (a["latency_s"] / b["latency_s"]) if (a := _ok(c, backend)) and (b := _ok(c, peer)) else None)
+                for c in dec]
+        out.append(_goal(text, vals, target, at_most=True))
     return out
 
 

@@ -54,6 +54,7 @@ class Workload:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache: dict = field(default_factory=dict)  # shared between backends (e.g. the exported program)
+    prompt_ids: list[int] | None = None         # model suite: the prefill case's tokens (GenAI replays them)
 
 
 class LayerModule(nn.Module):
@@ -159,7 +160,8 @@ def model_workload(source: str, overrides: dict, prefill: int, decode: int, *, d
               "E": config.n_routed_experts, "K": config.num_experts_per_tok, "batch": 1,
               "prefill": prefill, "decode_steps": decode,
               "model_params": sum(p.numel() for p in model.parameters())}
-    return Workload("model", source, overrides, config, step, cases, shapes, dtype=dtype, device=device)
+    return Workload("model", source, overrides, config, step, cases, shapes, dtype=dtype, device=device,
+                    prompt_ids=ids[0].tolist())
 
 
 def _decode_args(tok: torch.Tensor, pos: int, device: torch.device):

@@ -5,15 +5,22 @@
 - :func:`export_module` — the one ONNX export path (the decoder, and the benchmarks' single layer).
 - :class:`OrtDecoder` — an exported directory as a decoder step function with the KV cache.
 - :func:`lower` — the per-target lowering tables (``ort``, ``portable``).
+- :data:`KV_CACHE_MODES` — ``dynamic`` and ``static`` (GenAI's shared past/present buffer).
+- :func:`check_genai_config` — ``genai_config.json`` read back against its model;
+  :class:`~dsmoe.export.genai_runner.GenaiModel` runs an export in onnxruntime-genai.
 """
 
 from dsmoe.export.api import REPORT_FILE, VerificationError, export_model, verify_export
+from dsmoe.export.genai_config import GENAI_CONFIG, check_genai_config
 from dsmoe.export.lower import LOWERINGS, TARGETS, LoweringError, lower
 from dsmoe.export.onnx_writer import DATA_FILE, MODEL_FILE, OPSET, export_module, io_names, op_histogram
 from dsmoe.export.runner import OrtDecoder, polygraphy_command, session
+from dsmoe.export.static_cache import KV_CACHE_MODES
 
 __all__ = [
            "DATA_FILE",
+           "GENAI_CONFIG",
+           "KV_CACHE_MODES",
            "LOWERINGS",
            "MODEL_FILE",
            "OPSET",
@@ -22,6 +29,7 @@ __all__ = [
            "LoweringError",
            "OrtDecoder",
            "VerificationError",
+           "check_genai_config",
            "export_model",
            "export_module",
            "io_names",

@@ -1,11 +1,12 @@
 """``export_model``: load → capture → passes → lower → write → verify, into an atomic output dir.
 
 The output directory holds ``model.onnx`` (+ ``model.onnx.data`` past 2 GB), the model's
-``config.json`` and ``export_report.json``. It is written through :class:`dsmoe.outputs.OutputDir`
-(claimed, filled in a temporary sibling, swapped into place atomically; an existing one is
-replaced only with ``force`` and only when dsmoe wrote it). With ``verify`` the check runs
-*before* the commit: a failed export never replaces anything — it is kept at ``<out>.failed``
-for inspection and :class:`VerificationError` (exit code 1) says so.
+``config.json``, ``genai_config.json`` (ONNX Runtime GenAI runs the directory as is), the
+checkpoint's tokenizer files when it has them, and ``export_report.json``. It is written through
+:class:`dsmoe.outputs.OutputDir` (claimed, filled in a temporary sibling, swapped into place
+atomically; an existing one is replaced only with ``force`` and only when dsmoe wrote it). With
+``verify`` the check runs *before* the commit: a failed export never replaces anything — it is
+kept at ``<out>.failed`` for inspection and :class:`VerificationError` (exit code 1) says so.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import torch
 
 import dsmoe
 from dsmoe.dtypes import VERIFY_RTOL, parse_dtype, tag, torch_name
+from dsmoe.export.genai_config import check_genai_config, special_token_ids, write_genai_files
 from dsmoe.export.lower import check_target, lower
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, OPSET, REPORT_FILE, io_names, op_histogram, to_onnx
 from dsmoe.export.runner import OrtDecoder
+from dsmoe.export.static_cache import check_kv_cache
 from dsmoe.ir import capture, sample_inputs
 from dsmoe.outputs import OutputDir
 from dsmoe.passes.context import PassContext
@@ -45,18 +48,23 @@ def parse_export_dtype(dtype: str) -> torch.dtype:
 
 def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp32", verify: bool = False,
                  force: bool = False, overrides: dict | None = None, fold_shared_experts: bool = False,
-                 ort_fusions: bool = True, progress: Callable[[str], None] | None = None,
-                 allow_nonfinite: bool = False) -> dict:
+                 ort_fusions: bool = True, kv_cache: str = "dynamic",
+                 progress: Callable[[str], None] | None = None, allow_nonfinite: bool = False) -> dict:
     """Export ``source`` (checkpoint dir or ``preset:NAME``) to ONNX in ``out``; returns the report.
 
     Raises :class:`DsmoeError` for user errors (unknown target/dtype, existing ``out`` without
     ``force``, bad source) and :class:`VerificationError` (``exit_code = 1``) when ``verify``
     finds ONNX Runtime and eager apart beyond :data:`dsmoe.dtypes.VERIFY_RTOL`. ``ort_fusions`` (target ``ort``
-    only) applies ONNX Runtime's contrib fusions for norms, rotary and attention.
+    only) applies ONNX Runtime's contrib fusions for norms, rotary and attention. ``kv_cache``:
+    ``dynamic`` (past and present sized to the filled slots) or ``static`` (one preallocated
+    buffer as past and present, GenAI's ``past_present_share_buffer``; see
+    :mod:`dsmoe.export.static_cache`); ``verify`` checks the mode the export was made for.
     """
     check_target(target)
+    check_kv_cache(kv_cache)
     tdtype = parse_export_dtype(dtype)
     config = dsmoe.load_config(source, overrides)  # fails fast on a bad source/override
+    tokens = special_token_ids(config, source)      # and on bad bos/eos/pad ids
     inputs = [] if dsmoe.is_preset(source) else [source]
     step = _Stages(progress)
     with OutputDir(out, force=force, kind="export", inputs=inputs) as staging:
@@ -71,19 +79,20 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
             lowered = lower(gm, target=target)
         with step("write"):
             proto, fusions = to_onnx(gm, tmp / MODEL_FILE, config=config, dtype=tdtype,
-                                     ort_fusions=ort_fusions and target == "ort")
+                                     ort_fusions=ort_fusions and target == "ort", kv_cache=kv_cache)
             del gm
             hist = op_histogram(proto if proto is not None else _load_graph_only(tmp / MODEL_FILE))
             cfg = config.to_dict()
             cfg["torch_dtype"] = torch_name(tdtype)
             config_text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
             (tmp / CONFIG_FILE).write_text(config_text)
+            write_genai_files(tmp, config=config, kv_cache=kv_cache, source=source, tokens=tokens)
         verification = None
         if verify:
             with step("verify"):
                 verification = verify_export(model, tmp, dtype=tdtype)
         report = {
-            "source": str(source), "target": target, "dtype": tag(tdtype), "opset": OPSET,
+            "source": str(source), "target": target, "dtype": tag(tdtype), "kv_cache": kv_cache, "opset": OPSET,
             "files": [*sorted(p.name for p in tmp.iterdir() if not p.name.startswith(".")), REPORT_FILE],
             "model_bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.name in (MODEL_FILE, DATA_FILE)),
             "inputs": io_names(config.num_hidden_layers)[0], "outputs": io_names(config.num_hidden_layers)[1],
@@ -104,7 +113,8 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
 @torch.no_grad()
 def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0) -> dict:
     """Eager vs ONNX Runtime on the same seeded prefill (batch 2, 7 tokens) and decode (1 token
-    after those 7) inputs; compares logits and the present caches."""
+    after those 7) inputs; compares logits and the present caches (in a static-cache export, the
+    filled part of its buffers), and reads ``genai_config.json`` back against the model."""
     dec = OrtDecoder(export_dir)
     config = model.config
     ids, mask, pos, past = sample_inputs(config, batch=2, seq=7, past=0, seed=seed, dtype=dtype)
@@ -122,13 +132,16 @@ def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0)
     bad = [name for name, r in results.items() if not r["finite"]]
     worst = max(r["rel_err"] for r in results.values())
     max_abs = max(r["max_abs_err"] for r in results.values())
-    passed = not bad and worst <= tol
+    genai = check_genai_config(export_dir)
+    passed = not bad and not genai and worst <= tol
     if bad:
         summary = f"non-finite outputs (NaN/Inf) in {', '.join(bad)}"
     else:
-        summary = f"max abs error {max_abs:.3g}, relative {worst:.3g} ({'<=' if passed else '>'} {tol:g})"
+        summary = f"max abs error {max_abs:.3g}, relative {worst:.3g} ({'<=' if worst <= tol else '>'} {tol:g})"
+    if genai:
+        summary += f"; genai_config.json: {genai[0]}" + (f" (+{len(genai) - 1} more)" if len(genai) > 1 else "")
     return {"passed": passed, "tolerance": tol, "max_abs_err": max_abs, "rel_err": worst, "cases": results,
-            "summary": summary}
+            "kv_cache": dec.kv_cache, "genai_config": genai, "summary": summary}
 
 
 def _compare(ref, got, ref_past, got_past) -> dict:

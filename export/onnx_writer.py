@@ -7,6 +7,8 @@ The decoder is one model for prefill and decode, with ONNX Runtime GenAI names:
 Inputs ``input_ids [B,S] int64``, ``attention_mask [B,P+S] int64``, ``position_ids [B,S] int64``,
 ``past_key_values.{i}.key/.value [B, kv_heads, P, head_dim]``; outputs ``logits [B,S,V]``,
 ``present.{i}.key/.value [B, kv_heads, P+S, head_dim]``. Batch, sequence and past are dynamic.
+With ``kv_cache="static"`` past and present are buffers of a dynamic maximum length
+``max_sequence`` instead (:mod:`dsmoe.export.static_cache`).
 External data is used once the model passes 2 GB; ``onnx.checker`` runs its full check.
 """
 
@@ -27,6 +29,7 @@ from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
 
+from dsmoe.export.static_cache import PAST_AXIS, PRESENT_AXIS, decoder_module
 from dsmoe.ir import MAX_BATCH, MAX_SEQ, sample_inputs
 
 OPSET = 21
@@ -47,31 +50,25 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-class _Decoder(nn.Module):
-    """The lowered graph with a flat ``(logits, k0, v0, k1, ...)`` output."""
-
-    def __init__(self, gm: GraphModule):
-        super().__init__()
-        self.gm = gm
-
-    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
-        logits, present = self.gm(input_ids, attention_mask, position_ids, past_key_values)
-        return (logits, *[t for kv in present for t in kv])
-
-
-def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype,
-            ort_fusions: bool = False) -> tuple[onnx.ModelProto | None, dict[str, int]]:
-    """Export the lowered decoder ``gm`` to ``path`` through :func:`export_module`."""
-    args = sample_inputs(config, batch=2, seq=3, past=5, dtype=dtype)
+def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype, ort_fusions: bool = False,
+            kv_cache: str = "dynamic") -> tuple[onnx.ModelProto | None, dict[str, int]]:
+    """Export the lowered decoder ``gm`` to ``path`` through :func:`export_module`, in the KV-cache
+    mode ``kv_cache`` (``dynamic`` or ``static``, see :mod:`dsmoe.export.static_cache`)."""
+    module = decoder_module(gm, kv_cache)
+    ids, mask, pos, past = sample_inputs(config, batch=2, seq=3, past=5, dtype=dtype)
     B = Dim("batch", min=1, max=MAX_BATCH)
     S = Dim("seq", min=1, max=MAX_SEQ)
-    P = Dim("past", min=0, max=MAX_SEQ)
+    if kv_cache == "static":  # buffers longer than the filled part (8 of 11 slots)
+        past = [(torch.cat([k, k[:, :, :6]], dim=2), torch.cat([v, v[:, :, :6]], dim=2)) for k, v in past]
+        P = Dim(PAST_AXIS["static"], min=1, max=MAX_SEQ)
+    else:
+        P = Dim("past", min=0, max=MAX_SEQ)
     kv = [({0: B, 2: P}, {0: B, 2: P})] * config.num_hidden_layers
     dynamic = ({0: B, 1: S}, {0: B, 1: Dim.AUTO}, {0: B, 1: S}, kv)
     names_in, names_out = io_names(config.num_hidden_layers)
-    return export_module(_Decoder(gm), tuple(args), path, dynamic_shapes=dynamic, input_names=names_in,
+    return export_module(module, (ids, mask, pos, past), path, dynamic_shapes=dynamic, input_names=names_in,
                          output_names=names_out, ort_fusions=ort_fusions,
-                         edit=lambda model: _name_dynamic_axes(model, config.num_hidden_layers))
+                         edit=lambda model: _name_dynamic_axes(model, config.num_hidden_layers, kv_cache))
 
 
 def export_module(module: nn.Module, args: tuple, path: Path, *, dynamic_shapes, input_names: list[str],
@@ -151,8 +148,9 @@ def _expand_unregistered_norms(path: Path) -> None:
         onnx.save(model, str(path))
 
 
-def _name_dynamic_axes(model, num_layers: int) -> None:
-    """Give the dynamic axes readable names (batch, sequence, past_sequence, total_sequence)."""
+def _name_dynamic_axes(model, num_layers: int, kv_cache: str = "dynamic") -> None:
+    """Give the dynamic axes readable names (batch, sequence, past_sequence, total_sequence;
+    max_sequence for the static cache's buffers)."""
     def set_dims(value, dims):
         shape = value.shape
         if shape is None:
@@ -166,10 +164,11 @@ def _name_dynamic_axes(model, num_layers: int) -> None:
     set_dims(ins["position_ids"], ["batch", "sequence"])
     set_dims(ins["attention_mask"], ["batch", "total_sequence"])
     set_dims(outs["logits"], ["batch", "sequence", None])
+    past, present = PAST_AXIS[kv_cache], PRESENT_AXIS[kv_cache]
     for i in range(num_layers):
         for kind in ("key", "value"):
-            set_dims(ins[f"past_key_values.{i}.{kind}"], ["batch", None, "past_sequence", None])
-            set_dims(outs[f"present.{i}.{kind}"], ["batch", None, "total_sequence", None])
+            set_dims(ins[f"past_key_values.{i}.{kind}"], ["batch", None, past, None])
+            set_dims(outs[f"present.{i}.{kind}"], ["batch", None, present, None])
 
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:

@@ -1,5 +1,6 @@
 """Run an exported directory in ONNX Runtime: a decoder step with the KV cache (the step function
-:func:`dsmoe.app.generate.greedy_generate` drives), and the polygraphy command line."""
+:func:`dsmoe.app.generate.greedy_generate` drives) for both cache modes of an export, the session
+options (one home, also written into ``genai_config.json``), and the polygraphy command line."""
 
 from __future__ import annotations
 
@@ -8,24 +9,49 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
 from dsmoe import load_config
 from dsmoe.errors import DsmoeError
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, REPORT_FILE, io_names
+from dsmoe.export.static_cache import PAST_AXIS
 
 _NP_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
+# Session options, chosen by measurement on this project's machines (2 cores, shared by several
+# engineers; /proc/cpuinfo: "Intel(R) Xeon(R) Processor", AVX-512/AMX). `small` preset, fp32,
+# greedy decode of 32 tokens after a 128-token prompt, ms per decoded token, medians of 3-4
+# interleaved runs; "+busy": one more process spinning on a core during the run:
+#
+#   load average                        ~1.5    ~2    ~2.5 +busy    ~4    ~7 +busy
+#   2 threads, spinning (ORT default)    3.8   15.1      8.7       40.7     72.4
+#   2 threads, no spinning               5.0    6.0      6.0       20.6     44.0
+#   1 thread                             5.8    6.5      5.9       16.6     58.3
+#   GenAI 0.18 as is (1 thread here)     5.6    6.2      6.0       15.2     51.5
+#
+# Spinning threads win only on an idle machine; once other processes want the cores, a spinning
+# worker and the waiting main thread take turns on them and a decode step takes 2-3× longer. Two
+# threads without spinning are never far from one and faster when the machine is quiet or very
+# busy (prefill of 128 tokens, quiet: 43-53 ms vs 66-70 ms), so: intra-op threads = ORT's
+# default (the cores), spinning off. IO binding of the KV cache did not pay in the dynamic mode at
+# these sizes (5.1 vs 5.0 ms, quiet); the static mode binds it because that is the mode (one
+# buffer as past and present).
+SPINNING = False
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "1" if SPINNING else "0"}
+
 
 def session(path: str | Path, *, threads: int | None = None, optimize: bool = True,
-            providers: list[str] | None = None):
-    """An ``InferenceSession`` (CPU unless ``providers``); ``optimize=False`` turns ORT's graph
-    rewrites off (numerics tests)."""
+            providers: list[str] | None = None, spinning: bool = SPINNING):
+    """An ``InferenceSession`` (CPU unless ``providers``) with :data:`SESSION_CONFIG`;
+    ``optimize=False`` turns ORT's graph rewrites off (numerics tests), ``spinning=True`` lets the
+    intra-op threads spin (faster on an idle machine only)."""
     so = ort.SessionOptions()
+    so.inter_op_num_threads = 1
     if threads:
         so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3
@@ -36,34 +62,97 @@ class OrtDecoder:
     """One decoder step of an exported model: ``(input_ids, attention_mask, position_ids, past)
     -> (logits, present)`` with ``past``/``present`` lists of ``(key, value)`` — the same
     signature as the eager model and the fused graph. Takes torch tensors or numpy arrays and
-    returns torch tensors."""
+    returns torch tensors.
 
-    def __init__(self, export_dir: str | Path, threads: int | None = None, *, optimize: bool = True):
+    Either cache mode of an export runs behind this signature (``kv_cache``, read from the
+    model's past axis). A ``static`` export keeps its buffers here: numpy arrays of a capacity
+    that grows by doubling, bound with IO binding as both the past inputs and the present outputs,
+    so ONNX Runtime writes each step's keys/values into them in place. A call whose ``past`` is not
+    the present this decoder returned last is copied in first; the returned present is a view of
+    the buffers (valid until a call with another history overwrites them).
+    """
+
+    def __init__(self, export_dir: str | Path, threads: int | None = None, *, optimize: bool = True,
+                 spinning: bool = SPINNING):
         d = self.dir = Path(export_dir)
         if not (d / MODEL_FILE).is_file():
             raise DsmoeError(f"{d} holds no {MODEL_FILE} (export it with: dsmoe-export SOURCE --out {d})")
         self.config = load_config(d)
         _check_config_unchanged(d)
-        self.sess = _open_session(d, threads=threads, optimize=optimize)
+        self.sess = _open_session(d, threads=threads, optimize=optimize, spinning=spinning)
         self.input_names, self.output_names = io_names(self.config.num_hidden_layers)
         _check_io(d, self.sess, self.config, self.input_names, self.output_names)
-        types = {i.name: i.type for i in self.sess.get_inputs()}
-        self.dtype = _NP_TO_TORCH[types["past_key_values.0.key"]]
+        inputs = {i.name: i for i in self.sess.get_inputs()}
+        self.dtype = _NP_TO_TORCH[inputs["past_key_values.0.key"].type]
+        self.np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
+        self.kv_cache = "static" if inputs["past_key_values.0.key"].shape[2] == PAST_AXIS["static"] else "dynamic"
+        self._bufs: list[np.ndarray] = []   # static mode: k0, v0, k1, ... [B, kv_heads, M, head_dim]
+        self._views: list[torch.Tensor] = []
+        self._fill = -1                      # slots of the present returned last (-1: none)
 
     def __call__(self, input_ids, attention_mask, position_ids, past):
         feed = {"input_ids": _np(input_ids, np.int64), "attention_mask": _np(attention_mask, np.int64),
                 "position_ids": _np(position_ids, np.int64)}
-        np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
+        if self.kv_cache == "static":
+            return self._static_step(feed, past)
         for i, (k, v) in enumerate(past):
-            feed[f"past_key_values.{i}.key"] = _np(k, np_dtype)
-            feed[f"past_key_values.{i}.value"] = _np(v, np_dtype)
+            feed[f"past_key_values.{i}.key"] = _np(k, self.np_dtype)
+            feed[f"past_key_values.{i}.value"] = _np(v, self.np_dtype)
+        outs = [torch.from_numpy(o) for o in self._run(lambda: self.sess.run(self.output_names, feed))]
+        present = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.config.num_hidden_layers)]
+        return outs[0], present
+
+    def _static_step(self, feed: dict, past):
+        B, S = feed["input_ids"].shape
+        P = past[0][0].shape[2] if past else 0
+        if feed["attention_mask"].shape[1] != P + S:
+            raise DsmoeError(f"attention_mask covers {feed['attention_mask'].shape[1]} slots, past + new tokens are {P + S}")
+        own = self._is_own(past, P)
+        if not self._bufs or self._bufs[0].shape[0] != B or self._bufs[0].shape[2] < P + S:
+            self._allocate(B, P + S, past if own else None)
+        if not own:
+            for buf, t in zip(self._bufs, [t for kv in past for t in kv]):
+                buf[:, :, :P] = _np(t, self.np_dtype)
+        for name, a in feed.items():
+            self._binding.bind_cpu_input(name, a)
+        self._binding.bind_output("logits", "cpu")
+        self._run(lambda: self.sess.run_with_iobinding(self._binding))
+        logits = torch.from_numpy(self._binding.get_outputs()[0].numpy())
+        self._fill = P + S
+        n = P + S
+        return logits, [(self._views[2 * i][:, :, :n], self._views[2 * i + 1][:, :, :n])
+                        for i in range(self.config.num_hidden_layers)]
+
+    def _run(self, fn):
         try:
-            outs = [torch.from_numpy(o) for o in self.sess.run(self.output_names, feed)]
+            return fn()
         except Exception as e:  # onnxruntime's errors are plain RuntimeError-like classes
             raise ExportRunError(f"ONNX Runtime failed running {self.dir / MODEL_FILE}: "
                                  f"{str(e).strip().splitlines()[0][:300]}") from None
-        present = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.config.num_hidden_layers)]
-        return outs[0], present
+
+    def _is_own(self, past, P: int) -> bool:
+        return (bool(self._bufs) and self._fill == P and P > 0 and isinstance(past[0][0], torch.Tensor)
+                and all(t.data_ptr() == v.data_ptr() for t, v in zip([t for kv in past for t in kv], self._views)))
+
+    def _allocate(self, B: int, need: int, keep) -> None:
+        """Buffers of at least ``need`` slots (doubling, multiples of 64); ``keep``: the present this
+        decoder returned last, carried over."""
+        old = self._bufs[0].shape[2] if self._bufs and self._bufs[0].shape[0] == B else 0
+        M = max(need, 2 * old, 64)
+        M = -(-M // 64) * 64
+        c = self.config
+        bufs = [np.zeros((B, c.num_key_value_heads, M, c.head_dim), self.np_dtype) for _ in range(2 * c.num_hidden_layers)]
+        if keep is not None:
+            for buf, t in zip(bufs, [t for kv in keep for t in kv]):
+                buf[:, :, :t.shape[2]] = t.numpy()
+        self._bufs, self._views = bufs, [torch.from_numpy(b) for b in bufs]
+        self._values = [ort.OrtValue.ortvalue_from_numpy(b) for b in bufs]
+        self._binding = self.sess.io_binding()
+        self._binding.bind_output("logits", "cpu")  # first: get_outputs()[0] is the logits
+        for name, value in zip(self.input_names[3:], self._values):
+            self._binding.bind_ortvalue_input(name, value)
+        for name, value in zip(self.output_names[1:], self._values):
+            self._binding.bind_ortvalue_output(name, value)
 
 
 class ExportRunError(DsmoeError):
@@ -123,11 +212,15 @@ def polygraphy_command(export_dir: str | Path, *, batch: int = 1, seq: int = 4, 
     """The ``polygraphy run MODEL --onnxrt`` command line for an exported directory.
 
     The decoder's axes are dynamic and tied together (``attention_mask`` is past + sequence long),
-    so polygraphy needs explicit shapes; ``input_ids`` values must lie in the vocabulary.
+    so polygraphy needs explicit shapes; ``input_ids`` values must lie in the vocabulary. A
+    static-cache export gets buffers of exactly past + sequence slots.
     """
     d = Path(export_dir)
     c = load_config(d)
-    kv = f"[{batch},{c.num_key_value_heads},{past},{c.head_dim}]"
+    graph = onnx.load(str(d / MODEL_FILE), load_external_data=False).graph
+    past_axis = next(v for v in graph.input if v.name == "past_key_values.0.key").type.tensor_type.shape.dim[2].dim_param
+    slots = past + seq if past_axis == PAST_AXIS["static"] else past
+    kv = f"[{batch},{c.num_key_value_heads},{slots},{c.head_dim}]"
     shapes = [f"input_ids:[{batch},{seq}]", f"attention_mask:[{batch},{past + seq}]", f"position_ids:[{batch},{seq}]"]
     for i in range(c.num_hidden_layers):
         shapes += [f"past_key_values.{i}.key:{kv}", f"past_key_values.{i}.value:{kv}"]

@@ -118,10 +118,11 @@ def info(source, overrides, as_json):
 
 @cli.command()
 @click.argument("source")
-@click.option("--prompt-ids", default=None, help='space-separated token ids, e.g. "1 2 3"')
+@click.option("--prompt-ids", multiple=True, help='space-separated token ids, e.g. "1 2 3" (repeat for a batch)')
 @click.option("--prompt", default=None, help="text (needs tokenizer.json in SOURCE)")
 @click.option("--max-new-tokens", default=16, show_default=True)
-@click.option("--backend", type=click.Choice(["eager", "fused", "ort"]), default="eager", show_default=True)
+@click.option("--backend", type=click.Choice(["eager", "fused", "ort", "genai"]), default="eager", show_default=True,
+              help="ort: an export in dsmoe's loop; genai: an export in onnxruntime-genai")
 @click.option("--dtype", default=None, help="float32 | float16 | bfloat16 (default: checkpoint's)")
 @click.option("--fold-shared-experts", is_flag=True, help="fused backend: fold shared experts into dsmoe::moe")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N (eager and fused backends)")
@@ -130,18 +131,21 @@ def info(source, overrides, as_json):
 @kernels_option
 @nonfinite_option
 @set_option
-@click.option("--json", "as_json", is_flag=True, help='print {"ids": [...]}')
+@click.option("--json", "as_json", is_flag=True, help='print {"ids": [...]} ([[...], ...] for a batch)')
 def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, device, cuda_graph,
              kernels, allow_nonfinite, overrides, as_json):
-    """Greedy decoding with the KV cache (eager, fused graph, or an exported model in ORT)."""
-    ids, text = run_generate(source=source, prompt_ids=prompt_ids, prompt=prompt, max_new_tokens=max_new_tokens,
+    """Greedy decoding with the KV cache (eager, fused graph, or an export in ORT or GenAI)."""
+    ids, text = run_generate(source=source, prompt_ids=list(prompt_ids), prompt=prompt, max_new_tokens=max_new_tokens,
                              backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts,
                              overrides=_overrides(overrides), device=device, cuda_graph=cuda_graph, kernels=kernels,
                              allow_nonfinite=allow_nonfinite)
     if as_json:
-        click.echo(json.dumps({"ids": ids} | ({"text": text} if text is not None else {})))
+        click.echo(json.dumps({"ids": ids if len(ids) > 1 else ids[0]} | ({"text": text} if text is not None else {})))
+    elif text is not None:
+        click.echo(text)
     else:
-        click.echo(" ".join(map(str, ids)) if text is None else text)
+        for row in ids:
+            click.echo(" ".join(map(str, row)))
 
 
 @cli.command()
@@ -195,6 +199,8 @@ def _export_options(f):
         click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="output directory"),
         click.option("--target", default="ort", show_default=True, help="ort | portable"),
         click.option("--dtype", default="fp32", show_default=True, help="fp32 | fp16"),
+        click.option("--kv-cache", default="dynamic", show_default=True,
+                     help="dynamic | static (past = a preallocated buffer, GenAI's past_present_share_buffer)"),
         click.option("--verify", is_flag=True, help="compare ONNX Runtime with eager; exit 1 beyond tolerance"),
         click.option("--force", is_flag=True, help="replace --out if it exists and dsmoe wrote it"),
         nonfinite_option,
@@ -205,7 +211,7 @@ def _export_options(f):
     return f
 
 
-def _export(source, out_dir, target, dtype, verify, force, allow_nonfinite, overrides):
+def _export(source, out_dir, target, dtype, kv_cache, verify, force, allow_nonfinite, overrides):
     """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime."""
     current = {"s": None}
 
@@ -218,13 +224,15 @@ def _export(source, out_dir, target, dtype, verify, force, allow_nonfinite, over
 
     try:
         report = export_model(source, out=str(out_dir), target=target, dtype=dtype, verify=verify, force=force,
-                              overrides=_overrides(overrides), progress=progress, allow_nonfinite=allow_nonfinite)
+                              overrides=_overrides(overrides), kv_cache=kv_cache, progress=progress,
+                              allow_nonfinite=allow_nonfinite)
     finally:
         if current["s"] is not None:
             current["s"].__exit__(None, None, None)
     _print_skipped(report["passes"], err)
     v = report.get("verification")
-    err.print(f"wrote {out_dir} (target {target}, {dtype})" + (f"; verified: {v.get('summary', v)}" if v else ""))
+    err.print(f"wrote {out_dir} (target {target}, {dtype}, {kv_cache} KV cache)"
+              + (f"; verified: {v.get('summary', v)}" if v else ""))
 
 
 cli.add_command(click.command("export")(_export_options(_export)))

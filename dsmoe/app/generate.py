@@ -1,12 +1,16 @@
-"""``dsmoe generate``: greedy decoding on the eager model, the fused graph, or ONNX Runtime.
+"""``dsmoe generate``: greedy decoding on the eager model, the fused graph, ONNX Runtime, or GenAI.
 
 A *step function* has the decoder signature of :mod:`dsmoe.ir`:
 ``step(input_ids, attention_mask, position_ids, past) -> (logits, present)``; the eager model
 (:func:`eager_step`), the fused graph (:func:`fused_step`) and an exported model in ONNX Runtime
-(:class:`dsmoe.export.OrtDecoder`) all are one, so :func:`greedy_generate` is written once.
+(:class:`dsmoe.export.OrtDecoder`, either cache mode) all are one, so :func:`greedy_generate`
+(one prompt) and :func:`greedy_generate_batch` (unequal prompts, left-padded) are written once.
+``--backend genai`` hands the export to ONNX Runtime GenAI instead
+(:class:`dsmoe.export.genai_runner.GenaiModel`: its own loop, search and tokenizer).
 
-On ``--device cuda`` the model is built or loaded on the GPU; the fused graph runs the plugins'
-CUDA kernels, and its decode steps replay one CUDA graph over a static KV cache
+On ``--device cuda`` the model is built or loaded on the GPU; the fused graph runs the Triton
+kernels (``--kernels triton-interpret`` runs them on the CPU under Triton's interpreter), and its
+decode steps replay one CUDA graph over a static KV cache
 (:class:`dsmoe.app.cuda_graphs.StaticDecoder`) unless ``--no-cuda-graph``.
 """
 
@@ -22,6 +26,7 @@ from dsmoe.app.device import cpu_kernels, require_cuda_kernels, resolve_device
 from dsmoe.config import DeepseekConfig
 from dsmoe.errors import DsmoeError, NonFiniteError
 from dsmoe.export import MODEL_FILE, OrtDecoder
+from dsmoe.export.genai_runner import GenaiModel
 from dsmoe.ir import capture
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import run_pipeline
@@ -69,10 +74,7 @@ def greedy_generate(step: Step, config: DeepseekConfig, prompt_ids: list[int], m
         mask = torch.ones(1, pos + S, dtype=torch.int64, device=device)
         position_ids = torch.arange(pos, pos + S, dtype=torch.int64, device=device).unsqueeze(0)
         logits, past = step(ids, mask, position_ids, list(past))
-        last = torch.as_tensor(logits)[0, -1]
-        if not bool(torch.isfinite(last).all()):
-            raise NonFiniteError(f"the model's logits are not finite (NaN/Inf) at step {len(out) + 1}: no token can be "
-                                 "chosen (were its weights loaded with --allow-nonfinite?)")
+        last = _finite(torch.as_tensor(logits)[0, -1], len(out) + 1)
         nxt = int(last.argmax())
         out.append(nxt)
         pos += S
@@ -80,6 +82,13 @@ def greedy_generate(step: Step, config: DeepseekConfig, prompt_ids: list[int], m
         if stop_at_eos and nxt in config.eos_token_ids:
             break
     return out
+
+
+def _finite(logits: torch.Tensor, step: int) -> torch.Tensor:
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteError(f"the model's logits are not finite (NaN/Inf) at step {step}: no token can be "
+                             "chosen (were its weights loaded with --allow-nonfinite?)")
+    return logits
 
 
 def check_request(config: DeepseekConfig, prompt_ids: list[int], max_new_tokens: int) -> None:
@@ -99,6 +108,34 @@ def check_request(config: DeepseekConfig, prompt_ids: list[int], max_new_tokens:
                          "--set max_position_embeddings=N at your own risk (RoPE beyond its trained range)")
 
 
+@torch.no_grad()
+def greedy_generate_batch(step: Step, config: DeepseekConfig, prompts: list[list[int]], max_new_tokens: int, *,
+                          dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> list[list[int]]:
+    """Greedy decoding of unequal prompts in one batch, left-padded: padding has mask 0 (no query
+    attends to it) and every row's positions count its own tokens from 0, so each row's tokens are
+    those of its prompt alone (up to floating-point ties). ``max_new_tokens`` for every row."""
+    for p in prompts:
+        check_request(config, p, max_new_tokens)
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, longest, dtype=torch.int64, device=device)
+    mask = torch.zeros(B, longest, dtype=torch.int64, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, longest - len(p):] = torch.tensor(p, dtype=torch.int64)
+        mask[b, longest - len(p):] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    past = empty_cache(config, B, dtype, device)
+    out: list[list[int]] = [[] for _ in prompts]
+    for i in range(max_new_tokens):
+        logits, past = step(ids, mask, position_ids, list(past))
+        nxt = _finite(torch.as_tensor(logits)[:, -1], i + 1).argmax(-1).to(device)
+        for b in range(B):
+            out[b].append(int(nxt[b]))
+        ids = nxt.view(B, 1)
+        position_ids = position_ids[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64, device=device)], dim=1)
+    return out
+
+
 def generate_ort(export_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, *,
                  threads: int | None = None) -> list[int]:
     """Greedy decoding of an exported directory in ONNX Runtime (one prefill step, then one per token)."""
@@ -106,18 +143,29 @@ def generate_ort(export_dir: str | Path, prompt_ids: list[int], max_new_tokens: 
     return greedy_generate(dec, dec.config, list(prompt_ids), max_new_tokens, dtype=dec.dtype)
 
 
-def _prompt(source: str, prompt_ids: str | None, prompt: str | None):
-    """Token ids from --prompt-ids or, with a tokenizer.json in SOURCE, from --prompt."""
-    if (prompt_ids is None) == (prompt is None):
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise DsmoeError(f"--prompt-ids must be integers, got {text!r}") from None
+    if not ids:
+        raise DsmoeError("--prompt-ids is empty")
+    return ids
+
+
+def _prompts(source: str, prompt_ids, prompt: str | None, genai: GenaiModel | None):
+    """Token ids (one list per prompt) from --prompt-ids (repeatable: a batch) or, with a
+    tokenizer.json in SOURCE, from --prompt; and the tokenizer that made them (GenAI's own for
+    the genai backend)."""
+    if isinstance(prompt_ids, str):
+        prompt_ids = [prompt_ids]
+    if bool(prompt_ids) == (prompt is not None):
         raise DsmoeError("give exactly one of --prompt-ids or --prompt")
-    if prompt_ids is not None:
-        try:
-            ids = [int(t) for t in prompt_ids.replace(",", " ").split()]
-        except ValueError:
-            raise DsmoeError(f"--prompt-ids must be integers, got {prompt_ids!r}") from None
-        if not ids:
-            raise DsmoeError("--prompt-ids is empty")
-        return ids, None
+    if prompt_ids:
+        return [_parse_ids(t) for t in prompt_ids], None
+    if genai is not None:
+        tok = genai.tokenizer()
+        return [[int(i) for i in tok.encode(prompt)]], tok
     tok_path = Path(source) / "tokenizer.json"
     if not tok_path.is_file():
         raise DsmoeError(f"--prompt needs {tok_path}; use --prompt-ids instead")
@@ -132,35 +180,53 @@ def _prompt(source: str, prompt_ids: str | None, prompt: str | None):
     ids = tok.encode(prompt).ids
     if not ids:
         raise DsmoeError(f"--prompt {prompt!r} encodes to no tokens with {tok_path}")
-    return ids, tok
+    return [ids], tok
 
 
-def run_generate(*, source: str, prompt_ids: str | None = None, prompt: str | None = None, max_new_tokens: int = 16,
-                 backend: str = "eager", dtype: str | None = None, fold_shared_experts: bool = False,
-                 overrides: dict | None = None, device: str = "cpu", cuda_graph: bool | None = None,
-                 allow_nonfinite: bool = False, kernels: str = "reference") -> tuple[list[int], str | None]:
-    """Returns the generated ids (and their text when a tokenizer was used). ``kernels``
-    (``reference`` | ``triton-interpret``) is what the fused graph's ops run on the CPU."""
+def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prompt: str | None = None,
+                 max_new_tokens: int = 16, backend: str = "eager", dtype: str | None = None,
+                 fold_shared_experts: bool = False, overrides: dict | None = None, device: str = "cpu",
+                 cuda_graph: bool | None = None, allow_nonfinite: bool = False,
+                 kernels: str = "reference") -> tuple[list[list[int]], str | None]:
+    """Returns the generated ids, one list per prompt (several ``prompt_ids`` strings are one
+    batch), and their text when a tokenizer was used. ``kernels`` (``reference`` |
+    ``triton-interpret``) is what the fused graph's ops run on the CPU.
+
+    Backends ``ort`` and ``genai`` run an export directory: ``ort`` with dsmoe's own loop
+    (:class:`dsmoe.export.OrtDecoder`), ``genai`` in ONNX Runtime GenAI from the directory's
+    ``genai_config.json`` (GenAI's search ends a sequence at an eos id; the other backends always
+    make ``max_new_tokens``). Batches are left-padded in dsmoe's loops, right-padded for GenAI
+    (what GenAI 0.18 detects on the CPU).
+    """
     if max_new_tokens < 1:
         raise DsmoeError("--max-new-tokens must be at least 1")
-    ids, tok = _prompt(source, prompt_ids, prompt)
     exported = (Path(source) / MODEL_FILE).is_file()
-    if backend == "ort" or exported:
+    if backend in ("ort", "genai") or exported:
         if not exported:
-            raise DsmoeError(f"the ort backend runs an exported directory; {source} has no {MODEL_FILE} "
+            raise DsmoeError(f"the {backend} backend runs an exported directory; {source} has no {MODEL_FILE} "
                              f"(run: dsmoe-export {source} --out DIR)")
-        if backend != "ort":
-            raise DsmoeError(f"{source} is an ONNX export: use --backend ort")
+        if backend not in ("ort", "genai"):
+            raise DsmoeError(f"{source} is an ONNX export: use --backend ort or --backend genai")
         unused = [flag for flag, given in (("--device", device != "cpu"), ("--dtype", dtype is not None),
                                            ("--set", bool(overrides)), ("--fold-shared-experts", fold_shared_experts),
                                            ("--cuda-graph", cuda_graph is not None),
                                            ("--allow-nonfinite", allow_nonfinite),
                                            ("--kernels", kernels != "reference")) if given]
         if unused:
-            raise DsmoeError(f"{', '.join(unused)} do(es) not apply to an exported model (the ort backend runs "
+            raise DsmoeError(f"{', '.join(unused)} do(es) not apply to an exported model (the {backend} backend runs "
                              "the export as it was written, on ONNX Runtime's CPU provider); drop it")
-        new = generate_ort(source, ids, max_new_tokens)
+        genai = GenaiModel(source) if backend == "genai" else None
+        prompts, tok = _prompts(source, prompt_ids, prompt, genai)
+        config = dsmoe.load_config(source)
+        for p in prompts:
+            check_request(config, p, max_new_tokens)
+        if genai is not None:
+            new = genai.generate(prompts, max_new_tokens)
+        else:
+            dec = OrtDecoder(source)
+            new = _generate(dec, dec.config, prompts, max_new_tokens, dtype=dec.dtype)
     else:
+        prompts, tok = _prompts(source, prompt_ids, prompt, None)
         dev = resolve_device(device)
         if cuda_graph and (backend != "fused" or dev.type != "cuda"):
             raise DsmoeError("--cuda-graph needs --backend fused --device cuda")
@@ -169,7 +235,9 @@ def run_generate(*, source: str, prompt_ids: str | None = None, prompt: str | No
                              "(and no --device)")
         if dev.type == "cuda" and backend == "fused":
             require_cuda_kernels()
-        check_request(dsmoe.load_config(source, overrides), ids, max_new_tokens)  # before loading any weight
+        config = dsmoe.load_config(source, overrides)
+        for p in prompts:  # before loading any weight
+            check_request(config, p, max_new_tokens)
         with cpu_kernels(kernels):
             model = dsmoe.load(source, dtype=dtype, overrides=overrides, device=dev, allow_nonfinite=allow_nonfinite)
             config, mdtype = model.config, next(model.parameters()).dtype
@@ -177,8 +245,14 @@ def run_generate(*, source: str, prompt_ids: str | None = None, prompt: str | No
                 step = eager_step(model)
             else:
                 step = fused_step(model, fold_shared_experts=fold_shared_experts)
-                if dev.type == "cuda" and cuda_graph is not False:
-                    step = StaticDecoder(step, config, max_len=static_length(len(ids) + max_new_tokens), dtype=mdtype,
-                                         device=dev, cuda_graph=True)
-            new = greedy_generate(step, config, ids, max_new_tokens, dtype=mdtype, device=dev)
-    return new, (tok.decode(new) if tok is not None else None)
+                if dev.type == "cuda" and cuda_graph is not False and len(prompts) == 1:
+                    step = StaticDecoder(step, config, max_len=static_length(len(prompts[0]) + max_new_tokens),
+                                         dtype=mdtype, device=dev, cuda_graph=True)
+            new = _generate(step, config, prompts, max_new_tokens, dtype=mdtype, device=dev)
+    return new, (tok.decode(new[0]) if tok is not None else None)
+
+
+def _generate(step, config, prompts, max_new_tokens, **kw) -> list[list[int]]:
+    if len(prompts) == 1:
+        return [greedy_generate(step, config, prompts[0], max_new_tokens, **kw)]
+    return greedy_generate_batch(step, config, prompts, max_new_tokens, **kw)
