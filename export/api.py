@@ -25,12 +25,15 @@ import torch
 import dsmoe
 from dsmoe.checkpoint import commit_output_dir, prepare_output_dir
 from dsmoe.dtypes import VERIFY_RTOL, parse_dtype, tag, torch_name
+from dsmoe.errors import DsmoeError
 from dsmoe.export.lower import check_target, lower
 from dsmoe.export.onnx_writer import DATA_FILE, MODEL_FILE, OPSET, io_names, op_histogram, to_onnx
 from dsmoe.export.runner import OrtDecoder
 from dsmoe.ir import capture, sample_inputs
 from dsmoe.passes.context import PassContext
+from dsmoe.passes.expose_router import ROUTER_META
 from dsmoe.passes.pipeline import VerificationError, run_pipeline
+from dsmoe.router_hooks import RouterHooks
 
 # ONNX exports are written in fp32 or fp16 (bf16 has no ONNX Runtime CPU kernels for MoE)
 EXPORT_DTYPES = (torch.float32, torch.float16)
@@ -45,17 +48,22 @@ def parse_export_dtype(dtype: str) -> torch.dtype:
 
 def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp32", verify: bool = False,
                  force: bool = False, overrides: dict | None = None, fold_shared_experts: bool = False,
-                 ort_fusions: bool = True, progress: Callable[[str], None] | None = None) -> dict:
+                 ort_fusions: bool = True, router_stats: bool = False,
+                 progress: Callable[[str], None] | None = None) -> dict:
     """Export ``source`` (checkpoint dir or ``preset:NAME``) to ONNX in ``out``; returns the report.
 
     Raises :class:`DsmoeError` for user errors (unknown target/dtype, existing ``out`` without
     ``force``, bad source) and :class:`VerificationError` (``exit_code = 1``) when ``verify``
     finds ONNX Runtime and eager apart beyond :data:`dsmoe.dtypes.VERIFY_RTOL`. ``ort_fusions`` (target ``ort``
-    only) applies ONNX Runtime's contrib fusions for norms, rotary and attention.
+    only) applies ONNX Runtime's contrib fusions for norms, rotary and attention. ``router_stats``
+    adds the routers' choices as outputs (``router.{layer}.ids`` …, see :mod:`dsmoe.export.onnx_writer`;
+    the report's ``router_outputs`` lists them); without it the graph is the plain decoder.
     """
     check_target(target)
     tdtype = parse_export_dtype(dtype)
     config = dsmoe.load_config(source, overrides)  # fails fast on a bad source/override
+    if router_stats and not config.moe_layers:
+        raise DsmoeError(f"--router-stats: {source} has no MoE layers (nothing is routed)")
     out_dir = Path(out)
     tmp = prepare_output_dir(out_dir, force=force)
     step = _Stages(progress)
@@ -65,7 +73,9 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
         with step("capture"):
             gm = capture(model)
         with step("passes"):
-            gm, pass_reports = run_pipeline(gm, PassContext(fold_shared_experts=fold_shared_experts))
+            gm, pass_reports = run_pipeline(gm, PassContext(fold_shared_experts=fold_shared_experts,
+                                                            router_stats=router_stats))
+            router = gm.meta.get(ROUTER_META)
         with step("lower"):
             lowered = lower(gm, target=target)
         with step("write"):
@@ -79,12 +89,13 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
         verification = None
         if verify:
             with step("verify"):
-                verification = verify_export(model, tmp, dtype=tdtype)
+                verification = verify_export(model, tmp, dtype=tdtype, router_stats=router is not None)
         report = {
             "source": str(source), "target": target, "dtype": tag(tdtype), "opset": OPSET,
             "files": [*sorted(p.name for p in tmp.iterdir()), REPORT_FILE],
             "model_bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.name in (MODEL_FILE, DATA_FILE)),
-            "inputs": io_names(config.num_hidden_layers)[0], "outputs": io_names(config.num_hidden_layers)[1],
+            "inputs": io_names(config.num_hidden_layers)[0], "outputs": io_names(config.num_hidden_layers, router)[1],
+            "router_outputs": _router_contract(router),
             "passes": [asdict(r) for r in pass_reports], "lowering": lowered.as_dict(), "ort_fusions": fusions, "onnx_ops": hist,
             "onnx_nodes": sum(hist.values()), "seconds": step.seconds, "versions": _versions(),
             "verification": verification,
@@ -100,10 +111,16 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
 
 
 @torch.no_grad()
-def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0) -> dict:
+def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0, router_stats: bool = False,
+                  decoder=None) -> dict:
     """Eager vs ONNX Runtime on the same seeded prefill (batch 2, 7 tokens) and decode (1 token
-    after those 7) inputs; compares logits and the present caches."""
-    dec = OrtDecoder(export_dir)
+    after those 7) inputs; compares logits and the present caches. ``router_stats``: also the
+    fraction of (token, layer) pairs whose exported expert set equals the eager router's
+    (``router_agreement``; reported, not a pass/fail criterion: a near-tie may flip in fp16).
+    ``decoder`` replaces the export's :class:`OrtDecoder` (a step function of the same signature)."""
+    if router_stats:
+        return _verify_with_router(model, export_dir, dtype=dtype, seed=seed)
+    dec = decoder or OrtDecoder(export_dir)
     config = model.config
     ids, mask, pos, past = sample_inputs(config, batch=2, seq=7, past=0, seed=seed, dtype=dtype)
     g = torch.Generator().manual_seed(seed + 1)
@@ -122,6 +139,39 @@ def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0)
     passed = bool(worst <= tol)  # NaN fails
     return {"passed": passed, "tolerance": tol, "max_abs_err": max_abs, "rel_err": worst, "cases": results,
             "summary": f"max abs error {max_abs:.3g}, relative {worst:.3g} ({'<=' if passed else '>'} {tol:g})"}
+
+
+def _verify_with_router(model, export_dir: Path, *, dtype: torch.dtype, seed: int) -> dict:
+    """:func:`verify_export` plus the router outputs against eager's routers (forward hooks)."""
+    dec = OrtDecoder(export_dir, router_stats=True)
+    same = total = 0
+
+    def step(*args):  # verify_export runs eager on the same inputs just before each decoder call
+        nonlocal same, total
+        out, present, router = dec(*args)
+        ref = hooks.pop()
+        for layer, fields in ref.items():
+            a = fields["ids"].sort(dim=-1).values
+            b = router[layer]["ids"].sort(dim=-1).values
+            same += int((a == b).all(dim=-1).sum())
+            total += a.shape[0]
+        return out, present
+
+    with RouterHooks(model) as hooks:
+        result = verify_export(model, export_dir, dtype=dtype, seed=seed, decoder=step)
+    result["router_agreement"] = same / total
+    result["summary"] += f"; router ids agree on {same}/{total} token-layers"
+    return result
+
+
+def _router_contract(router: dict[int, list[str]] | None) -> dict | None:
+    """The export report's description of the router outputs (None without ``--router-stats``)."""
+    if router is None:
+        return None
+    return {"layers": list(router), "fields": {layer: fields for layer, fields in router.items()},
+            "shapes": {"ids": "[batch*sequence, K] int32", "weights": "[batch*sequence, K] float32",
+                       "routed_norm": "[batch*sequence] float32", "shared_norm": "[batch*sequence] float32"},
+            "rows": "token b*sequence + s of the call's input_ids"}
 
 
 def _compare(ref, got, ref_past, got_past) -> dict:

@@ -7,7 +7,11 @@ The decoder is one model for prefill and decode, with ONNX Runtime GenAI names:
 Inputs ``input_ids [B,S] int64``, ``attention_mask [B,P+S] int64``, ``position_ids [B,S] int64``,
 ``past_key_values.{i}.key/.value [B, kv_heads, P, head_dim]``; outputs ``logits [B,S,V]``,
 ``present.{i}.key/.value [B, kv_heads, P+S, head_dim]``. Batch, sequence and past are dynamic.
-External data is used once the model passes 2 GB; ``onnx.checker`` runs its full check.
+A graph from the ``expose_router`` pass (``dsmoe-export --router-stats``) has more outputs after
+those, per MoE layer ``router.{layer}.ids [B·S, K] int32``, ``router.{layer}.weights [B·S, K]
+fp32`` and, where the shared experts are separate, ``router.{layer}.routed_norm`` /
+``router.{layer}.shared_norm [B·S] fp32``; without it the graph and its outputs are the plain
+decoder's. External data is used once the model passes 2 GB; ``onnx.checker`` runs its full check.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 
 from dsmoe.ir import MAX_BATCH, MAX_SEQ, sample_inputs
+from dsmoe.passes.expose_router import ROUTER_META, ROUTER_PREFIX, router_output_name
 
 OPSET = 21
 MODEL_FILE = "model.onnx"
@@ -35,25 +40,29 @@ DATA_FILE = "model.onnx.data"
 TWO_GB = 2**31
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+def io_names(num_layers: int, router: dict[int, list[str]] | None = None) -> tuple[list[str], list[str]]:
+    """Input and output names; ``router`` (``{layer: [field, ...]}``, as ``expose_router`` records
+    it) appends the router outputs."""
     inputs = ["input_ids", "attention_mask", "position_ids"]
     outputs = ["logits"]
     for i in range(num_layers):
         inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         outputs += [f"present.{i}.key", f"present.{i}.value"]
+    outputs += [router_output_name(layer, f) for layer, fields in (router or {}).items() for f in fields]
     return inputs, outputs
 
 
 class _Decoder(nn.Module):
-    """The lowered graph with a flat ``(logits, k0, v0, k1, ...)`` output."""
+    """The lowered graph with a flat ``(logits, k0, v0, k1, ..., router outputs)`` output."""
 
     def __init__(self, gm: GraphModule):
         super().__init__()
         self.gm = gm
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
-        logits, present = self.gm(input_ids, attention_mask, position_ids, past_key_values)
-        return (logits, *[t for kv in present for t in kv])
+        logits, present, *router = self.gm(input_ids, attention_mask, position_ids, past_key_values)
+        extra = [t for fields in router[0].values() for t in fields.values()] if router else []
+        return (logits, *[t for kv in present for t in kv], *extra)
 
 
 def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype,
@@ -65,7 +74,7 @@ def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype,
     P = Dim("past", min=0, max=MAX_SEQ)
     kv = [({0: B, 2: P}, {0: B, 2: P})] * config.num_hidden_layers
     dynamic = ({0: B, 1: S}, {0: B, 1: Dim.AUTO}, {0: B, 1: S}, kv)
-    names_in, names_out = io_names(config.num_hidden_layers)
+    names_in, names_out = io_names(config.num_hidden_layers, gm.meta.get(ROUTER_META))
     return export_module(_Decoder(gm), tuple(args), path, dynamic_shapes=dynamic, input_names=names_in,
                          output_names=names_out, ort_fusions=ort_fusions,
                          edit=lambda model: _name_dynamic_axes(model, config.num_hidden_layers))
@@ -167,6 +176,9 @@ def _name_dynamic_axes(model, num_layers: int) -> None:
         for kind in ("key", "value"):
             set_dims(ins[f"past_key_values.{i}.{kind}"], ["batch", None, "past_sequence", None])
             set_dims(outs[f"present.{i}.{kind}"], ["batch", None, "total_sequence", None])
+    for name, value in outs.items():
+        if name.startswith(ROUTER_PREFIX):
+            set_dims(value, ["batch_x_sequence", None])  # router outputs: one row per token, b·S + s
 
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:

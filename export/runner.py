@@ -1,5 +1,10 @@
 """Run an exported directory in ONNX Runtime: a decoder step with the KV cache (the step function
-:func:`dsmoe.app.generate.greedy_generate` drives), and the polygraphy command line."""
+:func:`dsmoe.app.generate.greedy_generate` drives), and the polygraphy command line.
+
+An export made with ``--router-stats`` also returns the routers' choices: ``OrtDecoder(d,
+router_stats=True)`` steps return ``(logits, present, router)`` with ``router`` ``{layer:
+{field: tensor}}`` read from the ``router.{layer}.{field}`` outputs (the fused graph's shape).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch
 from dsmoe import load_config
 from dsmoe.errors import DsmoeError
 from dsmoe.export.onnx_writer import MODEL_FILE, io_names
+from dsmoe.passes.expose_router import parse_router_output_name
 
 _NP_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
@@ -34,9 +40,11 @@ class OrtDecoder:
     """One decoder step of an exported model: ``(input_ids, attention_mask, position_ids, past)
     -> (logits, present)`` with ``past``/``present`` lists of ``(key, value)`` — the same
     signature as the eager model and the fused graph. Takes torch tensors or numpy arrays and
-    returns torch tensors."""
+    returns torch tensors. ``router_stats=True`` (an export with router outputs) adds a third
+    value, ``router`` (see the module docstring)."""
 
-    def __init__(self, export_dir: str | Path, threads: int | None = None, *, optimize: bool = True):
+    def __init__(self, export_dir: str | Path, threads: int | None = None, *, optimize: bool = True,
+                 router_stats: bool = False):
         d = Path(export_dir)
         if not (d / MODEL_FILE).is_file():
             raise DsmoeError(f"{d} holds no {MODEL_FILE} (export it with: dsmoe-export SOURCE --out {d})")
@@ -45,6 +53,13 @@ class OrtDecoder:
         self.input_names, self.output_names = io_names(self.config.num_hidden_layers)
         types = {i.name: i.type for i in self.sess.get_inputs()}
         self.dtype = _NP_TO_TORCH[types["past_key_values.0.key"]]
+        self.router_outputs = {o.name: parsed for o in self.sess.get_outputs()
+                               if (parsed := parse_router_output_name(o.name)) is not None}
+        self.router_stats = router_stats
+        if router_stats and not self.router_outputs:
+            raise DsmoeError(f"{d / MODEL_FILE} has no router outputs (export it with: dsmoe-export SOURCE "
+                             f"--out {d} --router-stats)")
+        self._fetch = self.output_names + (list(self.router_outputs) if router_stats else [])
 
     def __call__(self, input_ids, attention_mask, position_ids, past):
         feed = {"input_ids": _np(input_ids, np.int64), "attention_mask": _np(attention_mask, np.int64),
@@ -53,9 +68,15 @@ class OrtDecoder:
         for i, (k, v) in enumerate(past):
             feed[f"past_key_values.{i}.key"] = _np(k, np_dtype)
             feed[f"past_key_values.{i}.value"] = _np(v, np_dtype)
-        outs = [torch.from_numpy(o) for o in self.sess.run(self.output_names, feed)]
-        present = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.config.num_hidden_layers)]
-        return outs[0], present
+        outs = [torch.from_numpy(o) for o in self.sess.run(self._fetch, feed)]
+        L = self.config.num_hidden_layers
+        present = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(L)]
+        if not self.router_stats:
+            return outs[0], present
+        router: dict[int, dict[str, torch.Tensor]] = {}
+        for (layer, field), t in zip(self.router_outputs.values(), outs[1 + 2 * L:]):
+            router.setdefault(layer, {})[field] = t
+        return outs[0], present, router
 
 
 def _np(t, dtype) -> np.ndarray:

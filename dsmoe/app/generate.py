@@ -19,6 +19,8 @@ import torch
 import dsmoe
 from dsmoe.app.cuda_graphs import StaticDecoder, Step, static_length
 from dsmoe.app.device import require_cuda_kernels, resolve_device
+from dsmoe.app.expert_stats import RouterTrace
+from dsmoe.app.router_trace import eager_router_step, fused_router_step, ort_router_step, tap
 from dsmoe.config import DeepseekConfig
 from dsmoe.errors import DsmoeError
 from dsmoe.export import MODEL_FILE, OrtDecoder
@@ -99,19 +101,26 @@ def _prompt(source: str, prompt_ids: str | None, prompt: str | None):
     tok_path = Path(source) / "tokenizer.json"
     if not tok_path.is_file():
         raise DsmoeError(f"--prompt needs {tok_path}; use --prompt-ids instead")
+    tok = load_tokenizer(tok_path, what="--prompt")
+    return tok.encode(prompt).ids, tok
+
+
+def load_tokenizer(path: Path, *, what: str):
+    """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` (``what`` names the flag that needs it)."""
     try:
         from tokenizers import Tokenizer  # lazy: optional dependency
     except ImportError:
-        raise DsmoeError("--prompt needs the 'tokenizers' package (pip install tokenizers)") from None
-    tok = Tokenizer.from_file(str(tok_path))
-    return tok.encode(prompt).ids, tok
+        raise DsmoeError(f"{what} needs the 'tokenizers' package (pip install tokenizers)") from None
+    return Tokenizer.from_file(str(path))
 
 
 def run_generate(*, source: str, prompt_ids: str | None = None, prompt: str | None = None, max_new_tokens: int = 16,
                  backend: str = "eager", dtype: str | None = None, fold_shared_experts: bool = False,
                  overrides: dict | None = None, device: str = "cpu",
-                 cuda_graph: bool | None = None) -> tuple[list[int], str | None]:
-    """Returns the generated ids (and their text when a tokenizer was used)."""
+                 cuda_graph: bool | None = None, trace: RouterTrace | None = None) -> tuple[list[int], str | None]:
+    """Returns the generated ids (and their text when a tokenizer was used). With ``trace``, the
+    routers' choices of every step (prefill and each new token) are recorded into it
+    (``--router-stats``; an ONNX source must be exported with ``--router-stats``)."""
     if max_new_tokens < 1:
         raise DsmoeError("--max-new-tokens must be at least 1")
     ids, tok = _prompt(source, prompt_ids, prompt)
@@ -124,16 +133,25 @@ def run_generate(*, source: str, prompt_ids: str | None = None, prompt: str | No
             raise DsmoeError(f"{source} is an ONNX export: use --backend ort")
         if device != "cpu":
             raise DsmoeError("the ort backend runs on ONNX Runtime's CPU execution provider: drop --device")
-        new = generate_ort(source, ids, max_new_tokens)
+        if trace is None:
+            new = generate_ort(source, ids, max_new_tokens)
+        else:
+            dec = ort_router_step(source)
+            new = greedy_generate(tap(dec, trace), dec.config, ids, max_new_tokens, dtype=dec.dtype)
     else:
         dev = resolve_device(device)
         if cuda_graph and (backend != "fused" or dev.type != "cuda"):
             raise DsmoeError("--cuda-graph needs --backend fused --device cuda")
+        if trace is not None and cuda_graph and dev.type == "cuda":
+            raise DsmoeError("--router-stats does not run inside a CUDA graph: use --no-cuda-graph")
         if dev.type == "cuda" and backend == "fused":
             require_cuda_kernels()
         model = dsmoe.load(source, dtype=dtype, overrides=overrides, device=dev)
         config, mdtype = model.config, next(model.parameters()).dtype
-        if backend == "eager":
+        if trace is not None:
+            step = tap(eager_router_step(model) if backend == "eager"
+                       else fused_router_step(model, fold_shared_experts=fold_shared_experts), trace)
+        elif backend == "eager":
             step = eager_step(model)
         else:
             step = fused_step(model, fold_shared_experts=fold_shared_experts)
