@@ -156,7 +156,7 @@ def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_sh
               help="one prompt per line: text when SOURCE has tokenizer.json, else token ids")
 @click.option("--random", "random_prompts", default=None, type=int, metavar="N", help="N random prompts (seeded)")
 @click.option("--seq-len", default=64, show_default=True, help="tokens per --random prompt")
-@click.option("--seed", default=0, show_default=True, help="seed of --random (and of a preset's weights)")
+@click.option("--seed", default=0, show_default=True, help="seed of the --random prompts")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="eager | fused | ort [default: ort for an export directory, else eager]")
 @click.option("--dtype", default=None, help="float32 | float16 | bfloat16 (checkpoints and presets)")

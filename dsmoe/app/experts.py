@@ -139,14 +139,17 @@ def run_experts(*, source: str, prompt_ids: str | None = None, prompt_file: str 
         raise DsmoeError(f"--place needs a positive number of devices, got {place}")
     if plot is not None and not plot.lower().endswith(".png"):
         raise DsmoeError(f"--plot writes a PNG: give a FILE.png, got {plot!r}")
+    # everything that can be checked from the configs and the prompts, before a model is loaded
+    config = _config(source, overrides)
+    prompts = read_prompts(source, prompt_ids=prompt_ids, prompt_file=prompt_file, random=random, seq_len=seq_len,
+                           seed=seed, vocab_size=config.vocab_size)
+    if compare is not None:
+        _check_comparable(source, config, compare, _config(compare, overrides))
     step, config, backend, tdtype = open_source(source, backend=backend, dtype=dtype, overrides=overrides)
     other = None
     if compare is not None:
         other = open_source(compare, backend=compare_backend, dtype=compare_dtype,
                             overrides=None if is_export(compare) else overrides)
-        _check_comparable(source, config, compare, other[1])
-    prompts = read_prompts(source, prompt_ids=prompt_ids, prompt_file=prompt_file, random=random, seq_len=seq_len,
-                           seed=seed, vocab_size=config.vocab_size)
     trace = trace_prompts(step, config, prompts, tdtype)
     doc = {"source": source, "backend": backend, "dtype": str(tdtype).removeprefix("torch."), "prompts": len(prompts),
            **report_of(trace, config, top_pairs=top_pairs)}
@@ -166,12 +169,18 @@ def generate_with_stats(*, source: str, overrides: dict | None = None, top_pairs
                         **generate: object) -> tuple[list[int], str | None, dict]:
     """``dsmoe generate --router-stats``: :func:`run_generate` recording every step's routing;
     returns ``(ids, text, report)`` with the report of :func:`report_of` (all prompt and generated tokens)."""
-    config = dsmoe.load_config(source, None if is_export(source) else overrides)
-    _check_moe(source, config)
+    config = _config(source, overrides)
     trace = RouterTrace()
     ids, text = run_generate(source=source, overrides=overrides, trace=trace, **generate)
     return ids, text, {"source": source, "backend": generate.get("backend", "eager"),
                        **report_of(trace, config, top_pairs=top_pairs)}
+
+
+def _config(source: str, overrides: dict | None) -> DeepseekConfig:
+    """The source's config (``--set`` applies to checkpoints and presets, not to an export), with MoE layers."""
+    config = dsmoe.load_config(source, None if is_export(source) else overrides)
+    _check_moe(source, config)
+    return config
 
 
 def _check_comparable(source: str, a: DeepseekConfig, compare: str, b: DeepseekConfig) -> None:

@@ -41,38 +41,51 @@ def plot_report(doc: dict, path: str | Path) -> dict:
 
     ax = fig.add_subplot(grid[1, 0])
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [s["max_over_mean"] for s in layers], width=0.4, label="max / mean", color="#c0392b")
-    ax.bar([i + 0.2 for i in x], [s["cv"] for s in layers], width=0.4, label="coefficient of variation", color="#7f8c8d")
+    bars = [ax.bar([i - 0.2 for i in x], [s["max_over_mean"] for s in layers], width=0.4, label="max / mean",
+                   color="#c0392b"),
+            ax.bar([i + 0.2 for i in x], [s["cv"] for s in layers], width=0.4, label="coefficient of variation",
+                   color="#7f8c8d")]
+    _label(ax, bars, "%.2f")
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.set_xticks(list(x), names)
     ax.set_xlabel("MoE layer")
     ax.set_title("imbalance per layer (max / mean = 1: balanced)")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
 
     ax = fig.add_subplot(grid[1, 1])
     if "compare" in doc:
         c = doc["compare"]["layers"]
-        ax.bar([i - 0.2 for i in x], [100 * s["changed"] for s in c], width=0.4, label="tokens with another expert set")
-        ax.bar([i + 0.2 for i in x], [100 * s["overlap"] for s in c], width=0.4, label="mean overlap |A∩B|/K")
+        bars = [ax.bar([i - 0.2 for i in x], [100 * s["changed"] for s in c], width=0.4,
+                       label="tokens with another expert set"),
+                ax.bar([i + 0.2 for i in x], [100 * s["overlap"] for s in c], width=0.4, label="mean overlap |A∩B|/K")]
+        _label(ax, bars, "%.1f")
         ax.set_ylabel("%")
         ax.set_title(f"routing drift vs {doc['compare']['source']} ({doc['compare']['backend']})")
     elif "placement" in doc:
         p = doc["placement"]
-        ax.bar([i - 0.2 for i in x], [100 * (s["contiguous_max_over_mean"] - 1) for s in p["layers"]], width=0.4,
-               label="contiguous split", color="#95a5a6")
-        ax.bar([i + 0.2 for i in x], [100 * (s["max_over_mean"] - 1) for s in p["layers"]], width=0.4,
-               label="proposed placement", color="#27ae60")
+        bars = [ax.bar([i - 0.2 for i in x], [100 * (s["contiguous_max_over_mean"] - 1) for s in p["layers"]],
+                       width=0.4, label="contiguous split", color="#95a5a6"),
+                ax.bar([i + 0.2 for i in x], [100 * (s["max_over_mean"] - 1) for s in p["layers"]], width=0.4,
+                       label="proposed placement", color="#27ae60")]
+        _label(ax, bars, "%.1f")
         ax.set_ylabel("%")
         ax.set_title(f"busiest of {p['devices']} devices above the mean load (0 = balanced)")
     else:
-        ax.bar(list(x), [s["entropy"] for s in layers], color="#2980b9", label="entropy / ln E")
+        _label(ax, [ax.bar(list(x), [s["entropy"] for s in layers], color="#2980b9", label="entropy / ln E")], "%.3f")
         ax.set_ylim(0, 1.05)
         ax.set_title("routing entropy per layer (1 = uniform)")
     ax.set_xticks(list(x), names)
     ax.set_xlabel("MoE layer")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return {"path": str(path), "bytes": path.stat().st_size}
+
+
+def _label(ax, bars, fmt: str) -> None:
+    """Each bar's value above it, and head room for the labels."""
+    for b in bars:
+        ax.bar_label(b, fmt=fmt, fontsize=7, padding=1)
+    ax.margins(y=0.15)

@@ -57,7 +57,7 @@ def render(doc: dict, console: Console) -> None:
     if "placement" in doc:
         p = doc["placement"]
         t = Table(title=f"placement on {p['devices']} devices ({'/'.join(map(str, sorted(set(p['capacities']))))} "
-                        f"experts each): busiest device / mean")
+                        f"experts each): busiest device / mean", box=box.SIMPLE_HEAD)
         for col in ("layer", "contiguous", "proposed", "bound", "slots per device (proposed)"):
             t.add_column(col, justify="left" if col.startswith("slots") else "right")
         for s in p["layers"]:
