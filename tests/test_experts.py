@@ -57,9 +57,8 @@ def forced(biased: dict[int, list[int]]):
 def test_a_forced_router_gives_exactly_known_counts(backend):
     want = {1: [3, 5], 2: [0, 7]}
     model = forced(want)
-    with eager_router_step(model) as eager:
-        step = eager if backend == "eager" else fused_router_step(model)
-        report = report_of(trace_prompts(step, model.config, PROMPTS, torch.float32), model.config)
+    step = eager_router_step(model) if backend == "eager" else fused_router_step(model)
+    report = report_of(trace_prompts(step, model.config, PROMPTS, torch.float32), model.config)
     spec = model.config.routing
     w = 0.5 / (0.5 + 0.5 + 1e-20) if spec.norm_topk_prob else 0.5
     w = w * spec.scaling if spec.scaled else w

@@ -76,8 +76,14 @@ def _read_file(source: str, path: Path) -> list[list[int]]:
     if tok_path.is_file():
         tok = load_tokenizer(tok_path, what="--prompt-file with text")
         return [tok.encode(line).ids for line in lines]
-    return [_ids(line, f"{path}:{n} (no {TOKENIZER_FILE} in the source: one prompt of ids per line)")
-            for n, line in enumerate(lines, 1)]
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            prompts.append([int(t) for t in line.replace(",", " ").split()])
+        except ValueError:
+            raise DsmoeError(f"{path}:{n}: {line.strip()[:40]!r} is not token ids (without {TOKENIZER_FILE} in the "
+                             f"source, each line is a prompt of space-separated ids)") from None
+    return prompts
 
 
 def open_source(source: str, *, backend: str | None = None, dtype: str | None = None,

@@ -46,7 +46,8 @@ def render(doc: dict, console: Console) -> None:
                   f"Σ‖shared‖ / Σ(‖routed‖ + ‖shared‖) of the MoE output; every number per expert: --json[/dim]")
     if "compare" in doc:
         c = doc["compare"]
-        t = Table(title=f"routing drift: {doc['source']} ({doc['backend']}) vs {c['source']} ({c['backend']})",
+        t = Table(title=f"routing drift: {doc['source']} ({doc['backend']}, {doc['dtype']}) vs {c['source']} "
+                        f"({c['backend']}, {c['dtype']})",
                   box=box.SIMPLE_HEAD)
         for col in ("layer", "tokens", "expert set changed", "mean overlap", "top-1 changed"):
             t.add_column(col, justify="right")
