@@ -51,7 +51,7 @@ def test_table_output(run):
                          "--compare", "preset:tiny", "--compare-backend", "fused")
     assert code == 0, err
     for text in ("expert load: preset:tiny (eager), 6 tokens", "max/mean", "shared share", "busiest",
-                 "routing drift: preset:tiny (eager, float32) vs preset:tiny (fused, float32)", "placement on 4 devices", "greedy LPT"):
+                 "routing drift: preset:tiny (eager, float32) vs", "(fused,", "placement on 4 devices", "greedy LPT"):
         assert text in out, text
 
 
