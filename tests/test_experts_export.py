@@ -104,6 +104,10 @@ def test_experts_and_generate_on_the_export_equal_eager(exports, capsys):
     doc = json.loads(out)
     assert doc["backend"] == "ort" and doc["tokens"] == 36 and doc["compare"]["backend"] == "eager"
     assert doc["compare"]["mean_changed"] == 0.0 and doc["compare"]["mean_overlap"] == 1.0
+    for flags, message in ((["--set", "num_hidden_layers=2"], "--set and --dtype do not apply to an export"),
+                           (["--backend", "eager"], "is an ONNX export: it runs on the ort backend")):
+        code, _, err = run_cli(capsys, "experts", root / "stats", "--random", "1", *flags)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     _, eager_out, _ = run_cli(capsys, "experts", "preset:tiny", "--random", "3", "--seq-len", "12", "--json")
     assert [s["counts"] for s in json.loads(eager_out)["layers"]] == [s["counts"] for s in doc["layers"]]
     runs = {}
