@@ -42,6 +42,15 @@ def expert_linear(moe_path: str) -> re.Pattern:
     return re.compile(re.escape(moe_path) + rf"\.{EXPERTS_ATTR}\.(\d+)\.({'|'.join(PROJS)})$")
 
 
+LAYER_PATH = re.compile(r"^model\.layers\.(\d+)(\.|$)")                      # model.layers.N[.…]
+
+
+def layer_of(path: str) -> int | None:
+    """The decoder layer index of a module path (``model.layers.3.mlp`` → 3), None outside the layers."""
+    m = LAYER_PATH.match(path)
+    return int(m.group(1)) if m else None
+
+
 def experts_path(layer: int) -> str:
     """The module path of layer ``layer``'s routed experts."""
     return f"model.layers.{layer}.mlp.{EXPERTS_ATTR}"

@@ -26,6 +26,7 @@ import torch
 
 import dsmoe
 from dsmoe.dtypes import VERIFY_RTOL, parse_dtype, tag, torch_name
+from dsmoe.errors import DsmoeError
 from dsmoe.export.genai_config import check_genai_config, special_token_ids, write_genai_files
 from dsmoe.export.lower import check_target, lower
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, OPSET, REPORT_FILE, io_names, op_histogram, to_onnx
@@ -34,7 +35,9 @@ from dsmoe.export.static_cache import check_kv_cache
 from dsmoe.ir import capture, sample_inputs
 from dsmoe.outputs import OutputDir
 from dsmoe.passes.context import PassContext
+from dsmoe.passes.expose_router import ROUTER_META
 from dsmoe.passes.pipeline import VerificationError, run_pipeline
+from dsmoe.router_hooks import RouterHooks
 
 # ONNX exports are written in fp32 or fp16 (bf16 has no ONNX Runtime CPU kernels for MoE)
 EXPORT_DTYPES = (torch.float32, torch.float16)
@@ -48,7 +51,7 @@ def parse_export_dtype(dtype: str) -> torch.dtype:
 
 def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp32", verify: bool = False,
                  force: bool = False, overrides: dict | None = None, fold_shared_experts: bool = False,
-                 ort_fusions: bool = True, kv_cache: str = "dynamic",
+                 ort_fusions: bool = True, kv_cache: str = "dynamic", router_stats: bool = False,
                  progress: Callable[[str], None] | None = None, allow_nonfinite: bool = False) -> dict:
     """Export ``source`` (checkpoint dir or ``preset:NAME``) to ONNX in ``out``; returns the report.
 
@@ -59,12 +62,19 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
     ``dynamic`` (past and present sized to the filled slots) or ``static`` (one preallocated
     buffer as past and present, GenAI's ``past_present_share_buffer``; see
     :mod:`dsmoe.export.static_cache`); ``verify`` checks the mode the export was made for.
+    ``router_stats`` adds the routers' choices as outputs (``router.{layer}.ids`` …, see
+    :mod:`dsmoe.export.onnx_writer`; the report's ``router_outputs`` lists them); without it the
+    graph is the plain decoder.
     """
     check_target(target)
     check_kv_cache(kv_cache)
     tdtype = parse_export_dtype(dtype)
     config = dsmoe.load_config(source, overrides)  # fails fast on a bad source/override
     tokens = special_token_ids(config, source)      # and on bad bos/eos/pad ids
+    if router_stats and not config.moe_layers:
+        raise DsmoeError(f"--router-stats: {source} has no MoE layers (nothing is routed)")
+    if router_stats and kv_cache == "static":
+        raise DsmoeError("--router-stats needs --kv-cache dynamic (the static mode's runner reads no extra outputs)")
     inputs = [] if dsmoe.is_preset(source) else [source]
     step = _Stages(progress)
     with OutputDir(out, force=force, kind="export", inputs=inputs) as staging:
@@ -74,7 +84,9 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
         with step("capture"):
             gm = capture(model)
         with step("passes"):
-            gm, pass_reports = run_pipeline(gm, PassContext(fold_shared_experts=fold_shared_experts))
+            gm, pass_reports = run_pipeline(gm, PassContext(fold_shared_experts=fold_shared_experts,
+                                                            router_stats=router_stats))
+            router = gm.meta.get(ROUTER_META)
         with step("lower"):
             lowered = lower(gm, target=target)
         with step("write"):
@@ -90,12 +102,13 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
         verification = None
         if verify:
             with step("verify"):
-                verification = verify_export(model, tmp, dtype=tdtype)
+                verification = verify_export(model, tmp, dtype=tdtype, router_stats=router is not None)
         report = {
             "source": str(source), "target": target, "dtype": tag(tdtype), "kv_cache": kv_cache, "opset": OPSET,
             "files": [*sorted(p.name for p in tmp.iterdir() if not p.name.startswith(".")), REPORT_FILE],
             "model_bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.name in (MODEL_FILE, DATA_FILE)),
-            "inputs": io_names(config.num_hidden_layers)[0], "outputs": io_names(config.num_hidden_layers)[1],
+            "inputs": io_names(config.num_hidden_layers)[0], "outputs": io_names(config.num_hidden_layers, router)[1],
+            "router_outputs": _router_contract(router),
             "passes": [asdict(r) for r in pass_reports], "lowering": lowered.as_dict(), "ort_fusions": fusions, "onnx_ops": hist,
             "onnx_nodes": sum(hist.values()), "seconds": step.seconds, "versions": _versions(),
             "verification": verification, "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
@@ -111,11 +124,18 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
 
 
 @torch.no_grad()
-def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0) -> dict:
+def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0, router_stats: bool = False,
+                  decoder=None) -> dict:
     """Eager vs ONNX Runtime on the same seeded prefill (batch 2, 7 tokens) and decode (1 token
     after those 7) inputs; compares logits and the present caches (in a static-cache export, the
-    filled part of its buffers), and reads ``genai_config.json`` back against the model."""
-    dec = OrtDecoder(export_dir)
+    filled part of its buffers), and reads ``genai_config.json`` back against the model.
+    ``router_stats``: also the fraction of (token, layer) pairs whose exported expert set equals
+    the eager router's (``router_agreement``; reported, not a pass/fail criterion: a near-tie may
+    flip in fp16). ``decoder`` replaces the export's :class:`OrtDecoder` (a step function of the
+    same signature)."""
+    if router_stats:
+        return _verify_with_router(model, export_dir, dtype=dtype, seed=seed)
+    dec = decoder or OrtDecoder(export_dir)
     config = model.config
     ids, mask, pos, past = sample_inputs(config, batch=2, seq=7, past=0, seed=seed, dtype=dtype)
     g = torch.Generator().manual_seed(seed + 1)
@@ -141,7 +161,40 @@ def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0)
     if genai:
         summary += f"; genai_config.json: {genai[0]}" + (f" (+{len(genai) - 1} more)" if len(genai) > 1 else "")
     return {"passed": passed, "tolerance": tol, "max_abs_err": max_abs, "rel_err": worst, "cases": results,
-            "kv_cache": dec.kv_cache, "genai_config": genai, "summary": summary}
+            "kv_cache": getattr(dec, "kv_cache", "dynamic"), "genai_config": genai, "summary": summary}
+
+
+def _verify_with_router(model, export_dir: Path, *, dtype: torch.dtype, seed: int) -> dict:
+    """:func:`verify_export` plus the router outputs against eager's routers (forward hooks)."""
+    dec = OrtDecoder(export_dir, router_stats=True)
+    same = total = 0
+
+    def step(*args):  # verify_export runs eager on the same inputs just before each decoder call
+        nonlocal same, total
+        out, present, router = dec(*args)
+        ref = hooks.pop()
+        for layer, fields in ref.items():
+            a = fields["ids"].sort(dim=-1).values
+            b = router[layer]["ids"].sort(dim=-1).values
+            same += int((a == b).all(dim=-1).sum())
+            total += a.shape[0]
+        return out, present
+
+    with RouterHooks(model) as hooks:
+        result = verify_export(model, export_dir, dtype=dtype, seed=seed, decoder=step)
+    result["router_agreement"] = same / total
+    result["summary"] += f"; router ids agree on {same}/{total} token-layers"
+    return result
+
+
+def _router_contract(router: dict[int, list[str]] | None) -> dict | None:
+    """The export report's description of the router outputs (None without ``--router-stats``)."""
+    if router is None:
+        return None
+    return {"layers": list(router), "fields": {layer: fields for layer, fields in router.items()},
+            "shapes": {"ids": "[batch*sequence, K] int32", "weights": "[batch*sequence, K] float32",
+                       "routed_norm": "[batch*sequence] float32", "shared_norm": "[batch*sequence] float32"},
+            "rows": "token b*sequence + s of the call's input_ids"}
 
 
 def _compare(ref, got, ref_past, got_past) -> dict:

@@ -9,7 +9,11 @@ Inputs ``input_ids [B,S] int64``, ``attention_mask [B,P+S] int64``, ``position_i
 ``present.{i}.key/.value [B, kv_heads, P+S, head_dim]``. Batch, sequence and past are dynamic.
 With ``kv_cache="static"`` past and present are buffers of a dynamic maximum length
 ``max_sequence`` instead (:mod:`dsmoe.export.static_cache`).
-External data is used once the model passes 2 GB; ``onnx.checker`` runs its full check.
+A graph from the ``expose_router`` pass (``dsmoe-export --router-stats``) has more outputs after
+those, per MoE layer ``router.{layer}.ids [B·S, K] int32``, ``router.{layer}.weights [B·S, K]
+fp32`` and, where the shared experts are separate, ``router.{layer}.routed_norm`` /
+``router.{layer}.shared_norm [B·S] fp32``; without it the graph and its outputs are the plain
+decoder's. External data is used once the model passes 2 GB; ``onnx.checker`` runs its full check.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch.fx import GraphModule
 
 from dsmoe.export.static_cache import PAST_AXIS, PRESENT_AXIS, decoder_module
 from dsmoe.ir import MAX_BATCH, MAX_SEQ, sample_inputs
+from dsmoe.passes.expose_router import ROUTER_META, ROUTER_PREFIX, router_output_name
 
 OPSET = 21
 # the export directory: the model, its external data past 2 GB, the model's config, the report
@@ -41,12 +46,15 @@ REPORT_FILE = "export_report.json"
 TWO_GB = 2**31
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+def io_names(num_layers: int, router: dict[int, list[str]] | None = None) -> tuple[list[str], list[str]]:
+    """Input and output names; ``router`` (``{layer: [field, ...]}``, as ``expose_router`` records
+    it) appends the router outputs."""
     inputs = ["input_ids", "attention_mask", "position_ids"]
     outputs = ["logits"]
     for i in range(num_layers):
         inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         outputs += [f"present.{i}.key", f"present.{i}.value"]
+    outputs += [router_output_name(layer, f) for layer, fields in (router or {}).items() for f in fields]
     return inputs, outputs
 
 
@@ -65,7 +73,7 @@ def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype, ort_fusi
         P = Dim("past", min=0, max=MAX_SEQ)
     kv = [({0: B, 2: P}, {0: B, 2: P})] * config.num_hidden_layers
     dynamic = ({0: B, 1: S}, {0: B, 1: Dim.AUTO}, {0: B, 1: S}, kv)
-    names_in, names_out = io_names(config.num_hidden_layers)
+    names_in, names_out = io_names(config.num_hidden_layers, gm.meta.get(ROUTER_META))
     return export_module(module, (ids, mask, pos, past), path, dynamic_shapes=dynamic, input_names=names_in,
                          output_names=names_out, ort_fusions=ort_fusions,
                          edit=lambda model: _name_dynamic_axes(model, config.num_hidden_layers, kv_cache))
@@ -169,6 +177,9 @@ def _name_dynamic_axes(model, num_layers: int, kv_cache: str = "dynamic") -> Non
         for kind in ("key", "value"):
             set_dims(ins[f"past_key_values.{i}.{kind}"], ["batch", None, past, None])
             set_dims(outs[f"present.{i}.{kind}"], ["batch", None, present, None])
+    for name, value in outs.items():
+        if name.startswith(ROUTER_PREFIX):
+            set_dims(value, ["batch_x_sequence", None])  # router outputs: one row per token, b·S + s
 
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:

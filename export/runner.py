@@ -1,6 +1,11 @@
 """Run an exported directory in ONNX Runtime: a decoder step with the KV cache (the step function
 :func:`dsmoe.app.generate.greedy_generate` drives) for both cache modes of an export, the session
-options (one home, also written into ``genai_config.json``), and the polygraphy command line."""
+options (one home, also written into ``genai_config.json``), and the polygraphy command line.
+
+An export made with ``--router-stats`` also returns the routers' choices: ``OrtDecoder(d,
+router_stats=True)`` steps return ``(logits, present, router)`` with ``router`` ``{layer:
+{field: tensor}}`` read from the ``router.{layer}.{field}`` outputs (the fused graph's shape).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from dsmoe import load_config
 from dsmoe.errors import DsmoeError
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, REPORT_FILE, io_names
 from dsmoe.export.static_cache import PAST_AXIS
+from dsmoe.passes.expose_router import parse_router_output_name
 
 _NP_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
@@ -62,7 +68,8 @@ class OrtDecoder:
     """One decoder step of an exported model: ``(input_ids, attention_mask, position_ids, past)
     -> (logits, present)`` with ``past``/``present`` lists of ``(key, value)`` — the same
     signature as the eager model and the fused graph. Takes torch tensors or numpy arrays and
-    returns torch tensors.
+    returns torch tensors. ``router_stats=True`` (an export with router outputs) adds a third
+    value, ``router`` (see the module docstring).
 
     Either cache mode of an export runs behind this signature (``kv_cache``, read from the
     model's past axis). A ``static`` export keeps its buffers here: numpy arrays of a capacity
@@ -73,7 +80,7 @@ class OrtDecoder:
     """
 
     def __init__(self, export_dir: str | Path, threads: int | None = None, *, optimize: bool = True,
-                 spinning: bool = SPINNING):
+                 spinning: bool = SPINNING, router_stats: bool = False):
         d = self.dir = Path(export_dir)
         if not (d / MODEL_FILE).is_file():
             raise DsmoeError(f"{d} holds no {MODEL_FILE} (export it with: dsmoe-export SOURCE --out {d})")
@@ -89,6 +96,16 @@ class OrtDecoder:
         self._bufs: list[np.ndarray] = []   # static mode: k0, v0, k1, ... [B, kv_heads, M, head_dim]
         self._views: list[torch.Tensor] = []
         self._fill = -1                      # slots of the present returned last (-1: none)
+        self.router_outputs = {o.name: parsed for o in self.sess.get_outputs()
+                               if (parsed := parse_router_output_name(o.name)) is not None}
+        self.router_stats = router_stats
+        if router_stats and not self.router_outputs:
+            raise DsmoeError(f"{d / MODEL_FILE} has no router outputs (export it with: dsmoe-export SOURCE "
+                             f"--out {d} --router-stats)")
+        if router_stats and self.kv_cache == "static":
+            raise DsmoeError(f"{d}: router statistics are read from dynamic-cache exports only "
+                             "(export with --router-stats and --kv-cache dynamic)")
+        self._fetch = self.output_names + (list(self.router_outputs) if router_stats else [])
 
     def __call__(self, input_ids, attention_mask, position_ids, past):
         feed = {"input_ids": _np(input_ids, np.int64), "attention_mask": _np(attention_mask, np.int64),
@@ -98,9 +115,15 @@ class OrtDecoder:
         for i, (k, v) in enumerate(past):
             feed[f"past_key_values.{i}.key"] = _np(k, self.np_dtype)
             feed[f"past_key_values.{i}.value"] = _np(v, self.np_dtype)
-        outs = [torch.from_numpy(o) for o in self._run(lambda: self.sess.run(self.output_names, feed))]
-        present = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.config.num_hidden_layers)]
-        return outs[0], present
+        outs = [torch.from_numpy(o) for o in self._run(lambda: self.sess.run(self._fetch, feed))]
+        L = self.config.num_hidden_layers
+        present = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(L)]
+        if not self.router_stats:
+            return outs[0], present
+        router: dict[int, dict[str, torch.Tensor]] = {}
+        for (layer, field), t in zip(self.router_outputs.values(), outs[1 + 2 * L:]):
+            router.setdefault(layer, {})[field] = t
+        return outs[0], present, router
 
     def _static_step(self, feed: dict, past):
         B, S = feed["input_ids"].shape

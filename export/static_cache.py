@@ -45,9 +45,11 @@ def check_kv_cache(mode: str) -> str:
     return mode
 
 
-def flat_outputs(logits: torch.Tensor, present) -> tuple:
-    """``(logits, k0, v0, k1, ...)``: the exported graph's output order."""
-    return (logits, *[t for kv in present for t in kv])
+def flat_outputs(logits: torch.Tensor, present, router: dict | None = None) -> tuple:
+    """``(logits, k0, v0, k1, ..., router outputs)``: the exported graph's output order (the
+    router outputs of ``--router-stats`` graphs, ``{layer: {field: tensor}}``, in their order)."""
+    extra = [t for fields in (router or {}).values() for t in fields.values()]
+    return (logits, *[t for kv in present for t in kv], *extra)
 
 
 class DynamicCacheDecoder(nn.Module):
@@ -58,7 +60,8 @@ class DynamicCacheDecoder(nn.Module):
         self.gm = gm
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
-        return flat_outputs(*self.gm(input_ids, attention_mask, position_ids, past_key_values))
+        logits, present, *router = self.gm(input_ids, attention_mask, position_ids, past_key_values)
+        return flat_outputs(logits, present, router[0] if router else None)
 
 
 class StaticCacheDecoder(nn.Module):
@@ -78,13 +81,13 @@ class StaticCacheDecoder(nn.Module):
         # narrow (unlike a slice) has the exact length P, so the attention's shapes stay tied to
         # the mask's and the ORT attention fusion still applies
         past = [(k.narrow(2, 0, P), v.narrow(2, 0, P)) for k, v in past_key_values]
-        logits, present = self.gm(input_ids, attention_mask, position_ids, past)
+        logits, present, *router = self.gm(input_ids, attention_mask, position_ids, past)
         b = torch.arange(B, device=input_ids.device).view(B, 1, 1)
         h = torch.arange(kv_heads, device=input_ids.device).view(1, kv_heads, 1)
         s = (torch.arange(S, device=input_ids.device) + P).view(1, 1, S)
         written = [(kb.index_put((b, h, s), k.narrow(2, P, S)), vb.index_put((b, h, s), v.narrow(2, P, S)))
                    for (kb, vb), (k, v) in zip(past_key_values, present)]
-        return flat_outputs(logits, written)
+        return flat_outputs(logits, written, router[0] if router else None)
 
 
 def decoder_module(gm: GraphModule, kv_cache: str) -> nn.Module:

@@ -7,8 +7,11 @@ Order, and why:
 2. ``outline_moe`` before ``fuse_gated_mlp``: the routed experts are SwiGLU MLPs too;
    ``fuse_gated_mlp`` skips them by path, but outlining first leaves it nothing to skip.
 3. ``fuse_gated_mlp``: shared experts and dense MLPs.
-4. ``fold_shared_experts`` (optional, ``PassContext.fold_shared_experts``) last: it needs both
+4. ``fold_shared_experts`` (optional, ``PassContext.fold_shared_experts``): it needs both
    the ``dsmoe::moe`` of step 2 and the shared ``dsmoe::gated_mlp`` of step 3.
+5. ``expose_router`` (optional, ``PassContext.router_stats``) last: it exposes the final graph's
+   ``dsmoe::route`` outputs (and the moe / shared outputs' norms where they are still separate);
+   it adds outputs and changes nothing else, so every pass before it sees the plain decoder.
 
 With ``ctx.verify`` the graph runs on seeded prefill and single-token decode inputs before the
 first pass and after every pass; an output beyond the dtype's tolerance raises
@@ -28,6 +31,7 @@ from dsmoe.dtypes import VERIFY_RTOL
 from dsmoe.errors import DsmoeError
 from dsmoe.ir import node_count, op_histogram, param_bytes, sample_inputs
 from dsmoe.passes.context import PassContext, PassResult
+from dsmoe.passes.expose_router import expose_router
 from dsmoe.passes.fold_shared_experts import fold_shared_experts
 from dsmoe.passes.fuse_gated_mlp import fuse_gated_mlp
 from dsmoe.passes.fuse_router import fuse_router
@@ -40,8 +44,9 @@ PASSES: list[tuple[str, Pass]] = [
     ("outline_moe", outline_moe),  # consumes route's ids (1)
     ("fuse_gated_mlp", fuse_gated_mlp),  # after outline_moe (2)
     ("fold_shared_experts", fold_shared_experts),  # optional; needs moe + gated_mlp (4)
+    ("expose_router", expose_router),  # optional; last, it adds graph outputs (5)
 ]
-OPTIONAL = {"fold_shared_experts": "fold_shared_experts"}  # pass name -> PassContext flag
+OPTIONAL = {"fold_shared_experts": "fold_shared_experts", "expose_router": "router_stats"}  # pass -> PassContext flag
 
 
 

@@ -51,9 +51,12 @@ def _expert_linears(gm):
 
 
 def test_pass_order_is_pinned():
-    assert [n for n, _ in pipeline.PASSES] == ["fuse_router", "outline_moe", "fuse_gated_mlp", "fold_shared_experts"]
+    assert [n for n, _ in pipeline.PASSES] == ["fuse_router", "outline_moe", "fuse_gated_mlp", "fold_shared_experts",
+                                               "expose_router"]
     assert pass_names() == ["fuse_router", "outline_moe", "fuse_gated_mlp"]
     assert pass_names(PassContext(fold_shared_experts=True))[-1] == "fold_shared_experts"
+    assert pass_names(PassContext(fold_shared_experts=True, router_stats=True))[-2:] == ["fold_shared_experts",
+                                                                                         "expose_router"]
 
 
 @pytest.mark.parametrize("variant", list(ROUTING_VARIANTS))

@@ -18,8 +18,11 @@ from rich.table import Table
 
 from dsmoe import init_model, load_config
 from dsmoe.app.device import KERNELS
+from dsmoe.app.experts import generate_with_stats, run_experts
+from dsmoe.app.experts_view import render as render_experts
 from dsmoe.app.generate import run_generate
 from dsmoe.app.inspection import run_inspect
+from dsmoe.app.router_trace import BACKENDS
 from dsmoe.architecture import architecture
 from dsmoe.bench import SUITES, run_bench
 from dsmoe.checkpoint import save_checkpoint
@@ -130,22 +133,69 @@ def info(source, overrides, as_json):
               help="fused on cuda: replay decode steps from a CUDA graph over a static KV cache [default: on]")
 @kernels_option
 @nonfinite_option
+@click.option("--router-stats", is_flag=True,
+              help="record the routers' choices over the generation; print the expert-load report (stderr)")
+@click.option("--router-stats-out", default=None, metavar="FILE.json", help="write that report as JSON")
 @set_option
-@click.option("--json", "as_json", is_flag=True, help='print {"ids": [...]} ([[...], ...] for a batch)')
+@click.option("--json", "as_json", is_flag=True,
+              help='print {"ids": [...]} ([[...], ...] for a batch; with "router_stats" if recorded)')
 def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, device, cuda_graph,
-             kernels, allow_nonfinite, overrides, as_json):
+             kernels, allow_nonfinite, router_stats, router_stats_out, overrides, as_json):
     """Greedy decoding with the KV cache (eager, fused graph, or an export in ORT or GenAI)."""
-    ids, text = run_generate(source=source, prompt_ids=list(prompt_ids), prompt=prompt, max_new_tokens=max_new_tokens,
-                             backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts,
-                             overrides=_overrides(overrides), device=device, cuda_graph=cuda_graph, kernels=kernels,
-                             allow_nonfinite=allow_nonfinite)
-    if as_json:
-        click.echo(json.dumps({"ids": ids if len(ids) > 1 else ids[0]} | ({"text": text} if text is not None else {})))
-    elif text is not None:
-        click.echo(text)
+    kwargs = dict(source=source, prompt_ids=list(prompt_ids), prompt=prompt, max_new_tokens=max_new_tokens,
+                  backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts, overrides=_overrides(overrides),
+                  device=device, cuda_graph=cuda_graph, kernels=kernels, allow_nonfinite=allow_nonfinite)
+    report = None
+    if router_stats or router_stats_out:
+        ids, text, report = generate_with_stats(**kwargs)
     else:
-        for row in ids:
-            click.echo(" ".join(map(str, row)))
+        ids, text = run_generate(**kwargs)
+    if router_stats_out:
+        Path(router_stats_out).write_text(json.dumps(report, indent=2) + "\n")
+    if as_json:
+        click.echo(json.dumps({"ids": ids if len(ids) > 1 else ids[0]} | ({"text": text} if text is not None else {})
+                              | ({"router_stats": report} if router_stats else {})))
+    else:
+        if text is not None:
+            click.echo(text)
+        else:
+            for row in ids:
+                click.echo(" ".join(map(str, row)))
+        if router_stats:
+            render_experts(report, err)
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--prompt-ids", default=None, help='one prompt of space-separated token ids, e.g. "1 2 3"')
+@click.option("--prompt-file", default=None, metavar="FILE",
+              help="one prompt per line: text when SOURCE has tokenizer.json, else token ids")
+@click.option("--random", "random_prompts", default=None, type=int, metavar="N", help="N random prompts (seeded)")
+@click.option("--seq-len", default=64, show_default=True, help="tokens per --random prompt")
+@click.option("--seed", default=0, show_default=True, help="seed of the --random prompts")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="eager | fused | ort [default: ort for an export directory, else eager]")
+@click.option("--dtype", default=None, help="float32 | float16 | bfloat16 (checkpoints and presets)")
+@click.option("--compare", default=None, metavar="OTHER", help="run the same prompts through OTHER; report the drift")
+@click.option("--compare-backend", type=click.Choice(BACKENDS), default=None, help="backend of OTHER")
+@click.option("--compare-dtype", default=None, help="dtype of OTHER")
+@click.option("--place", default=None, type=int, metavar="N", help="propose a placement of the experts on N devices")
+@click.option("--top-pairs", default=5, show_default=True, help="co-chosen expert pairs per layer")
+@click.option("--plot", default=None, metavar="FILE.png", help="write a load heatmap and imbalance chart")
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def experts(source, prompt_ids, prompt_file, random_prompts, seq_len, seed, backend, dtype, compare, compare_backend,
+            compare_dtype, place, top_pairs, plot, overrides, as_json):
+    """Where the tokens go: expert load per MoE layer, routing drift against another source, placement."""
+    with stage(f"routing prompts through {source}"):
+        doc = run_experts(source=source, prompt_ids=prompt_ids, prompt_file=prompt_file, random=random_prompts,
+                          seq_len=seq_len, seed=seed, backend=backend, dtype=dtype, overrides=_overrides(overrides),
+                          compare=compare, compare_backend=compare_backend, compare_dtype=compare_dtype, place=place,
+                          top_pairs=top_pairs, plot=plot)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        render_experts(doc, out)
 
 
 @cli.command()
@@ -202,6 +252,8 @@ def _export_options(f):
         click.option("--kv-cache", default="dynamic", show_default=True,
                      help="dynamic | static (past = a preallocated buffer, GenAI's past_present_share_buffer)"),
         click.option("--verify", is_flag=True, help="compare ONNX Runtime with eager; exit 1 beyond tolerance"),
+        click.option("--router-stats", is_flag=True,
+                     help="add the routers' choices as outputs (router.{layer}.ids, .weights, …)"),
         click.option("--force", is_flag=True, help="replace --out if it exists and dsmoe wrote it"),
         nonfinite_option,
         set_option,
@@ -211,7 +263,7 @@ def _export_options(f):
     return f
 
 
-def _export(source, out_dir, target, dtype, kv_cache, verify, force, allow_nonfinite, overrides):
+def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, force, allow_nonfinite, overrides):
     """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime."""
     current = {"s": None}
 
@@ -224,8 +276,8 @@ def _export(source, out_dir, target, dtype, kv_cache, verify, force, allow_nonfi
 
     try:
         report = export_model(source, out=str(out_dir), target=target, dtype=dtype, verify=verify, force=force,
-                              overrides=_overrides(overrides), kv_cache=kv_cache, progress=progress,
-                              allow_nonfinite=allow_nonfinite)
+                              overrides=_overrides(overrides), kv_cache=kv_cache, router_stats=router_stats,
+                              progress=progress, allow_nonfinite=allow_nonfinite)
     finally:
         if current["s"] is not None:
             current["s"].__exit__(None, None, None)

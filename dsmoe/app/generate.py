@@ -23,6 +23,8 @@ import torch
 import dsmoe
 from dsmoe.app.cuda_graphs import StaticDecoder, Step, static_length
 from dsmoe.app.device import cpu_kernels, require_cuda_kernels, resolve_device
+from dsmoe.app.expert_stats import RouterTrace
+from dsmoe.app.router_trace import eager_router_step, fused_router_step, ort_router_step, tap
 from dsmoe.config import DeepseekConfig
 from dsmoe.errors import DsmoeError, NonFiniteError
 from dsmoe.export import MODEL_FILE, OrtDecoder
@@ -169,28 +171,35 @@ def _prompts(source: str, prompt_ids, prompt: str | None, genai: GenaiModel | No
     tok_path = Path(source) / "tokenizer.json"
     if not tok_path.is_file():
         raise DsmoeError(f"--prompt needs {tok_path}; use --prompt-ids instead")
-    try:
-        from tokenizers import Tokenizer  # lazy: optional dependency
-    except ImportError:
-        raise DsmoeError("--prompt needs the 'tokenizers' package (pip install tokenizers)") from None
-    try:
-        tok = Tokenizer.from_file(str(tok_path))
-    except Exception as e:  # the tokenizers package raises plain Exceptions for a bad file
-        raise DsmoeError(f"cannot read {tok_path}: not a valid tokenizer.json ({str(e).splitlines()[0][:160]})") from None
+    tok = load_tokenizer(tok_path, what="--prompt")
     ids = tok.encode(prompt).ids
     if not ids:
         raise DsmoeError(f"--prompt {prompt!r} encodes to no tokens with {tok_path}")
     return [ids], tok
 
 
+def load_tokenizer(path: Path, *, what: str):
+    """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` (``what`` names the flag that needs it)."""
+    try:
+        from tokenizers import Tokenizer  # lazy: optional dependency
+    except ImportError:
+        raise DsmoeError(f"{what} needs the 'tokenizers' package (pip install tokenizers)") from None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers package raises plain Exceptions for a bad file
+        raise DsmoeError(f"cannot read {path}: not a valid tokenizer.json ({str(e).splitlines()[0][:160]})") from None
+
+
 def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prompt: str | None = None,
                  max_new_tokens: int = 16, backend: str = "eager", dtype: str | None = None,
                  fold_shared_experts: bool = False, overrides: dict | None = None, device: str = "cpu",
                  cuda_graph: bool | None = None, allow_nonfinite: bool = False,
-                 kernels: str = "reference") -> tuple[list[list[int]], str | None]:
+                 kernels: str = "reference", trace: RouterTrace | None = None) -> tuple[list[list[int]], str | None]:
     """Returns the generated ids, one list per prompt (several ``prompt_ids`` strings are one
     batch), and their text when a tokenizer was used. ``kernels`` (``reference`` |
-    ``triton-interpret``) is what the fused graph's ops run on the CPU.
+    ``triton-interpret``) is what the fused graph's ops run on the CPU. With ``trace``, the
+    routers' choices of every step (prefill and each new token) are recorded into it
+    (``--router-stats``; an ONNX source must be exported with ``--router-stats``).
 
     Backends ``ort`` and ``genai`` run an export directory: ``ort`` with dsmoe's own loop
     (:class:`dsmoe.export.OrtDecoder`), ``genai`` in ONNX Runtime GenAI from the directory's
@@ -215,6 +224,8 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
         if unused:
             raise DsmoeError(f"{', '.join(unused)} do(es) not apply to an exported model (the {backend} backend runs "
                              "the export as it was written, on ONNX Runtime's CPU provider); drop it")
+        if trace is not None and backend == "genai":
+            raise DsmoeError("--router-stats reads the routers in dsmoe's own loops: use --backend ort")
         genai = GenaiModel(source) if backend == "genai" else None
         prompts, tok = _prompts(source, prompt_ids, prompt, genai)
         config = dsmoe.load_config(source)
@@ -222,6 +233,9 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
             check_request(config, p, max_new_tokens)
         if genai is not None:
             new = genai.generate(prompts, max_new_tokens)
+        elif trace is not None:
+            dec = ort_router_step(source)
+            new = _generate(tap(dec, trace), dec.config, prompts, max_new_tokens, dtype=dec.dtype)
         else:
             dec = OrtDecoder(source)
             new = _generate(dec, dec.config, prompts, max_new_tokens, dtype=dec.dtype)
@@ -233,6 +247,8 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
         if kernels != "reference" and (backend != "fused" or dev.type != "cpu"):
             raise DsmoeError(f"--kernels {kernels} runs the fused graph's ops on the CPU: use --backend fused "
                              "(and no --device)")
+        if trace is not None and cuda_graph and dev.type == "cuda":
+            raise DsmoeError("--router-stats does not run inside a CUDA graph: use --no-cuda-graph")
         if dev.type == "cuda" and backend == "fused":
             require_cuda_kernels()
         config = dsmoe.load_config(source, overrides)
@@ -241,7 +257,10 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
         with cpu_kernels(kernels):
             model = dsmoe.load(source, dtype=dtype, overrides=overrides, device=dev, allow_nonfinite=allow_nonfinite)
             config, mdtype = model.config, next(model.parameters()).dtype
-            if backend == "eager":
+            if trace is not None:
+                step = tap(eager_router_step(model) if backend == "eager"
+                           else fused_router_step(model, fold_shared_experts=fold_shared_experts), trace)
+            elif backend == "eager":
                 step = eager_step(model)
             else:
                 step = fused_step(model, fold_shared_experts=fold_shared_experts)
