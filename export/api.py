@@ -23,6 +23,7 @@ import onnxscript
 import torch
 
 import dsmoe
+from dsmoe.architecture import kv_cache_report
 from dsmoe.checkpoint import commit_output_dir, prepare_output_dir
 from dsmoe.dtypes import VERIFY_RTOL, parse_dtype, tag, torch_name
 from dsmoe.export.lower import check_target, lower
@@ -75,6 +76,7 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
             hist = op_histogram(proto if proto is not None else _load_graph_only(tmp / MODEL_FILE))
             cfg = config.to_dict()
             cfg["torch_dtype"] = torch_name(tdtype)
+            cfg.pop("quantization_config", None)  # fp8 weights were dequantized on load
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         verification = None
         if verify:
@@ -84,7 +86,7 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
             "source": str(source), "target": target, "dtype": tag(tdtype), "opset": OPSET,
             "files": [*sorted(p.name for p in tmp.iterdir()), REPORT_FILE],
             "model_bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.name in (MODEL_FILE, DATA_FILE)),
-            "inputs": io_names(config.num_hidden_layers)[0], "outputs": io_names(config.num_hidden_layers)[1],
+            "inputs": io_names(config)[0], "outputs": io_names(config)[1], "kv_cache": kv_cache_report(config, tdtype),
             "passes": [asdict(r) for r in pass_reports], "lowering": lowered.as_dict(), "ort_fusions": fusions, "onnx_ops": hist,
             "onnx_nodes": sum(hist.values()), "seconds": step.seconds, "versions": _versions(),
             "verification": verification,

@@ -4,9 +4,11 @@ exporter options, ORT fusions, external data, the checker), used for whole decod
 
 The decoder is one model for prefill and decode, with ONNX Runtime GenAI names:
 
-Inputs ``input_ids [B,S] int64``, ``attention_mask [B,P+S] int64``, ``position_ids [B,S] int64``,
-``past_key_values.{i}.key/.value [B, kv_heads, P, head_dim]``; outputs ``logits [B,S,V]``,
-``present.{i}.key/.value [B, kv_heads, P+S, head_dim]``. Batch, sequence and past are dynamic.
+Inputs ``input_ids [B,S] int64``, ``attention_mask [B,P+S] int64``, ``position_ids [B,S] int64``
+and the cache ``past_key_values.{i}.<entry>``; outputs ``logits [B,S,V]`` and
+``present.{i}.<entry>`` with P+S slots. The entries are the model's cache layout
+(:mod:`dsmoe.cache`): ``key``/``value [B, kv_heads, P, head_dim]`` for multi-head attention,
+``latent [B, 1, P, kv_lora_rank + qk_rope_head_dim]`` for MLA. Batch, sequence and past are dynamic.
 External data is used once the model passes 2 GB; ``onnx.checker`` runs its full check.
 """
 
@@ -27,6 +29,8 @@ from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
 
+from dsmoe.cache import CacheLayout, cache_layout
+from dsmoe.config import DeepseekConfig
 from dsmoe.ir import MAX_BATCH, MAX_SEQ, sample_inputs
 
 OPSET = 21
@@ -35,13 +39,14 @@ DATA_FILE = "model.onnx.data"
 TWO_GB = 2**31
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "attention_mask", "position_ids"]
-    outputs = ["logits"]
-    for i in range(num_layers):
-        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outputs += [f"present.{i}.key", f"present.{i}.value"]
-    return inputs, outputs
+def io_names(config: DeepseekConfig | CacheLayout | int) -> tuple[list[str], list[str]]:
+    """The decoder's input and output names for a config or cache layout (an ``int``: the layer
+    count of a multi-head-attention model, whose cache is ``key``/``value``)."""
+    if isinstance(config, int):
+        layout = CacheLayout(config, (("key", 0, 0), ("value", 0, 0)))
+    else:
+        layout = config if isinstance(config, CacheLayout) else cache_layout(config)
+    return ["input_ids", "attention_mask", "position_ids", *layout.input_names()], ["logits", *layout.output_names()]
 
 
 class _Decoder(nn.Module):
@@ -63,12 +68,12 @@ def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype,
     B = Dim("batch", min=1, max=MAX_BATCH)
     S = Dim("seq", min=1, max=MAX_SEQ)
     P = Dim("past", min=0, max=MAX_SEQ)
-    kv = [({0: B, 2: P}, {0: B, 2: P})] * config.num_hidden_layers
-    dynamic = ({0: B, 1: S}, {0: B, 1: Dim.AUTO}, {0: B, 1: S}, kv)
-    names_in, names_out = io_names(config.num_hidden_layers)
+    layout = cache_layout(config)
+    dynamic = ({0: B, 1: S}, {0: B, 1: Dim.AUTO}, {0: B, 1: S}, layout.dynamic_shapes(B, P))
+    names_in, names_out = io_names(layout)
     return export_module(_Decoder(gm), tuple(args), path, dynamic_shapes=dynamic, input_names=names_in,
                          output_names=names_out, ort_fusions=ort_fusions,
-                         edit=lambda model: _name_dynamic_axes(model, config.num_hidden_layers))
+                         edit=lambda model: _name_dynamic_axes(model, layout))
 
 
 def export_module(module: nn.Module, args: tuple, path: Path, *, dynamic_shapes, input_names: list[str],
@@ -148,7 +153,7 @@ def _expand_unregistered_norms(path: Path) -> None:
         onnx.save(model, str(path))
 
 
-def _name_dynamic_axes(model, num_layers: int) -> None:
+def _name_dynamic_axes(model, layout: CacheLayout) -> None:
     """Give the dynamic axes readable names (batch, sequence, past_sequence, total_sequence)."""
     def set_dims(value, dims):
         shape = value.shape
@@ -163,10 +168,10 @@ def _name_dynamic_axes(model, num_layers: int) -> None:
     set_dims(ins["position_ids"], ["batch", "sequence"])
     set_dims(ins["attention_mask"], ["batch", "total_sequence"])
     set_dims(outs["logits"], ["batch", "sequence", None])
-    for i in range(num_layers):
-        for kind in ("key", "value"):
-            set_dims(ins[f"past_key_values.{i}.{kind}"], ["batch", None, "past_sequence", None])
-            set_dims(outs[f"present.{i}.{kind}"], ["batch", None, "total_sequence", None])
+    for name in layout.input_names():
+        set_dims(ins[name], ["batch", None, "past_sequence", None])
+    for name in layout.output_names():
+        set_dims(outs[name], ["batch", None, "total_sequence", None])
 
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:

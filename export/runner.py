@@ -10,6 +10,7 @@ import onnxruntime as ort
 import torch
 
 from dsmoe import load_config
+from dsmoe.cache import cache_layout
 from dsmoe.errors import DsmoeError
 from dsmoe.export.onnx_writer import MODEL_FILE, io_names
 
@@ -32,9 +33,9 @@ def session(path: str | Path, *, threads: int | None = None, optimize: bool = Tr
 
 class OrtDecoder:
     """One decoder step of an exported model: ``(input_ids, attention_mask, position_ids, past)
-    -> (logits, present)`` with ``past``/``present`` lists of ``(key, value)`` — the same
-    signature as the eager model and the fused graph. Takes torch tensors or numpy arrays and
-    returns torch tensors."""
+    -> (logits, present)`` with ``past``/``present`` one tuple per layer in the model's cache
+    layout (``(key, value)`` or ``(latent,)``, :mod:`dsmoe.cache`) — the same signature as the
+    eager model and the fused graph. Takes torch tensors or numpy arrays and returns torch tensors."""
 
     def __init__(self, export_dir: str | Path, threads: int | None = None, *, optimize: bool = True):
         d = Path(export_dir)
@@ -42,20 +43,23 @@ class OrtDecoder:
             raise DsmoeError(f"{d} holds no {MODEL_FILE} (export it with: dsmoe-export SOURCE --out {d})")
         self.config = load_config(d)
         self.sess = session(d / MODEL_FILE, threads=threads, optimize=optimize)
-        self.input_names, self.output_names = io_names(self.config.num_hidden_layers)
+        self.layout = cache_layout(self.config)
+        self.input_names, self.output_names = io_names(self.layout)
         types = {i.name: i.type for i in self.sess.get_inputs()}
-        self.dtype = _NP_TO_TORCH[types["past_key_values.0.key"]]
+        self.dtype = _NP_TO_TORCH[types[self.layout.input_names()[0]]]
 
     def __call__(self, input_ids, attention_mask, position_ids, past):
         feed = {"input_ids": _np(input_ids, np.int64), "attention_mask": _np(attention_mask, np.int64),
                 "position_ids": _np(position_ids, np.int64)}
         np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
-        for i, (k, v) in enumerate(past):
-            feed[f"past_key_values.{i}.key"] = _np(k, np_dtype)
-            feed[f"past_key_values.{i}.value"] = _np(v, np_dtype)
+        flat = [t for layer in past for t in layer]
+        if len(flat) != len(self.layout.input_names()):
+            raise DsmoeError(f"the cache has {len(flat)} tensors; this export takes {len(self.layout.input_names())} "
+                             f"({', '.join(self.layout.names)} per layer)")
+        for name, t in zip(self.layout.input_names(), flat):
+            feed[name] = _np(t, np_dtype)
         outs = [torch.from_numpy(o) for o in self.sess.run(self.output_names, feed)]
-        present = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.config.num_hidden_layers)]
-        return outs[0], present
+        return outs[0], self.layout.unflatten(outs[1:])
 
 
 def _np(t, dtype) -> np.ndarray:
@@ -71,9 +75,9 @@ def polygraphy_command(export_dir: str | Path, *, batch: int = 1, seq: int = 4, 
     """
     d = Path(export_dir)
     c = load_config(d)
-    kv = f"[{batch},{c.num_key_value_heads},{past},{c.head_dim}]"
+    layout = cache_layout(c)
     shapes = [f"input_ids:[{batch},{seq}]", f"attention_mask:[{batch},{past + seq}]", f"position_ids:[{batch},{seq}]"]
-    for i in range(c.num_hidden_layers):
-        shapes += [f"past_key_values.{i}.key:{kv}", f"past_key_values.{i}.value:{kv}"]
+    dims = [",".join(map(str, s)) for s in layout.shapes(batch, past)] * c.num_hidden_layers
+    shapes += [f"{name}:[{d}]" for name, d in zip(layout.input_names(), dims)]
     return ["polygraphy", "run", str(d / MODEL_FILE), "--onnxrt", "--input-shapes", *shapes,
             "--val-range", f"input_ids:[0,{c.vocab_size - 1}]", "attention_mask:[1,1]", f"position_ids:[0,{seq - 1}]"]

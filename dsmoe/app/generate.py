@@ -19,6 +19,7 @@ import torch
 import dsmoe
 from dsmoe.app.cuda_graphs import StaticDecoder, Step, static_length
 from dsmoe.app.device import require_cuda_kernels, resolve_device
+from dsmoe.cache import cache_layout
 from dsmoe.config import DeepseekConfig
 from dsmoe.errors import DsmoeError
 from dsmoe.export import MODEL_FILE, OrtDecoder
@@ -44,9 +45,8 @@ def fused_step(model: torch.nn.Module, *, fold_shared_experts: bool = False) -> 
 
 
 def empty_cache(config: DeepseekConfig, batch: int, dtype: torch.dtype, device="cpu") -> list:
-    shape = (batch, config.num_key_value_heads, 0, config.head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_hidden_layers)]
+    """The cache before the first step, in the model's layout (:func:`dsmoe.cache.cache_layout`)."""
+    return cache_layout(config).empty(batch, dtype, device)
 
 
 @torch.no_grad()
