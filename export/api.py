@@ -46,13 +46,15 @@ def parse_export_dtype(dtype: str) -> torch.dtype:
 
 def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp32", verify: bool = False,
                  force: bool = False, overrides: dict | None = None, fold_shared_experts: bool = False,
-                 ort_fusions: bool = True, progress: Callable[[str], None] | None = None) -> dict:
+                 ort_fusions: bool = True, absorb_mla: bool = True,
+                 progress: Callable[[str], None] | None = None) -> dict:
     """Export ``source`` (checkpoint dir or ``preset:NAME``) to ONNX in ``out``; returns the report.
 
     Raises :class:`DsmoeError` for user errors (unknown target/dtype, existing ``out`` without
     ``force``, bad source) and :class:`VerificationError` (``exit_code = 1``) when ``verify``
     finds ONNX Runtime and eager apart beyond :data:`dsmoe.dtypes.VERIFY_RTOL`. ``ort_fusions`` (target ``ort``
-    only) applies ONNX Runtime's contrib fusions for norms, rotary and attention.
+    only) applies ONNX Runtime's contrib fusions for norms, rotary and attention. ``absorb_mla``
+    (MLA models) exports the absorbed attention; False keeps the expanded form (same latent cache).
     """
     check_target(target)
     tdtype = parse_export_dtype(dtype)
@@ -66,7 +68,7 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
         with step("capture"):
             gm = capture(model)
         with step("passes"):
-            gm, pass_reports = run_pipeline(gm, PassContext(fold_shared_experts=fold_shared_experts))
+            gm, pass_reports = run_pipeline(gm, PassContext(fold_shared_experts=fold_shared_experts, absorb_mla=absorb_mla))
         with step("lower"):
             lowered = lower(gm, target=target)
         with step("write"):
