@@ -74,3 +74,28 @@ def kv_cache_report(c: DeepseekConfig, dtype: torch.dtype = torch.bfloat16) -> d
             "expanded_values_per_token_per_layer": expanded,
             "expanded_bytes_per_token": c.num_hidden_layers * expanded * size,
             "expanded_over_kept": expanded / kept, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def attention_summary(c: DeepseekConfig) -> str:
+    """One line on the attention: MHA heads, or the MLA dims and the RoPE scaling."""
+    rs = c.rope_scaling
+    yarn = (f"; YaRN factor {rs.get('factor'):g} over {rs.get('original_max_position_embeddings')} positions"
+            if rs else "; plain RoPE")
+    if not c.is_mla:
+        return f"multi-head, {c.num_attention_heads} heads ({c.num_key_value_heads} key/value), head_dim {c.head_dim}"
+    q = "q_proj" if c.q_lora_rank is None else f"q_lora_rank {c.q_lora_rank}"
+    return (f"MLA, {c.num_attention_heads} heads, {q}, kv_lora_rank {c.kv_lora_rank}, qk {c.qk_nope_head_dim} nope + "
+            f"{c.qk_rope_head_dim} rope ({'interleaved' if c.rope_interleave else 'rotate-half'}), v {c.v_head_dim}{yarn}")
+
+
+def notes(c: DeepseekConfig) -> list[str]:
+    """What a loader does that the architecture alone does not show (skipped MTP layers, fp8)."""
+    out = []
+    n, L = c.num_nextn_predict_layers, c.num_hidden_layers
+    if c.is_mla and n:
+        layers = ", ".join(f"model.layers.{i}" for i in range(L, L + n))
+        out.append(f"{n} multi-token-prediction layer{'s' if n > 1 else ''} ({layers}) left out: not used for inference")
+    if c.fp8_block:
+        r, k = c.fp8_block
+        out.append(f"fp8 e4m3 weights with {r}×{k} block scales, dequantized on load")
+    return out

@@ -9,6 +9,10 @@ Two layouts of the routed experts are accepted:
 - transformers v5's in-memory stacked layout:
   ``mlp.experts.gate_up_proj [E, 2I, H]`` (gate rows first) and ``mlp.experts.down_proj [E, H, I]``
 
+DeepSeek-V3 checkpoints may also hold multi-token-prediction layers (``model.layers.{L…}`` for
+``num_nextn_predict_layers`` > 0; never read, noted) and fp8 weights with block scales
+(dequantized on load, :mod:`dsmoe.fp8`).
+
 Writing always uses the on-disk layout, sharded above ``max_shard_bytes`` with
 ``model.safetensors.index.json``; the output directory is written to a temporary sibling and
 renamed, so nothing half-written is left behind.
@@ -27,9 +31,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dsmoe.config import DeepseekConfig
-from dsmoe.contract import FP32_KEY, HF_STACKED, NON_PERSISTENT_KEY
+from dsmoe.contract import FP32_KEY, HF_STACKED, LAYER_KEY, NON_PERSISTENT_KEY
 from dsmoe.dtypes import torch_name
 from dsmoe.errors import CheckpointError, DsmoeError
+from dsmoe.fp8 import dequantize_state_dict, is_fp8, is_scale_key
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -57,17 +62,19 @@ def shard_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no weights in {path}: expected {SINGLE} or {INDEX}")
 
 
-def read_tensors(path: Path, dtype: torch.dtype):
-    """Yield ``(key, tensor)`` from every shard, memory-mapped, cast to ``dtype`` (fp32 keys kept)."""
+def read_tensors(path: Path, dtype: torch.dtype, skip=None):
+    """Yield ``(key, tensor)`` from every shard, memory-mapped, cast to ``dtype`` (fp32 keys kept;
+    fp8 weights and their scales as stored, for :func:`dsmoe.fp8.dequantize_state_dict`); keys
+    for which ``skip(key)`` holds are not read."""
     for f in shard_files(path):
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for key in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    if NON_PERSISTENT_KEY.search(key):
+                    if NON_PERSISTENT_KEY.search(key) or (skip is not None and skip(key)):
                         continue
                     t = sf.get_tensor(key)
-                    want = torch.float32 if FP32_KEY.search(key) else dtype
-                    yield key, (t.to(want) if t.is_floating_point() and t.dtype != want else t)
+                    want = torch.float32 if FP32_KEY.search(key) or is_scale_key(key) else dtype
+                    yield key, (t.to(want) if t.is_floating_point() and t.dtype != want and not is_fp8(t) else t)
         except SafetensorError as e:
             raise CheckpointError(f"corrupt or truncated safetensors file {f.name}: {e}") from None
         except OSError as e:
@@ -91,16 +98,41 @@ def unstack_experts(key: str, t: torch.Tensor, config: DeepseekConfig) -> dict[s
     return out
 
 
+def mtp_layers(config: DeepseekConfig) -> range:
+    """The layer indices of V3's multi-token-prediction layers (stored after the decoder's)."""
+    L = config.num_hidden_layers
+    return range(L, L + (config.num_nextn_predict_layers if config.is_mla else 0))
+
+
 def load_state_dict(path: str | Path, config: DeepseekConfig, expected: dict[str, torch.Size],
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read and check a checkpoint against the model's expected ``{key: shape}``."""
+                    dtype: torch.dtype, notes: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Read and check a checkpoint against the model's expected ``{key: shape}``; what was left
+    out on purpose (multi-token-prediction layers) and dequantized is appended to ``notes``."""
     path = Path(path)
     sd: dict[str, torch.Tensor] = {}
-    for key, t in read_tensors(path, dtype):
+    mtp, skipped = mtp_layers(config), set()
+
+    def is_mtp(key: str) -> bool:
+        m = LAYER_KEY.match(key)
+        if m and int(m.group(1)) in mtp:
+            skipped.add(int(m.group(1)))
+            return True
+        return False
+
+    for key, t in read_tensors(path, dtype, skip=is_mtp):
         if HF_STACKED.match(key):
             sd.update(unstack_experts(key, t, config))
         else:
             sd[key] = t
+    quantized = sum(1 for t in sd.values() if is_fp8(t))
+    sd = dequantize_state_dict(sd, config.fp8_block, dtype)
+    if notes is not None:
+        if skipped:
+            notes.append(f"left out {len(skipped)} multi-token-prediction layer(s) "
+                         f"({', '.join(f'model.layers.{i}' for i in sorted(skipped))}): not used for inference")
+        if quantized:
+            notes.append(f"dequantized {quantized} fp8 weights ({config.fp8_block[0]}×{config.fp8_block[1]} "
+                         f"block scales) to {torch_name(dtype)}")
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
         expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}

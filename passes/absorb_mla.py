@@ -75,11 +75,11 @@ def _one_linear(nodes: list[Node], path: str) -> Node:
     return lin[0]
 
 
-def _getitem_of(n: Node, i: int, target) -> Node:
-    """The node ``n = getitem(target(...), i)``'s producer, or NoMatch."""
-    if not (is_call(n, operator.getitem) and n.args[1] == i and is_call(n.args[0], target)):
-        raise NoMatch(f"{n.name} is not output {i} of {target}")
-    return n.args[0]
+def _getitem_of(n: Node, i: int, target) -> Node | None:
+    """The producer of ``n = getitem(target(...), i)``, else None."""
+    if is_call(n, operator.getitem) and n.args[1] == i and is_call(n.args[0], target):
+        return n.args[0]
+    return None
 
 
 def _split_sizes(split: Node) -> list[int]:
@@ -125,7 +125,8 @@ def _match(gm: GraphModule, path: str, c) -> dict:
     k_nope, k_rope_x = k.args[0]
     # keys without RoPE and values: the two halves of the latent's up-projection
     split_kv = _getitem_of(k_nope, 0, aten.split_with_sizes.default)
-    if _getitem_of(pv.args[1], 1, aten.split_with_sizes.default) is not split_kv or _split_sizes(split_kv) != [dn, dv]:
+    if split_kv is None or _getitem_of(pv.args[1], 1, aten.split_with_sizes.default) is not split_kv \
+            or _split_sizes(split_kv) != [dn, dv]:
         raise NoMatch(f"keys and values are not the [{dn}, {dv}] split of one kv_b_proj output")
     tr_kv = split_kv.args[0]
     if not (is_call(tr_kv, aten.transpose.int) and sorted(tr_kv.args[1:3]) == [1, 2] and tr_kv.args[0].target in VIEWS):
@@ -135,8 +136,9 @@ def _match(gm: GraphModule, path: str, c) -> dict:
         raise NoMatch(f"kv_b_proj's output is not viewed as [B, T, {nh}, {dn + dv}]")
     # the latent: c_KV (kv_b_proj's input) and k_rope (expanded to every head) split from one tensor
     split_lat = _getitem_of(kv_b.args[0], 0, aten.split_with_sizes.default)
-    if not is_call(k_rope_x, aten.expand.default) or _getitem_of(k_rope_x.args[0], 1, aten.split_with_sizes.default) \
-            is not split_lat or _split_sizes(split_lat) != [R, dr]:
+    if split_lat is None or not is_call(k_rope_x, aten.expand.default) \
+            or _getitem_of(k_rope_x.args[0], 1, aten.split_with_sizes.default) is not split_lat \
+            or _split_sizes(split_lat) != [R, dr]:
         raise NoMatch(f"c_KV and k_rope are not the [{R}, {dr}] split of one latent")
     latent = split_lat.args[0]
     shapes = {"q_nope": (q_nope, (nh, dn)), "q_rope": (q_rope, (nh, dr)), "latent": (latent, (1, R + dr))}

@@ -34,13 +34,13 @@ def eager_step(model: torch.nn.Module) -> Step:
     return step
 
 
-def fused_step(model: torch.nn.Module, *, fold_shared_experts: bool = False) -> Step:
+def fused_step(model: torch.nn.Module, *, fold_shared_experts: bool = False, absorb_mla: bool = True) -> Step:
     """Capture the model and run the pass pipeline; the fused graph is the step function.
 
     The graph runs where the model is: on a GPU, call :func:`require_cuda_kernels` first so that
     ``dsmoe::route``/``dsmoe::moe`` dispatch to the plugins' kernels.
     """
-    gm, _ = run_pipeline(capture(model), PassContext(fold_shared_experts=fold_shared_experts))
+    gm, _ = run_pipeline(capture(model), PassContext(fold_shared_experts=fold_shared_experts, absorb_mla=absorb_mla))
     return gm
 
 
@@ -109,7 +109,7 @@ def _prompt(source: str, prompt_ids: str | None, prompt: str | None):
 
 def run_generate(*, source: str, prompt_ids: str | None = None, prompt: str | None = None, max_new_tokens: int = 16,
                  backend: str = "eager", dtype: str | None = None, fold_shared_experts: bool = False,
-                 overrides: dict | None = None, device: str = "cpu",
+                 absorb_mla: bool = True, overrides: dict | None = None, device: str = "cpu",
                  cuda_graph: bool | None = None) -> tuple[list[int], str | None]:
     """Returns the generated ids (and their text when a tokenizer was used)."""
     if max_new_tokens < 1:
@@ -136,7 +136,7 @@ def run_generate(*, source: str, prompt_ids: str | None = None, prompt: str | No
         if backend == "eager":
             step = eager_step(model)
         else:
-            step = fused_step(model, fold_shared_experts=fold_shared_experts)
+            step = fused_step(model, fold_shared_experts=fold_shared_experts, absorb_mla=absorb_mla)
             if dev.type == "cuda" and cuda_graph is not False:
                 step = StaticDecoder(step, config, max_len=static_length(len(ids) + max_new_tokens), dtype=mdtype,
                                      device=dev, cuda_graph=True)

@@ -12,7 +12,8 @@ from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import PASSES, report_json, run_pipeline
 
 
-def run_inspect(*, source: str, dump_after: str | None = None, fold_shared_experts: bool = False, verify: bool = True,
+def run_inspect(*, source: str, dump_after: str | None = None, fold_shared_experts: bool = False,
+                absorb_mla: bool = True, verify: bool = True,
                 dtype: str | None = None, overrides: dict | None = None, dump: Callable[[str], None] = print,
                 status: Callable = lambda text: nullcontext()) -> dict:
     """Returns ``{"passes": [...], "ops": {...}, "captured_nodes", "captured_param_bytes",
@@ -33,7 +34,8 @@ def run_inspect(*, source: str, dump_after: str | None = None, fold_shared_exper
         if rep.name == dump_after:
             dump(g.print_readable(print_output=False))
 
-    ctx = PassContext(fold_shared_experts=fold_shared_experts or dump_after == "fold_shared_experts", verify=verify)
+    ctx = PassContext(fold_shared_experts=fold_shared_experts or dump_after == "fold_shared_experts",
+                      absorb_mla=absorb_mla, verify=verify)
     with status("running passes" + (" with verification" if verify else "")):
         gm, reports = run_pipeline(gm, ctx, on_pass=on_pass)
     doc = report_json(reports, gm)
