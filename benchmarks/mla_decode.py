@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
+import gc
 import json
 import os
 import shutil
@@ -70,7 +71,13 @@ def run_mla_decode(*, quick: bool = False, backends: tuple[str, ...] | list[str]
                    threads: int | None = None, method: Method | None = None, limits: Limits | None = None,
                    source: str | None = None, overrides: dict | None = None, contexts: list[int] | None = None,
                    write: bool = True, progress: Callable[[str], None] = print) -> dict:
-    """Run the benchmark; returns the result document (and writes it unless ``write`` is False)."""
+    """Run the benchmark; returns the result document (and writes it unless ``write`` is False).
+
+    Two phases, so that the eager model and the ONNX Runtime sessions (each about the model's size)
+    are never all in memory: *torch* (eager, fused-expanded, fused, interleaved case by case; the
+    eager logits are kept as the reference), then *ort* (ort-expanded and ort, interleaved, checked
+    against those logits). Absorbed-vs-expanded ratios are within a phase; ORT-vs-eager ratios are
+    across the two (minutes apart; the load at each phase is recorded)."""
     size = dict(SIZES[quick])
     size.update({k: v for k, v in (("source", source), ("overrides", overrides), ("contexts", contexts)) if v is not None})
     unknown = [b for b in backends if b not in BACKENDS]
@@ -80,7 +87,7 @@ def run_mla_decode(*, quick: bool = False, backends: tuple[str, ...] | list[str]
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     meth = method or (QUICK if quick else FULL)
-    load_start = os.getloadavg()[0]
+    load = {"start": os.getloadavg()[0]}
     tmp = Path(tempfile.mkdtemp(prefix="dsmoe-mla-bench-"))  # on disk: the exports are GBs
     try:
         exports = {}
@@ -92,22 +99,41 @@ def run_mla_decode(*, quick: bool = False, backends: tuple[str, ...] | list[str]
         lim = limits or measure_limits(quick=quick)
         progress(f"[{SUITE}] building {size['source']} {size['overrides']}")
         model = dsmoe.load(size["source"], overrides=size["overrides"], dtype="float32", seed=SEED)
-        fns, notes = _prepare(model, backends, exports, threads, progress)
-        cases = [_case(model, P, fns, meth, lim, progress) for P in size["contexts"]]
+        config, params = model.config, sum(p.numel() for p in model.parameters())
+        fns, notes = _prepare_torch(model, backends, progress)
+        inputs = {P: _inputs(config, P) for P in size["contexts"]}
+        cases, refs = [], {}
+        load["torch"] = os.getloadavg()[0]
+        for P, args in inputs.items():
+            with torch.inference_mode():
+                refs[P] = fns["eager"](*args)[0]
+            cases.append(_case(config, P, args, refs[P], fns, meth, lim, progress))
+        del model, fns
+        gc.collect()
+        ort_fns = {}
+        for name, path in exports.items():
+            ort_fns[name] = OrtDecoder(path, threads=threads)
+            shutil.rmtree(path, ignore_errors=True)  # the session holds its own copy
+            notes[name] = {"what": f"ONNX Runtime CPU EP, dsmoe-export{' --no-absorb-mla' if name == 'ort-expanded' else ''}",
+                           "threads": threads}
+        load["ort"] = os.getloadavg()[0]
+        for case, (P, args) in zip(cases, inputs.items()):
+            _time_into(case, args, refs[P], ort_fns, meth, progress)
+        for case in cases:
+            _ratios(case)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    c = model.config
+    load["end"] = os.getloadavg()[0]
+    c = config
     doc = {"suite": SUITE, "quick": quick, "created": _dt.datetime.now().isoformat(timespec="seconds"),
            "machine": machine_info(threads), "versions": versions(), "dtype": "fp32", "seed": SEED,
            "shapes": {"source": size["source"], "overrides": size["overrides"], "layers": c.num_hidden_layers,
                       "moe_layers": c.moe_layers, "H": c.hidden_size, "heads": c.num_attention_heads,
                       "kv_lora_rank": c.kv_lora_rank, "qk_nope": c.qk_nope_head_dim, "qk_rope": c.qk_rope_head_dim,
                       "v": c.v_head_dim, "q_lora_rank": c.q_lora_rank, "V": c.vocab_size, "E": c.n_routed_experts,
-                      "K": c.num_experts_per_tok, "batch": 1, "contexts": size["contexts"],
-                      "model_params": sum(p.numel() for p in model.parameters())},
+                      "K": c.num_experts_per_tok, "batch": 1, "contexts": size["contexts"], "model_params": params},
            "kv_cache": {"fp32": kv_cache_report(c, torch.float32), "bf16": kv_cache_report(c, torch.bfloat16)},
-           "method": meth.as_dict(), "limits": lim.as_dict(), "backends": notes, "cases": cases,
-           "load": {"start": load_start, "end": os.getloadavg()[0]}}
+           "method": meth.as_dict(), "limits": lim.as_dict(), "backends": notes, "cases": cases, "load": load}
     if write:
         doc["files"] = [str(p) for p in write_files(doc, Path(out_dir) if out_dir else DEFAULT_OUT)]
     return doc
@@ -128,7 +154,7 @@ def _export(size: dict, out: Path, absorbed: bool) -> Path:
     return out
 
 
-def _prepare(model, backends, exports, threads, progress) -> tuple[dict, dict]:
+def _prepare_torch(model, backends, progress) -> tuple[dict, dict]:
     fns, notes = {"eager": lambda *a: model(*a, use_cache=True)}, {"eager": {"what": "reference model (expanded)"}}
     if "fused-expanded" in backends or "fused" in backends:
         progress(f"[{SUITE}] capture + passes")
@@ -147,12 +173,6 @@ def _prepare(model, backends, exports, threads, progress) -> tuple[dict, dict]:
             fns["fused"] = absorbed
             notes["fused"] = {"what": "fused graph, absorb_mla (dsmoe::mla_attention)", "absorb_mla_rewrites": rewrites,
                               "ops": _fused_ops(absorbed)}
-    for name, path in exports.items():
-        dec = OrtDecoder(path, threads=threads)
-        shutil.rmtree(path, ignore_errors=True)  # the session holds its own copy
-        fns[name] = dec
-        notes[name] = {"what": f"ONNX Runtime CPU EP, dsmoe-export{' --no-absorb-mla' if name == 'ort-expanded' else ''}",
-                       "threads": threads}
     return fns, notes
 
 
@@ -160,31 +180,38 @@ def _fused_ops(gm) -> dict:
     return {k: v for k, v in op_histogram(gm).items() if k.startswith("dsmoe::") or k in ("aten.matmul", "aten.softmax")}
 
 
-def _case(model, P: int, fns: dict, meth: Method, lim: Limits, progress) -> dict:
-    """One decode step at context P: token, mask, position and a seeded random latent cache."""
-    c = model.config
+def _inputs(config, P: int) -> tuple:
+    """One decode step at context P: a token, the mask, its position and a seeded random latent cache."""
     g = torch.Generator().manual_seed(1000 + P)
-    tok = torch.randint(0, c.vocab_size, (1, 1), generator=g)
-    cache = cache_layout(c).random(1, P, g)
-    args = (tok, torch.ones(1, P + 1, dtype=torch.int64), torch.tensor([[P]]), cache)
-    work = model_step_work(c, 1, P, [c.num_experts_per_tok] * len(c.moe_layers))
-    fl = floor_s(work, lim)
-    with torch.inference_mode():
-        ref = fns["eager"](*args)[0]
-    out = {"case": f"decode @ {P}", "context": P, "work": {"bytes": work.bytes, "flops": work.flops}, "floor": fl,
-           "results": {}}
+    tok = torch.randint(0, config.vocab_size, (1, 1), generator=g)
+    return tok, torch.ones(1, P + 1, dtype=torch.int64), torch.tensor([[P]]), cache_layout(config).random(1, P, g)
+
+
+def _case(config, P: int, args, ref, fns: dict, meth: Method, lim: Limits, progress) -> dict:
+    work = model_step_work(config, 1, P, [config.num_experts_per_tok] * len(config.moe_layers))
+    out = {"case": f"decode @ {P}", "context": P, "work": {"bytes": work.bytes, "flops": work.flops},
+           "floor": floor_s(work, lim), "results": {}}
+    _time_into(out, args, ref, fns, meth, progress)
+    return out
+
+
+def _time_into(case: dict, args, ref, fns: dict, meth: Method, progress) -> None:
+    """Check each backend's logits against ``ref``, then time it (backends interleaved)."""
     for name, fn in fns.items():
         with torch.inference_mode():
             chk = cross_check(fn(*args)[0], ref, rtol=BENCH_RTOL[torch.float32])
         if not chk.ok:
-            out["results"][name] = {"status": "mismatch", "reason": chk.detail, "check": chk.as_dict()}
-            progress(f"[{SUITE}] {out['case']} {name}: output mismatch vs eager, not timed ({chk.detail})")
+            case["results"][name] = {"status": "mismatch", "reason": chk.detail, "check": chk.as_dict()}
+            progress(f"[{SUITE}] {case['case']} {name}: output mismatch vs eager, not timed ({chk.detail})")
             continue
-        progress(f"[{SUITE}] {out['case']} {name}: timing")
+        progress(f"[{SUITE}] {case['case']} {name}: timing")
         t = measure(lambda fn=fn: fn(*args), meth)
-        out["results"][name] = {"status": "ok", "check": chk.as_dict(), "timing": t.as_dict(), "latency_s": t.median_s,
-                                "floor_fraction": fl["floor_s"] / t.median_s}
-    res = out["results"]
+        case["results"][name] = {"status": "ok", "check": chk.as_dict(), "timing": t.as_dict(), "latency_s": t.median_s,
+                                 "floor_fraction": case["floor"]["floor_s"] / t.median_s}
+
+
+def _ratios(case: dict) -> None:
+    res = case["results"]
     for name, r in res.items():
         if r["status"] != "ok":
             continue
@@ -192,7 +219,6 @@ def _case(model, P: int, fns: dict, meth: Method, lim: Limits, progress) -> dict
         base = res.get(f"{name}-expanded") if name in ("fused", "ort") else None
         if base and base["status"] == "ok":
             r["vs_expanded"] = base["latency_s"] / r["latency_s"]
-    return out
 
 
 # ---- output ---------------------------------------------------------------------------------
@@ -207,8 +233,9 @@ def markdown(doc: dict) -> str:
     lines = [f"# `{SUITE}` benchmark — {m['cpu']} ({m['cores']} cores)" + (" — quick run" if doc["quick"] else ""), "",
              f"- **Machine**: {m['cpu']}, {m['cores']} cores ({', '.join(m['simd']) or 'no AVX flags'}), {m['memory_gb']} "
              f"GiB memory, {m['os']}; {m['threads']} threads for torch and ONNX Runtime.",
-             f"- **Load**: load average {doc['load']['start']:.2f} at start, {doc['load']['end']:.2f} at end (the machine "
-             "is shared; other work at the same time shows up as spread).",
+             f"- **Load**: load average {doc['load']['start']:.2f} at start, {doc['load'].get('torch', 0):.2f} when the torch "
+             f"phase started, {doc['load'].get('ort', 0):.2f} when the ORT phase started, {doc['load']['end']:.2f} at end "
+             "(the machine is shared; other work at the same time shows up as spread).",
              "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v),
              f"- **Model**: `{sh['source']}` with {sh['overrides']}: {sh['layers']} layers (MoE: {sh['moe_layers']}), "
              f"hidden {sh['H']}, {sh['heads']} heads, kv_lora_rank {sh['kv_lora_rank']}, qk {sh['qk_nope']} + "
@@ -218,7 +245,9 @@ def markdown(doc: dict) -> str:
              "(the same cache and token for every backend); latency per token.",
              f"- **Method**: {meth['warmup']} warm-up call(s), then timed calls until {meth['budget_s']} s of timings (at "
              f"least {meth['min_iters']}, at most {meth['max_iters']}); median, spread ± half the interquartile range; "
-             "backends interleaved case by case; every output checked against eager first.",
+             "every output checked against eager's logits first. Two phases (memory: the model and two ORT sessions "
+             "are never held at once): torch (eager, fused-expanded, fused) then ORT (ort-expanded, ort), each "
+             "interleaved case by case; absorbed-vs-expanded ratios are within a phase, ORT-vs-eager across them.",
              f"- **Limits measured in this run**: read bandwidth {lim['bandwidth_gbs']:.2f} GB/s, fp32 GEMM "
              f"{lim['gemm_gflops']:.1f} GFLOP/s; floor = max(bytes ÷ bandwidth, FLOPs ÷ GEMM rate) with the absorbed "
              "form's FLOPs and the weights the step must read (attention, dense MLP, the K routed + shared experts, "

@@ -3,8 +3,11 @@
 Field names are those of the DeepSeekMoE remote code (``model_type: "deepseek"``), extended with
 the routing fields of DeepSeek-V2/V3 (``topk_method``, ``n_group``, ``topk_group``,
 ``routed_scaling_factor``) so that every routing variant is an explicit field, never inferred from
-a tensor shape. Named presets (:data:`PRESETS`) give the test model, the demo default and the real
-16B dimensions; any field can be overridden (``--set num_hidden_layers=2``).
+a tensor shape, and with DeepSeek-V2/V3's MLA fields (``model_type`` ``deepseek_v2`` /
+``deepseek_v3``; their reading and checks live in :mod:`dsmoe.mla_config`, YaRN in
+:mod:`dsmoe.rope`). Named presets (:data:`PRESETS`) give the test models, the demo defaults and the
+real DeepSeekMoE-16B and DeepSeek-V2-Lite dimensions; any field can be overridden
+(``--set num_hidden_layers=2``).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dsmoe
+from dsmoe.app.cuda_graphs import StaticDecoder, static_length
 from dsmoe.app.generate import eager_step, greedy_generate
 from dsmoe.cache import cache_layout
 from dsmoe.ir import capture, op_histogram, param_bytes, sample_inputs
@@ -151,11 +152,15 @@ def test_mha_model_is_untouched():
 
 # ---- decoding with the latent cache ---------------------------------------------------------
 
+@functools.cache
+def _fused(variant: str):
+    return run_pipeline(capture(_model(variant)), PassContext())[0]
+
+
 def test_absorbed_decode_equals_the_expanded_model_for_32_steps():
     """Prefill, then 32 decode steps fed eager's tokens: the absorbed graph's logits and latent
     cache equal the eager (expanded) model's at every step, and it picks the same tokens."""
-    model = _model("q-proj")
-    fused, _ = run_pipeline(capture(model), PassContext())
+    model, fused = _model("q-proj"), _fused("q-proj")
     assert op_histogram(fused)["dsmoe::mla_attention"] == 3
     prompt = torch.tensor([[1, 17, 42, 7, 99, 3]])
     with torch.no_grad():
@@ -173,3 +178,13 @@ def test_absorbed_decode_equals_the_expanded_model_for_32_steps():
             got, cache = fused(*args, cache)
     assert greedy_generate(fused, model.config, [1, 17, 42], 20) == greedy_generate(eager_step(model), model.config,
                                                                                      [1, 17, 42], 20)
+
+
+def test_static_cache_decoder_takes_the_latent_cache():
+    """The static-cache (CUDA-graph shape) decoder over the latent cache, on the CPU: the same
+    tokens as eager, the cache reused in place."""
+    model, fused = _model("q-proj"), _fused("q-proj")
+    want = greedy_generate(eager_step(model), model.config, [5, 4, 3, 2], 10)
+    dec = StaticDecoder(fused, model.config, max_len=static_length(14))
+    assert greedy_generate(dec, model.config, [5, 4, 3, 2], 10) == want
+    assert [t.shape for t in dec.cache[0]] == [(1, 1, 64, 40)]
