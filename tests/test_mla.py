@@ -141,13 +141,15 @@ def test_v2_lite_preset_has_the_published_dimensions():
 
 @pytest.mark.parametrize("name", ["mla-tiny", "mla-small", "v3-small"])
 def test_mla_presets_run_with_the_latent_cache(name):
-    model = dsmoe.load(f"preset:{name}", overrides={"num_hidden_layers": 2})
+    """Each MLA preset at 2 layers and a 512-token vocabulary (the sizes that matter for the check)."""
+    model = dsmoe.load(f"preset:{name}", overrides={"num_hidden_layers": 2, "vocab_size": 512})
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         logits, cache = model(ids, use_cache=True)
     c = model.config
     assert logits.shape == (1, 3, c.vocab_size) and torch.isfinite(logits).all()
     assert cache[0][0].shape == (1, 1, 3, c.kv_lora_rank + c.qk_rope_head_dim)
+    assert architecture(c).params_total == sum(p.numel() for p in model.parameters())
 
 
 # ---- what is refused --------------------------------------------------------------------------

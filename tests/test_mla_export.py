@@ -10,11 +10,14 @@ import onnx
 import pytest
 from conftest import hf_greedy, hf_mla_model, run_cli
 
+import dsmoe
 from dsmoe.app.cli import export_main
-from dsmoe.export import OrtDecoder
+from dsmoe.app.generate import eager_step, generate_ort, greedy_generate
+from dsmoe.export import OrtDecoder, export_model
 
-# (peer, export target): V2-Lite-shaped in the developers' loop, the others in `make test`
-CASES = [pytest.param("v2-lite", "ort", id="v2-lite-ort"),
+# (peer, export target); each is a minute of CLI runs on 2 cores (`make test`); the developers'
+# loop exports the mla-tiny preset instead (test_mla_preset_exports_and_generates)
+CASES = [pytest.param("v2-lite", "ort", id="v2-lite-ort", marks=pytest.mark.slow),
          pytest.param("v2-group-limited", "portable", id="v2-portable", marks=pytest.mark.slow),
          pytest.param("v3-noaux-tc", "ort", id="v3-ort", marks=pytest.mark.slow)]
 PROMPT = list(range(3, 61))  # 58 tokens: generation crosses original_max_position_embeddings (64)
@@ -98,3 +101,14 @@ def test_expanded_export_keeps_the_latent_cache_and_verifies(checkpoints, capsys
     got = _ids(capsys, "generate", out, "--prompt-ids", " ".join(map(str, PROMPT)), "--max-new-tokens", NEW,
                "--backend", "ort", "--json")
     assert got["ids"] == want
+
+
+def test_mla_preset_exports_and_generates(tmp_path):
+    """The fast loop's MLA export: absorbed attention, latent cache I/O, verified, ORT tokens = eager."""
+    over = {"num_hidden_layers": 2}
+    report = export_model("preset:mla-tiny", out=str(tmp_path / "e"), verify=True, overrides=over)
+    assert report["verification"]["passed"] and report["inputs"][3:] == ["past_key_values.0.latent", "past_key_values.1.latent"]
+    assert report["lowering"]["lowered"]["dsmoe::mla_attention"] == {
+        "standard ops (absorbed: latent cache, MatMul per head group)": 2}
+    model = dsmoe.load("preset:mla-tiny", overrides=over)
+    assert generate_ort(tmp_path / "e", [1, 5, 9], 8) == greedy_generate(eager_step(model), model.config, [1, 5, 9], 8)
