@@ -15,11 +15,11 @@ from dsmoe.app.cli import export_main
 from dsmoe.app.generate import eager_step, generate_ort, greedy_generate
 from dsmoe.export import OrtDecoder, export_model
 
-# (peer, export target); each is a minute of CLI runs on 2 cores (`make test`); the developers'
-# loop exports the mla-tiny preset instead (test_mla_preset_exports_and_generates)
-CASES = [pytest.param("v2-lite", "ort", id="v2-lite-ort", marks=pytest.mark.slow),
-         pytest.param("v2-group-limited", "portable", id="v2-portable", marks=pytest.mark.slow),
-         pytest.param("v3-noaux-tc", "ort", id="v3-ort", marks=pytest.mark.slow)]
+# (peer, export target, absorbed attention); each is a minute of CLI runs on 2 cores (`make
+# test`); the developers' loop exports the mla-tiny preset instead (test_mla_preset_exports_and_generates)
+CASES = [pytest.param("v2-lite", "ort", True, id="v2-lite-ort", marks=pytest.mark.slow),
+         pytest.param("v2-group-limited", "portable", False, id="v2-portable-expanded", marks=pytest.mark.slow),
+         pytest.param("v3-noaux-tc", "ort", True, id="v3-ort", marks=pytest.mark.slow)]
 PROMPT = list(range(3, 61))  # 58 tokens: generation crosses original_max_position_embeddings (64)
 NEW = 10
 
@@ -46,11 +46,12 @@ def _ids(capsys, *argv, entry=None):
     return json.loads(out)
 
 
-@pytest.mark.parametrize("name,target", CASES)
-def test_transformers_checkpoint_through_every_command(checkpoints, capsys, tmp_path, name, target):
-    """Every command on the V2-Lite-shaped checkpoint; on the others (slow) what differs by
-    checkpoint — loading, routing lowering, tokens — not the pass pipeline again (inspect: the
-    same passes, checked per routing variant in test_absorb_mla and test_passes)."""
+@pytest.mark.parametrize("name,target,absorbed", CASES)
+def test_transformers_checkpoint_through_every_command(checkpoints, capsys, tmp_path, name, target, absorbed):
+    """Every command on the V2-Lite-shaped checkpoint; on the others what differs by checkpoint —
+    loading, routing lowering, tokens — not the pass pipeline again (inspect: the same passes,
+    checked per variant in test_absorb_mla and test_passes). The V2 one is exported expanded
+    (``--no-absorb-mla``): the same latent cache in and out."""
     ckpt, want = checkpoints(name)
     prompt = " ".join(map(str, PROMPT))
     info = _ids(capsys, "info", ckpt, "--json")
@@ -64,11 +65,13 @@ def test_transformers_checkpoint_through_every_command(checkpoints, capsys, tmp_
         got = _ids(capsys, "generate", ckpt, "--prompt-ids", prompt, "--max-new-tokens", NEW, "--backend", backend, "--json")
         assert got["ids"] == want, backend
     out = tmp_path / "export"
-    code, _, err = run_cli(capsys, ckpt, "--out", out, "--target", target, "--verify", entry=export_main)
+    flags = [] if absorbed else ["--no-absorb-mla"]
+    code, _, err = run_cli(capsys, ckpt, "--out", out, "--target", target, "--verify", *flags, entry=export_main)
     assert code == 0 and "verified" in err, err
     report = json.loads((out / "export_report.json").read_text())
     assert report["verification"]["passed"] and report["kv_cache"]["entries"] == ["latent"]
-    assert report["lowering"]["lowered"]["dsmoe::mla_attention"]
+    assert ("dsmoe::mla_attention" in report["lowering"]["lowered"]) == absorbed
+    assert ("absorb_mla" in [p["name"] for p in report["passes"]]) == absorbed
     got = _ids(capsys, "generate", out, "--prompt-ids", prompt, "--max-new-tokens", NEW, "--backend", "ort", "--json")
     assert got["ids"] == want
     _check_latent_io(out)
@@ -85,22 +88,6 @@ def _check_latent_io(out):
     assert ins["past_key_values.0.latent"] == ["batch", 1, "past_sequence", 40]
     assert outs["present.2.latent"] == ["batch", 1, "total_sequence", 40]
     assert OrtDecoder(out).layout.names == ("latent",)
-
-
-@pytest.mark.slow
-def test_expanded_export_keeps_the_latent_cache_and_verifies(checkpoints, capsys, tmp_path):
-    """--no-absorb-mla: the expanded attention in ONNX, the same latent cache, same tokens."""
-    ckpt, want = checkpoints("v2-lite")
-    out = tmp_path / "expanded"
-    code, _, err = run_cli(capsys, ckpt, "--out", out, "--verify", "--no-absorb-mla", entry=export_main)
-    assert code == 0, err
-    report = json.loads((out / "export_report.json").read_text())
-    assert "absorb_mla" not in [p["name"] for p in report["passes"]]
-    assert "dsmoe::mla_attention" not in report["lowering"]["lowered"]
-    _check_latent_io(out)
-    got = _ids(capsys, "generate", out, "--prompt-ids", " ".join(map(str, PROMPT)), "--max-new-tokens", NEW,
-               "--backend", "ort", "--json")
-    assert got["ids"] == want
 
 
 def test_mla_preset_exports_and_generates(tmp_path):
