@@ -2,15 +2,14 @@
 
 Pattern (in a ``MultiHeadLatentAttention`` scope, ``model.layers.N.self_attn``; what its
 ``attend`` traces to): from the latent cache ``L = [c_KV ‖ k_rope]`` (this step's tokens
-appended),
-``c_KV, k_rope = split(L, [R, d_rope])``, ``kv = transpose(view(linear(c_KV, kv_b_proj.weight),
+appended), ``c_KV, k_rope = split(L, [R, d_rope])``, ``kv = transpose(view(linear(c_KV, kv_b_proj.weight),
 [B, T, nh, d_nope + d_v]), 1, 2)``, ``k_nope, v = split(kv, [d_nope, d_v])``,
 ``k = cat(k_nope, expand(k_rope))``, ``q = cat(q_nope, q_rope)``,
 ``p = cast(softmax(cast(q @ transpose(k, 2, 3)) · scale + mask))``, and
 ``out = reshape(transpose(p @ v, 1, 2), [B, S, nh·d_v])`` feeding ``o_proj``.
 
-Result: ``out = dsmoe::mla_attention(q_nope, q_rope, L, w_uk, w_uv, mask, scale)``: the weight
--absorbed form (the nope part of q multiplied into ``kv_b_proj``'s key half, the value half
+Result: ``out = dsmoe::mla_attention(q_nope, q_rope, L, w_uk, w_uv, mask, scale)``: the
+weight-absorbed form (the nope part of q multiplied into ``kv_b_proj``'s key half, the value half
 applied after attention), which reads the latent cache directly instead of expanding it into
 per-head keys and values at every step. ``kv_b_proj.weight [nh·(d_nope+d_v), R]`` is replaced by
 two new parameters of the attention module, ``w_uk [nh, d_nope, R]`` and ``w_uv [nh, d_v, R]``
