@@ -6,16 +6,12 @@ dynamic axes, the ONNX Runtime runner, export verification — goes through :fun
 A cache is a list with one tuple per layer, one tensor per entry of the layout, each
 ``[B, heads, P, dim]`` (P: cached tokens).
 
-The two layouts, the artifact's contract:
+The two layouts, the artifacts' contract:
 
-=========================  ===================================================  ======================================
-model                      per layer                                            ONNX names (``{i}``: layer)
-=========================  ===================================================  ======================================
-MHA (``deepseek``)         ``key``, ``value`` ``[B, kv_heads, P, head_dim]``    ``past_key_values.{i}.key`` / ``.value``
-                                                                                → ``present.{i}.key`` / ``.value``
-MLA (``deepseek_v2/v3``)   ``latent`` ``[B, 1, P, kv_lora_rank + d_rope]``      ``past_key_values.{i}.latent``
-                                                                                → ``present.{i}.latent``
-=========================  ===================================================  ======================================
+- multi-head attention (``deepseek``): per layer ``key`` and ``value`` ``[B, kv_heads, P, head_dim]``;
+  ONNX ``past_key_values.{i}.key`` / ``.value`` → ``present.{i}.key`` / ``.value``;
+- MLA (``deepseek_v2`` / ``deepseek_v3``): per layer ``latent`` ``[B, 1, P, kv_lora_rank + d_rope]``;
+  ONNX ``past_key_values.{i}.latent`` → ``present.{i}.latent``.
 
 The MLA latent of a token is ``[c_KV ‖ k_rope]``: ``c_KV = kv_a_layernorm(kv_a_proj_with_mqa(x)[:R])``
 (R = ``kv_lora_rank``, after the norm) then the key's rope part shared by all heads, RoPE applied,
