@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.dsmoe-installed
 MODEL  ?= models/small
 OUT    ?= out/small-ort
 
-.PHONY: install demo test test-fast lint bench bench-quick clean
+.PHONY: install demo demo-mla test test-fast lint bench bench-quick bench-mla clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,20 @@ demo: $(STAMP)
 	$(VENV)/bin/dsmoe experts $(MODEL) --random 8 --seq-len 64 --place 8 --plot out/experts-small.png
 	$(VENV)/bin/dsmoe bench --quick --suite model --preset small --out out/bench
 
+# DeepSeek-V2-style MLA model (latent KV cache, absorbed attention): the same steps on `mla-small`
+MLA_MODEL ?= models/mla-small
+MLA_OUT   ?= out/mla-small-ort
+
+demo-mla: $(STAMP)
+	@test -f $(MLA_MODEL)/config.json || $(VENV)/bin/dsmoe init $(MLA_MODEL) --preset mla-small --seed 0
+	$(VENV)/bin/dsmoe info $(MLA_MODEL)
+	$(VENV)/bin/dsmoe inspect $(MLA_MODEL)
+	$(VENV)/bin/dsmoe-export $(MLA_MODEL) --out $(MLA_OUT) --verify --force
+	@echo "--- greedy tokens: eager, fused graph (absorbed MLA), ONNX Runtime (must agree)"
+	$(VENV)/bin/dsmoe generate $(MLA_MODEL) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend eager
+	$(VENV)/bin/dsmoe generate $(MLA_MODEL) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend fused
+	$(VENV)/bin/dsmoe generate $(MLA_OUT) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend ort
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
@@ -55,6 +69,9 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(VENV)/bin/dsmoe bench --quick
+
+bench-mla: $(STAMP)
+	$(PY) -m dsmoe.bench.mla_decode
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache out

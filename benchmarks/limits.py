@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from dsmoe.architecture import mla_attention_params
 from dsmoe.config import DeepseekConfig
 from dsmoe.dtypes import tag
 
@@ -166,6 +167,17 @@ def attention_work(config: DeepseekConfig, S: int, past: int, *, itemsize: int =
                 flops=float(2 * S * proj + 4 * nh * d * S * L))
 
 
+def mla_attention_work(config: DeepseekConfig, S: int, past: int, *, itemsize: int = 4) -> Work:
+    """MLA attention at least: its weights and the latent cache read once; the projections for S
+    tokens plus the absorbed form's scores and weighted sum over past+S latents
+    (``2·nh·S·L·(2R + d_rope)``, the fewer FLOPs of the two forms for decode)."""
+    params = mla_attention_params(config)
+    L, R = past + S, config.kv_lora_rank
+    latent = config.kv_lora_rank + config.qk_rope_head_dim
+    return Work(bytes=float((params + past * latent) * itemsize),
+                flops=float(2 * S * params + 2 * config.num_attention_heads * S * L * (2 * R + config.qk_rope_head_dim)))
+
+
 def dense_mlp_work(config: DeepseekConfig, S: int, *, itemsize: int = 4) -> Work:
     w = 3 * config.hidden_size * config.intermediate_size
     return Work(bytes=float(w * itemsize), flops=float(2 * S * w))
@@ -179,7 +191,8 @@ def model_step_work(config: DeepseekConfig, S: int, past: int, hits: list[int], 
     w = Work(bytes=float(S * H * itemsize), flops=0.0)
     moe = iter(hits)
     for i in range(config.num_hidden_layers):
-        w = w + attention_work(config, S, past, itemsize=itemsize)
+        attn = mla_attention_work if config.is_mla else attention_work
+        w = w + attn(config, S, past, itemsize=itemsize)
         if config.is_moe_layer(i):
             w = w + moe_layer_work(config, S, next(moe), itemsize=itemsize)
         else:

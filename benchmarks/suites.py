@@ -24,6 +24,7 @@ from torch import nn
 
 import dsmoe
 from dsmoe.bench.limits import Work, model_step_work, moe_layer_work
+from dsmoe.cache import cache_layout
 from dsmoe.config import DeepseekConfig
 from dsmoe.ir import DecoderStep
 from dsmoe.model import DeepseekMoE, MoEGate
@@ -117,8 +118,7 @@ def model_workload(source: str, overrides: dict, prefill: int, decode: int, *, d
              for m in model.modules() if isinstance(m, MoEGate)]
     g = torch.Generator().manual_seed(SEED)
     ids = torch.randint(0, config.vocab_size, (1, prefill), generator=g).to(device)
-    empty = [(torch.zeros(1, config.num_key_value_heads, 0, config.head_dim, dtype=dtype, device=device),) * 2
-             for _ in range(config.num_hidden_layers)]
+    empty = cache_layout(config).empty(1, dtype, device)
     prefill_args = (ids, torch.ones(1, prefill, dtype=torch.int64, device=device),
                     torch.arange(prefill, device=device).unsqueeze(0), empty)
     with torch.inference_mode():
@@ -135,7 +135,7 @@ def model_workload(source: str, overrides: dict, prefill: int, decode: int, *, d
             nxt = out[:, -1:].argmax(-1)
     for h in hooks:
         h.remove()
-    cache = [(k.clone(), v.clone()) for k, v in cache]
+    cache = [tuple(t.clone() for t in layer) for layer in cache]
     decode_work = Work(0.0, 0.0)
     for i, h in enumerate(step_hits):
         decode_work = decode_work + model_step_work(config, 1, prefill + i, h, itemsize=dtype.itemsize)

@@ -25,9 +25,10 @@ import onnxscript
 import torch
 
 import dsmoe
+from dsmoe.architecture import kv_cache_report
 from dsmoe.dtypes import VERIFY_RTOL, parse_dtype, tag, torch_name
 from dsmoe.errors import DsmoeError
-from dsmoe.export.genai_config import check_genai_config, special_token_ids, write_genai_files
+from dsmoe.export.genai_config import check_genai_config, genai_can_run, special_token_ids, write_genai_files
 from dsmoe.export.lower import check_target, lower
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, OPSET, REPORT_FILE, io_names, op_histogram, to_onnx
 from dsmoe.export.runner import OrtDecoder
@@ -52,7 +53,8 @@ def parse_export_dtype(dtype: str) -> torch.dtype:
 def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp32", verify: bool = False,
                  force: bool = False, overrides: dict | None = None, fold_shared_experts: bool = False,
                  ort_fusions: bool = True, kv_cache: str = "dynamic", router_stats: bool = False,
-                 progress: Callable[[str], None] | None = None, allow_nonfinite: bool = False) -> dict:
+                 absorb_mla: bool = True, progress: Callable[[str], None] | None = None,
+                 allow_nonfinite: bool = False) -> dict:
     """Export ``source`` (checkpoint dir or ``preset:NAME``) to ONNX in ``out``; returns the report.
 
     Raises :class:`DsmoeError` for user errors (unknown target/dtype, existing ``out`` without
@@ -64,7 +66,8 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
     :mod:`dsmoe.export.static_cache`); ``verify`` checks the mode the export was made for.
     ``router_stats`` adds the routers' choices as outputs (``router.{layer}.ids`` …, see
     :mod:`dsmoe.export.onnx_writer`; the report's ``router_outputs`` lists them); without it the
-    graph is the plain decoder.
+    graph is the plain decoder. ``absorb_mla`` (MLA models) exports the absorbed attention; False
+    keeps the expanded form (same latent cache).
     """
     check_target(target)
     check_kv_cache(kv_cache)
@@ -85,7 +88,7 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
             gm = capture(model)
         with step("passes"):
             gm, pass_reports = run_pipeline(gm, PassContext(fold_shared_experts=fold_shared_experts,
-                                                            router_stats=router_stats))
+                                                            router_stats=router_stats, absorb_mla=absorb_mla))
             router = gm.meta.get(ROUTER_META)
         with step("lower"):
             lowered = lower(gm, target=target)
@@ -96,6 +99,7 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
             hist = op_histogram(proto if proto is not None else _load_graph_only(tmp / MODEL_FILE))
             cfg = config.to_dict()
             cfg["torch_dtype"] = torch_name(tdtype)
+            cfg.pop("quantization_config", None)  # fp8 weights were dequantized on load
             config_text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
             (tmp / CONFIG_FILE).write_text(config_text)
             write_genai_files(tmp, config=config, kv_cache=kv_cache, source=source, tokens=tokens)
@@ -107,8 +111,8 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
             "source": str(source), "target": target, "dtype": tag(tdtype), "kv_cache": kv_cache, "opset": OPSET,
             "files": [*sorted(p.name for p in tmp.iterdir() if not p.name.startswith(".")), REPORT_FILE],
             "model_bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.name in (MODEL_FILE, DATA_FILE)),
-            "inputs": io_names(config.num_hidden_layers)[0], "outputs": io_names(config.num_hidden_layers, router)[1],
-            "router_outputs": _router_contract(router),
+            "inputs": io_names(config)[0], "outputs": io_names(config, router)[1],
+            "router_outputs": _router_contract(router), "kv_cache_layout": kv_cache_report(config, tdtype),
             "passes": [asdict(r) for r in pass_reports], "lowering": lowered.as_dict(), "ort_fusions": fusions, "onnx_ops": hist,
             "onnx_nodes": sum(hist.values()), "seconds": step.seconds, "versions": _versions(),
             "verification": verification, "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
@@ -152,7 +156,7 @@ def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0,
     bad = [name for name, r in results.items() if not r["finite"]]
     worst = max(r["rel_err"] for r in results.values())
     max_abs = max(r["max_abs_err"] for r in results.values())
-    genai = check_genai_config(export_dir)
+    genai = check_genai_config(export_dir) if genai_can_run(config) else []
     passed = not bad and not genai and worst <= tol
     if bad:
         summary = f"non-finite outputs (NaN/Inf) in {', '.join(bad)}"

@@ -108,15 +108,23 @@ def genai_config(config: DeepseekConfig, *, kv_cache: str, tokens: dict, filenam
     }
 
 
+def genai_can_run(config: DeepseekConfig) -> bool:
+    """GenAI's decoder feeds per-layer key/value caches: an MLA export's single ``latent`` cache
+    (:mod:`dsmoe.cache`) is not one it knows, so MLA exports get no ``genai_config.json``."""
+    return not config.is_mla
+
+
 def write_genai_files(out_dir: Path, *, config: DeepseekConfig, kv_cache: str, source: str,
                       tokens: dict | None = None) -> list[str]:
     """Write ``genai_config.json`` into ``out_dir`` and copy the tokenizer files of ``source``
     (a checkpoint directory; nothing for a preset). ``tokens``: :func:`special_token_ids`, when
     already read. Returns the names written."""
     src = _source_dir(source)
-    written = [GENAI_CONFIG]
-    doc = genai_config(config, kv_cache=kv_cache, tokens=tokens or special_token_ids(config, source))
-    (out_dir / GENAI_CONFIG).write_text(json.dumps(doc, indent=2) + "\n")
+    written = []
+    if genai_can_run(config):
+        doc = genai_config(config, kv_cache=kv_cache, tokens=tokens or special_token_ids(config, source))
+        (out_dir / GENAI_CONFIG).write_text(json.dumps(doc, indent=2) + "\n")
+        written.append(GENAI_CONFIG)
     if src is None:
         return written
     for name in TOKENIZER_FILES:

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dsmoe import load_config
 from dsmoe.errors import DsmoeError
-from dsmoe.export.genai_config import GENAI_CONFIG
+from dsmoe.export.genai_config import GENAI_CONFIG, genai_can_run
+from dsmoe.export.onnx_writer import CONFIG_FILE
 
 
 def require_genai():
@@ -40,6 +42,9 @@ class GenaiModel:
         self.og = og = require_genai()
         d = Path(export_dir)
         if not (d / GENAI_CONFIG).is_file():
+            if (d / CONFIG_FILE).is_file() and not genai_can_run(load_config(d)):
+                raise DsmoeError(f"{d} is an MLA export: onnxruntime-genai feeds per-layer key/value caches, not the "
+                                 "latent cache (no genai_config.json is written for it); use --backend ort")
             raise DsmoeError(f"{d} holds no {GENAI_CONFIG}: re-export it with dsmoe-export (it writes one)")
         self.dir = d
         self.doc = json.loads((d / GENAI_CONFIG).read_text())

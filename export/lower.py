@@ -32,6 +32,13 @@ Targets:
   dispatch (work ∝ routed tokens) was tried and made export time grow with E (67 s for the tiny
   preset's 8 experts vs 16 s dense, on 2 cores). Gated MLPs as above.
 
+Both targets: ``dsmoe::mla_attention`` → the absorbed form in standard ops
+(:func:`dsmoe.ops.mla_absorbed`: MatMul of q's nope part into the latent space, one batched
+MatMul of all heads against the single-head latent cache for the scores, Softmax, one for the
+weighted sum, MatMul by the value half). One graph serves prefill and decode, so it takes the
+absorbed form for both (the CPU kernel's per-call choice would need an ``If``); that is the form
+decode wants, and the one a prefill pays for in FLOPs (measured in ``benchmarks/mla_decode.py``).
+
 A node a target cannot take raises :class:`LoweringError` naming the node and the reason.
 """
 
@@ -48,7 +55,7 @@ from torch.fx import GraphModule, Node
 
 from dsmoe.errors import DsmoeError
 from dsmoe.functional import ACTIVATIONS, gated_mlp, glu
-from dsmoe.ops import FUSED_OPS, GATED_MLP, MOE, ROUTE, route_reference
+from dsmoe.ops import FUSED_OPS, GATED_MLP, MLA_ATTENTION, MOE, ROUTE, mla_absorbed, route_reference
 from dsmoe.passes.graph import add_buffer_beside, attr, drop_unused_attrs
 from dsmoe.routing import RoutingSpec
 
@@ -131,6 +138,11 @@ def _lower_gated_mlp_std(gm: GraphModule, node: Node, report: LowerReport) -> No
     report.count("dsmoe::gated_mlp", "standard ops (MatMul gate|up, MatMul down)")
 
 
+def _lower_mla_std(gm: GraphModule, node: Node, report: LowerReport) -> None:
+    node.target = mla_absorbed
+    report.count("dsmoe::mla_attention", "standard ops (absorbed: latent cache, MatMul per head group)")
+
+
 def _route_of(node: Node) -> Node | None:
     """The ``dsmoe::route`` node whose (weights, ids) are this moe's (weights, ids), if any."""
     w, ids = node.args[1], node.args[2]
@@ -183,8 +195,10 @@ def _lower_moe_portable(gm: GraphModule, node: Node, report: LowerReport) -> Non
 # Lowerings that need another node lowered first list it here: ort's softmax-greedy MoE consumes
 # the route's inputs (so the route is lowered after the moe, and dies if nothing else uses it).
 LOWERINGS: dict[str, dict[object, Callable[[GraphModule, Node, LowerReport], None]]] = {
-    "ort": {MOE: _lower_moe_ort, GATED_MLP: _lower_gated_mlp_std, ROUTE: _lower_route_std},
-    "portable": {MOE: _lower_moe_portable, GATED_MLP: _lower_gated_mlp_std, ROUTE: _lower_route_std},
+    "ort": {MOE: _lower_moe_ort, GATED_MLP: _lower_gated_mlp_std, ROUTE: _lower_route_std,
+            MLA_ATTENTION: _lower_mla_std},
+    "portable": {MOE: _lower_moe_portable, GATED_MLP: _lower_gated_mlp_std, ROUTE: _lower_route_std,
+                 MLA_ATTENTION: _lower_mla_std},
 }
 
 

@@ -4,9 +4,11 @@ exporter options, ORT fusions, external data, the checker), used for whole decod
 
 The decoder is one model for prefill and decode, with ONNX Runtime GenAI names:
 
-Inputs ``input_ids [B,S] int64``, ``attention_mask [B,P+S] int64``, ``position_ids [B,S] int64``,
-``past_key_values.{i}.key/.value [B, kv_heads, P, head_dim]``; outputs ``logits [B,S,V]``,
-``present.{i}.key/.value [B, kv_heads, P+S, head_dim]``. Batch, sequence and past are dynamic.
+Inputs ``input_ids [B,S] int64``, ``attention_mask [B,P+S] int64``, ``position_ids [B,S] int64``
+and the cache ``past_key_values.{i}.<entry>``; outputs ``logits [B,S,V]`` and
+``present.{i}.<entry>`` with P+S slots. The entries are the model's cache layout
+(:mod:`dsmoe.cache`): ``key``/``value [B, kv_heads, P, head_dim]`` for multi-head attention,
+``latent [B, 1, P, kv_lora_rank + qk_rope_head_dim]`` for MLA. Batch, sequence and past are dynamic.
 With ``kv_cache="static"`` past and present are buffers of a dynamic maximum length
 ``max_sequence`` instead (:mod:`dsmoe.export.static_cache`).
 A graph from the ``expose_router`` pass (``dsmoe-export --router-stats``) has more outputs after
@@ -33,6 +35,8 @@ from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
 
+from dsmoe.cache import CacheLayout, cache_layout
+from dsmoe.config import DeepseekConfig
 from dsmoe.export.static_cache import PAST_AXIS, PRESENT_AXIS, decoder_module
 from dsmoe.ir import MAX_BATCH, MAX_SEQ, sample_inputs
 from dsmoe.passes.expose_router import ROUTER_META, ROUTER_PREFIX, router_output_name
@@ -46,16 +50,18 @@ REPORT_FILE = "export_report.json"
 TWO_GB = 2**31
 
 
-def io_names(num_layers: int, router: dict[int, list[str]] | None = None) -> tuple[list[str], list[str]]:
-    """Input and output names; ``router`` (``{layer: [field, ...]}``, as ``expose_router`` records
-    it) appends the router outputs."""
-    inputs = ["input_ids", "attention_mask", "position_ids"]
-    outputs = ["logits"]
-    for i in range(num_layers):
-        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outputs += [f"present.{i}.key", f"present.{i}.value"]
+def io_names(config: DeepseekConfig | CacheLayout | int,
+             router: dict[int, list[str]] | None = None) -> tuple[list[str], list[str]]:
+    """The decoder's input and output names for a config or cache layout (an ``int``: the layer
+    count of a multi-head-attention model, whose cache is ``key``/``value``); ``router``
+    (``{layer: [field, ...]}``, as ``expose_router`` records it) appends the router outputs."""
+    if isinstance(config, int):
+        layout = CacheLayout(config, (("key", 0, 0), ("value", 0, 0)))
+    else:
+        layout = config if isinstance(config, CacheLayout) else cache_layout(config)
+    outputs = ["logits", *layout.output_names()]
     outputs += [router_output_name(layer, f) for layer, fields in (router or {}).items() for f in fields]
-    return inputs, outputs
+    return ["input_ids", "attention_mask", "position_ids", *layout.input_names()], outputs
 
 
 def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype, ort_fusions: bool = False,
@@ -66,17 +72,17 @@ def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype, ort_fusi
     ids, mask, pos, past = sample_inputs(config, batch=2, seq=3, past=5, dtype=dtype)
     B = Dim("batch", min=1, max=MAX_BATCH)
     S = Dim("seq", min=1, max=MAX_SEQ)
+    layout = cache_layout(config)
     if kv_cache == "static":  # buffers longer than the filled part (8 of 11 slots)
-        past = [(torch.cat([k, k[:, :, :6]], dim=2), torch.cat([v, v[:, :, :6]], dim=2)) for k, v in past]
+        past = [tuple(torch.cat([t, t[:, :, :6]], dim=2) for t in entry) for entry in past]
         P = Dim(PAST_AXIS["static"], min=1, max=MAX_SEQ)
     else:
         P = Dim("past", min=0, max=MAX_SEQ)
-    kv = [({0: B, 2: P}, {0: B, 2: P})] * config.num_hidden_layers
-    dynamic = ({0: B, 1: S}, {0: B, 1: Dim.AUTO}, {0: B, 1: S}, kv)
-    names_in, names_out = io_names(config.num_hidden_layers, gm.meta.get(ROUTER_META))
+    dynamic = ({0: B, 1: S}, {0: B, 1: Dim.AUTO}, {0: B, 1: S}, layout.dynamic_shapes(B, P))
+    names_in, names_out = io_names(layout, gm.meta.get(ROUTER_META))
     return export_module(module, (ids, mask, pos, past), path, dynamic_shapes=dynamic, input_names=names_in,
                          output_names=names_out, ort_fusions=ort_fusions,
-                         edit=lambda model: _name_dynamic_axes(model, config.num_hidden_layers, kv_cache))
+                         edit=lambda model: _name_dynamic_axes(model, layout, kv_cache))
 
 
 def export_module(module: nn.Module, args: tuple, path: Path, *, dynamic_shapes, input_names: list[str],
@@ -156,7 +162,7 @@ def _expand_unregistered_norms(path: Path) -> None:
         onnx.save(model, str(path))
 
 
-def _name_dynamic_axes(model, num_layers: int, kv_cache: str = "dynamic") -> None:
+def _name_dynamic_axes(model, layout: CacheLayout, kv_cache: str = "dynamic") -> None:
     """Give the dynamic axes readable names (batch, sequence, past_sequence, total_sequence;
     max_sequence for the static cache's buffers)."""
     def set_dims(value, dims):
@@ -172,11 +178,10 @@ def _name_dynamic_axes(model, num_layers: int, kv_cache: str = "dynamic") -> Non
     set_dims(ins["position_ids"], ["batch", "sequence"])
     set_dims(ins["attention_mask"], ["batch", "total_sequence"])
     set_dims(outs["logits"], ["batch", "sequence", None])
-    past, present = PAST_AXIS[kv_cache], PRESENT_AXIS[kv_cache]
-    for i in range(num_layers):
-        for kind in ("key", "value"):
-            set_dims(ins[f"past_key_values.{i}.{kind}"], ["batch", None, past, None])
-            set_dims(outs[f"present.{i}.{kind}"], ["batch", None, present, None])
+    for name in layout.input_names():
+        set_dims(ins[name], ["batch", None, PAST_AXIS[kv_cache], None])
+    for name in layout.output_names():
+        set_dims(outs[name], ["batch", None, PRESENT_AXIS[kv_cache], None])
     for name, value in outs.items():
         if name.startswith(ROUTER_PREFIX):
             set_dims(value, ["batch_x_sequence", None])  # router outputs: one row per token, b·S + s

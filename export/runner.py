@@ -19,6 +19,7 @@ import onnxruntime as ort
 import torch
 
 from dsmoe import load_config
+from dsmoe.cache import cache_layout
 from dsmoe.errors import DsmoeError
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, REPORT_FILE, io_names
 from dsmoe.export.static_cache import PAST_AXIS
@@ -66,10 +67,11 @@ def session(path: str | Path, *, threads: int | None = None, optimize: bool = Tr
 
 class OrtDecoder:
     """One decoder step of an exported model: ``(input_ids, attention_mask, position_ids, past)
-    -> (logits, present)`` with ``past``/``present`` lists of ``(key, value)`` — the same
-    signature as the eager model and the fused graph. Takes torch tensors or numpy arrays and
-    returns torch tensors. ``router_stats=True`` (an export with router outputs) adds a third
-    value, ``router`` (see the module docstring).
+    -> (logits, present)`` with ``past``/``present`` one tuple per layer in the model's cache
+    layout (``(key, value)`` or ``(latent,)``, :mod:`dsmoe.cache`) — the same signature as the
+    eager model and the fused graph. Takes torch tensors or numpy arrays and returns torch
+    tensors. ``router_stats=True`` (an export with router outputs) adds a third value,
+    ``router`` (see the module docstring).
 
     Either cache mode of an export runs behind this signature (``kv_cache``, read from the
     model's past axis). A ``static`` export keeps its buffers here: numpy arrays of a capacity
@@ -87,13 +89,15 @@ class OrtDecoder:
         self.config = load_config(d)
         _check_config_unchanged(d)
         self.sess = _open_session(d, threads=threads, optimize=optimize, spinning=spinning)
-        self.input_names, self.output_names = io_names(self.config.num_hidden_layers)
-        _check_io(d, self.sess, self.config, self.input_names, self.output_names)
+        self.layout = cache_layout(self.config)
+        self.input_names, self.output_names = io_names(self.layout)
+        _check_io(d, self.sess, self.config, self.layout, self.input_names, self.output_names)
         inputs = {i.name: i for i in self.sess.get_inputs()}
-        self.dtype = _NP_TO_TORCH[inputs["past_key_values.0.key"].type]
+        first = inputs[self.layout.input_names()[0]]
+        self.dtype = _NP_TO_TORCH[first.type]
         self.np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
-        self.kv_cache = "static" if inputs["past_key_values.0.key"].shape[2] == PAST_AXIS["static"] else "dynamic"
-        self._bufs: list[np.ndarray] = []   # static mode: k0, v0, k1, ... [B, kv_heads, M, head_dim]
+        self.kv_cache = "static" if first.shape[2] == PAST_AXIS["static"] else "dynamic"
+        self._bufs: list[np.ndarray] = []   # static mode: the cache's tensors in ONNX order, [B, heads, M, dim]
         self._views: list[torch.Tensor] = []
         self._fill = -1                      # slots of the present returned last (-1: none)
         self.router_outputs = {o.name: parsed for o in self.sess.get_outputs()
@@ -110,22 +114,25 @@ class OrtDecoder:
     def __call__(self, input_ids, attention_mask, position_ids, past):
         feed = {"input_ids": _np(input_ids, np.int64), "attention_mask": _np(attention_mask, np.int64),
                 "position_ids": _np(position_ids, np.int64)}
+        flat = [t for layer in past for t in layer]
+        if len(flat) != len(self.layout.input_names()):
+            raise DsmoeError(f"the cache has {len(flat)} tensors; this export takes {len(self.layout.input_names())} "
+                             f"({', '.join(self.layout.names)} per layer)")
         if self.kv_cache == "static":
-            return self._static_step(feed, past)
-        for i, (k, v) in enumerate(past):
-            feed[f"past_key_values.{i}.key"] = _np(k, self.np_dtype)
-            feed[f"past_key_values.{i}.value"] = _np(v, self.np_dtype)
+            return self._static_step(feed, past, flat)
+        for name, t in zip(self.layout.input_names(), flat):
+            feed[name] = _np(t, self.np_dtype)
         outs = [torch.from_numpy(o) for o in self._run(lambda: self.sess.run(self._fetch, feed))]
-        L = self.config.num_hidden_layers
-        present = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(L)]
+        n = len(flat)
+        present = self.layout.unflatten(outs[1:1 + n])
         if not self.router_stats:
             return outs[0], present
         router: dict[int, dict[str, torch.Tensor]] = {}
-        for (layer, field), t in zip(self.router_outputs.values(), outs[1 + 2 * L:]):
+        for (layer, field), t in zip(self.router_outputs.values(), outs[1 + n:]):
             router.setdefault(layer, {})[field] = t
         return outs[0], present, router
 
-    def _static_step(self, feed: dict, past):
+    def _static_step(self, feed: dict, past, flat: list):
         B, S = feed["input_ids"].shape
         P = past[0][0].shape[2] if past else 0
         if feed["attention_mask"].shape[1] != P + S:
@@ -134,7 +141,7 @@ class OrtDecoder:
         if not self._bufs or self._bufs[0].shape[0] != B or self._bufs[0].shape[2] < P + S:
             self._allocate(B, P + S, past if own else None)
         if not own:
-            for buf, t in zip(self._bufs, [t for kv in past for t in kv]):
+            for buf, t in zip(self._bufs, flat):
                 buf[:, :, :P] = _np(t, self.np_dtype)
         for name, a in feed.items():
             self._binding.bind_cpu_input(name, a)
@@ -143,8 +150,7 @@ class OrtDecoder:
         logits = torch.from_numpy(self._binding.get_outputs()[0].numpy())
         self._fill = P + S
         n = P + S
-        return logits, [(self._views[2 * i][:, :, :n], self._views[2 * i + 1][:, :, :n])
-                        for i in range(self.config.num_hidden_layers)]
+        return logits, self.layout.unflatten([v[:, :, :n] for v in self._views])
 
     def _run(self, fn):
         try:
@@ -155,7 +161,7 @@ class OrtDecoder:
 
     def _is_own(self, past, P: int) -> bool:
         return (bool(self._bufs) and self._fill == P and P > 0 and isinstance(past[0][0], torch.Tensor)
-                and all(t.data_ptr() == v.data_ptr() for t, v in zip([t for kv in past for t in kv], self._views)))
+                and all(t.data_ptr() == v.data_ptr() for t, v in zip([t for layer in past for t in layer], self._views)))
 
     def _allocate(self, B: int, need: int, keep) -> None:
         """Buffers of at least ``need`` slots (doubling, multiples of 64); ``keep``: the present this
@@ -163,10 +169,9 @@ class OrtDecoder:
         old = self._bufs[0].shape[2] if self._bufs and self._bufs[0].shape[0] == B else 0
         M = max(need, 2 * old, 64)
         M = -(-M // 64) * 64
-        c = self.config
-        bufs = [np.zeros((B, c.num_key_value_heads, M, c.head_dim), self.np_dtype) for _ in range(2 * c.num_hidden_layers)]
+        bufs = [np.zeros(shape, self.np_dtype) for _ in range(self.layout.layers) for shape in self.layout.shapes(B, M)]
         if keep is not None:
-            for buf, t in zip(bufs, [t for kv in keep for t in kv]):
+            for buf, t in zip(bufs, [t for layer in keep for t in layer]):
                 buf[:, :, :t.shape[2]] = t.numpy()
         self._bufs, self._views = bufs, [torch.from_numpy(b) for b in bufs]
         self._values = [ort.OrtValue.ortvalue_from_numpy(b) for b in bufs]
@@ -210,17 +215,30 @@ def _open_session(d: Path, **kw):
         raise DsmoeError(f"{model} is damaged or not an ONNX model ({text.strip().splitlines()[0][:160]})") from None
 
 
-def _check_io(d: Path, sess, config, inputs: list[str], outputs: list[str]) -> None:
-    """The graph's inputs and outputs agree with ``config.json`` (layers, KV heads, head size, vocabulary)."""
+# what a cache entry's heads and width are, in the words of the config
+_ENTRY_LABELS = {"key": ("KV heads (num_key_value_heads)", "head size (hidden_size / num_attention_heads)"),
+                 "latent": ("latent heads (one per layer)", "latent width (kv_lora_rank + qk_rope_head_dim)")}
+
+
+def _check_io(d: Path, sess, config, layout, inputs: list[str], outputs: list[str]) -> None:
+    """The graph's inputs and outputs agree with ``config.json`` (layers, the cache entries'
+    heads and widths, vocabulary)."""
     got_in = {i.name: i.shape for i in sess.get_inputs()}
     got_out = {o.name: o.shape for o in sess.get_outputs()}
     if set(got_in) != set(inputs) or not set(outputs) <= set(got_out):
-        n = sum(1 for k in got_in if k.startswith("past_key_values.")) // 2
-        raise DsmoeError(f"{d / MODEL_FILE} and {CONFIG_FILE} disagree: the graph has {n} layers' cache inputs, "
-                         f"the config says num_hidden_layers {config.num_hidden_layers}")
-    want = {"KV heads (num_key_value_heads)": (got_in["past_key_values.0.key"][1], config.num_key_value_heads),
-            "head size (hidden_size / num_attention_heads)": (got_in["past_key_values.0.key"][3], config.head_dim),
-            "vocabulary (vocab_size)": (got_out["logits"][-1], config.vocab_size)}
+        cache = [k for k in got_in if k.startswith("past_key_values.")]
+        names = sorted({k.rsplit(".", 1)[1] for k in cache})
+        if names != sorted(layout.names):
+            raise DsmoeError(f"{d / MODEL_FILE} and {CONFIG_FILE} disagree: the graph caches {', '.join(names)}, "
+                             f"the config ({config.model_type}) {', '.join(layout.names)}")
+        raise DsmoeError(f"{d / MODEL_FILE} and {CONFIG_FILE} disagree: the graph has {len(cache) // len(names)} layers' "
+                         f"cache inputs, the config says num_hidden_layers {config.num_hidden_layers}")
+    want = {"vocabulary (vocab_size)": (got_out["logits"][-1], config.vocab_size)}
+    for name, heads, dim in layout.entries:
+        if name in _ENTRY_LABELS:
+            shape = got_in[f"past_key_values.0.{name}"]
+            want[_ENTRY_LABELS[name][0]] = (shape[1], heads)
+            want[_ENTRY_LABELS[name][1]] = (shape[3], dim)
     for what, (graph, cfg) in want.items():
         if isinstance(graph, int) and graph != cfg:
             raise DsmoeError(f"{d / MODEL_FILE} and {CONFIG_FILE} disagree on the {what}: graph {graph}, config {cfg}")
@@ -240,12 +258,13 @@ def polygraphy_command(export_dir: str | Path, *, batch: int = 1, seq: int = 4, 
     """
     d = Path(export_dir)
     c = load_config(d)
+    layout = cache_layout(c)
     graph = onnx.load(str(d / MODEL_FILE), load_external_data=False).graph
-    past_axis = next(v for v in graph.input if v.name == "past_key_values.0.key").type.tensor_type.shape.dim[2].dim_param
+    first = layout.input_names()[0]
+    past_axis = next(v for v in graph.input if v.name == first).type.tensor_type.shape.dim[2].dim_param
     slots = past + seq if past_axis == PAST_AXIS["static"] else past
-    kv = f"[{batch},{c.num_key_value_heads},{slots},{c.head_dim}]"
     shapes = [f"input_ids:[{batch},{seq}]", f"attention_mask:[{batch},{past + seq}]", f"position_ids:[{batch},{seq}]"]
-    for i in range(c.num_hidden_layers):
-        shapes += [f"past_key_values.{i}.key:{kv}", f"past_key_values.{i}.value:{kv}"]
+    dims = [",".join(map(str, s)) for s in layout.shapes(batch, slots)] * c.num_hidden_layers
+    shapes += [f"{name}:[{d}]" for name, d in zip(layout.input_names(), dims)]
     return ["polygraphy", "run", str(d / MODEL_FILE), "--onnxrt", "--input-shapes", *shapes,
             "--val-range", f"input_ids:[0,{c.vocab_size - 1}]", "attention_mask:[1,1]", f"position_ids:[0,{seq - 1}]"]

@@ -49,7 +49,7 @@ def flat_outputs(logits: torch.Tensor, present, router: dict | None = None) -> t
     """``(logits, k0, v0, k1, ..., router outputs)``: the exported graph's output order (the
     router outputs of ``--router-stats`` graphs, ``{layer: {field: tensor}}``, in their order)."""
     extra = [t for fields in (router or {}).values() for t in fields.values()]
-    return (logits, *[t for kv in present for t in kv], *extra)
+    return (logits, *[t for entry in present for t in entry], *extra)
 
 
 class DynamicCacheDecoder(nn.Module):
@@ -65,29 +65,34 @@ class DynamicCacheDecoder(nn.Module):
 
 
 class StaticCacheDecoder(nn.Module):
-    """The lowered graph over preallocated buffers ``[B, kv_heads, M, head_dim]``: the mask's
-    length ``T`` is the filled length after this step; returns every buffer with slots
-    ``T−S … T−1`` written (the rest unchanged)."""
+    """The lowered graph over preallocated buffers ``[B, heads, M, dim]`` (every entry of the
+    cache layout: ``key``/``value``, or MLA's ``latent``): the mask's length ``T`` is the filled
+    length after this step; returns every buffer with slots ``T−S … T−1`` written (the rest
+    unchanged)."""
 
     def __init__(self, gm: GraphModule):
         super().__init__()
         self.gm = gm
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
-        B, S = input_ids.shape
-        T = attention_mask.shape[1]
-        P = T - S
-        kv_heads = past_key_values[0][0].shape[1]
+        S = input_ids.shape[1]
+        P = attention_mask.shape[1] - S
         # narrow (unlike a slice) has the exact length P, so the attention's shapes stay tied to
         # the mask's and the ORT attention fusion still applies
-        past = [(k.narrow(2, 0, P), v.narrow(2, 0, P)) for k, v in past_key_values]
+        past = [tuple(t.narrow(2, 0, P) for t in entry) for entry in past_key_values]
         logits, present, *router = self.gm(input_ids, attention_mask, position_ids, past)
-        b = torch.arange(B, device=input_ids.device).view(B, 1, 1)
-        h = torch.arange(kv_heads, device=input_ids.device).view(1, kv_heads, 1)
-        s = (torch.arange(S, device=input_ids.device) + P).view(1, 1, S)
-        written = [(kb.index_put((b, h, s), k.narrow(2, P, S)), vb.index_put((b, h, s), v.narrow(2, P, S)))
-                   for (kb, vb), (k, v) in zip(past_key_values, present)]
+        written = [tuple(_write(buf, new, P, S) for buf, new in zip(bufs, news))
+                   for bufs, news in zip(past_key_values, present)]
         return flat_outputs(logits, written, router[0] if router else None)
+
+
+def _write(buf: torch.Tensor, new: torch.Tensor, P: int, S: int) -> torch.Tensor:
+    """``buf [B, heads, M, dim]`` with slots ``P … P+S−1`` set to the step's ``new[:, :, P:]``."""
+    B, heads = buf.shape[:2]
+    b = torch.arange(B, device=buf.device).view(B, 1, 1)
+    h = torch.arange(heads, device=buf.device).view(1, heads, 1)
+    s = (torch.arange(S, device=buf.device) + P).view(1, 1, S)
+    return buf.index_put((b, h, s), new.narrow(2, P, S))
 
 
 def decoder_module(gm: GraphModule, kv_cache: str) -> nn.Module:

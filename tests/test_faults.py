@@ -94,7 +94,7 @@ def test_rope_parameters_dsmoe_cannot_honour_are_refused(rope, match):
 
 def test_rope_parameters_that_disagree_with_rope_theta_are_refused():
     d = {**DeepseekConfig.from_name("tiny").to_dict(), "rope_theta": 10000.0, "rope_parameters": {"rope_theta": 5e4}}
-    with pytest.raises(ConfigError, match="disagrees with rope_theta"):
+    with pytest.raises(ConfigError, match=r"rope_theta 10000\.0 disagrees with rope_parameters\.rope_theta 50000\.0"):
         DeepseekConfig.from_dict(d)
 
 

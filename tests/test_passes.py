@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import ROUTING_VARIANTS, tiny
 
+import dsmoe
 from dsmoe.app.generate import eager_step, fused_step, greedy_generate
 from dsmoe.dtypes import VERIFY_RTOL
 from dsmoe.ir import capture, op_histogram, param_bytes, sample_inputs
@@ -51,9 +52,12 @@ def _expert_linears(gm):
 
 
 def test_pass_order_is_pinned():
-    assert [n for n, _ in pipeline.PASSES] == ["fuse_router", "outline_moe", "fuse_gated_mlp", "fold_shared_experts",
-                                               "expose_router"]
-    assert pass_names() == ["fuse_router", "outline_moe", "fuse_gated_mlp"]
+    assert [n for n, _ in pipeline.PASSES] == ["fuse_router", "outline_moe", "fuse_gated_mlp", "absorb_mla",
+                                               "fold_shared_experts", "expose_router"]
+    mha, mla = _model("v1-softmax-greedy").config, dsmoe.load_config("preset:mla-tiny")
+    assert pass_names(config=mha) == ["fuse_router", "outline_moe", "fuse_gated_mlp"]
+    assert pass_names(config=mla) == ["fuse_router", "outline_moe", "fuse_gated_mlp", "absorb_mla"]
+    assert pass_names(PassContext(absorb_mla=False), config=mla) == pass_names(config=mha)
     assert pass_names(PassContext(fold_shared_experts=True))[-1] == "fold_shared_experts"
     assert pass_names(PassContext(fold_shared_experts=True, router_stats=True))[-2:] == ["fold_shared_experts",
                                                                                          "expose_router"]

@@ -7,6 +7,7 @@ with code 2 (verification failures: 1); ``--debug`` (on both entry points) shows
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from dsmoe.app.experts_view import render as render_experts
 from dsmoe.app.generate import run_generate
 from dsmoe.app.inspection import run_inspect
 from dsmoe.app.router_trace import BACKENDS
-from dsmoe.architecture import architecture
+from dsmoe.architecture import architecture, attention_summary, kv_cache_report, notes
 from dsmoe.bench import SUITES, run_bench
 from dsmoe.checkpoint import save_checkpoint
 from dsmoe.config import DeepseekConfig, parse_overrides
@@ -64,6 +65,8 @@ debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eage
                             help="show tracebacks for errors")
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                           help="override a config field (repeatable), e.g. --set num_hidden_layers=2")
+absorb_option = click.option("--no-absorb-mla", is_flag=True,
+                             help="MLA models: keep the expanded attention (skip absorb_mla; the cache is the latent either way)")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,7 +78,8 @@ def cli():
 
 @cli.command()
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--preset", default="small", show_default=True, help="tiny | small | deepseek-moe-16b")
+@click.option("--preset", default="small", show_default=True,
+              help="tiny | small | deepseek-moe-16b | mla-tiny | mla-small | v3-small | deepseek-v2-lite")
 @set_option
 @click.option("--seed", default=0, show_default=True, help="random seed (same seed, same weights)")
 @click.option("--dtype", default="float32", show_default=True, help="float32 | float16 | bfloat16")
@@ -100,12 +104,20 @@ def info(source, overrides, as_json):
     """Print the architecture: layers, experts, parameters total/active per token, bytes."""
     config = load_config(source, _overrides(overrides))
     a = architecture(config)
+    kv = kv_cache_report(config, parse_dtype(config.torch_dtype))
     if as_json:
-        click.echo(json.dumps({**a.__dict__, "routing": config.routing.as_kwargs()}, indent=2))
+        click.echo(json.dumps({**a.__dict__, "routing": config.routing.as_kwargs(), "model_type": config.model_type,
+                               "attention": attention_summary(config), "kv_cache": kv, "notes": notes(config)}, indent=2))
         return
     t = Table(title=f"{source}", show_header=False)
     t.add_row("layers", f"{a.layers} ({len(a.dense_layers)} dense: {a.dense_layers}, {len(a.moe_layers)} MoE)")
-    t.add_row("hidden / heads / head_dim", f"{config.hidden_size} / {config.num_attention_heads} / {config.head_dim}")
+    t.add_row("model_type / hidden", f"{config.model_type} / {config.hidden_size}")
+    t.add_row("attention", attention_summary(config))
+    t.add_row(f"KV cache / token ({kv['dtype']})",
+              f"{kv['bytes_per_token'] / 1024:,.1f} KiB {'/'.join(kv['entries'])} ({kv['values_per_token_per_layer']} "
+              f"values × {config.num_hidden_layers} layers)" + (
+                  f"; expanded per-head K/V would be {kv['expanded_bytes_per_token'] / 1024:,.1f} KiB "
+                  f"({kv['expanded_over_kept']:.1f}×)" if config.is_mla else ""))
     t.add_row("experts", f"{a.routed_experts} routed (top-{a.experts_per_token}) + {a.shared_experts} shared, "
                          f"width {config.moe_intermediate_size}")
     r = config.routing
@@ -116,6 +128,8 @@ def info(source, overrides, as_json):
     t.add_row("one expert", f"{a.params_per_expert:,}")
     for name, b in a.bytes(a.params_total).items():
         t.add_row(f"bytes {name}", f"{b / 2**30:.2f} GiB")
+    for note in notes(config):
+        t.add_row("note", note)
     out.print(t)
 
 
@@ -128,6 +142,7 @@ def info(source, overrides, as_json):
               help="ort: an export in dsmoe's loop; genai: an export in onnxruntime-genai")
 @click.option("--dtype", default=None, help="float32 | float16 | bfloat16 (default: checkpoint's)")
 @click.option("--fold-shared-experts", is_flag=True, help="fused backend: fold shared experts into dsmoe::moe")
+@absorb_option
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N (eager and fused backends)")
 @click.option("--cuda-graph/--no-cuda-graph", default=None,
               help="fused on cuda: replay decode steps from a CUDA graph over a static KV cache [default: on]")
@@ -139,12 +154,13 @@ def info(source, overrides, as_json):
 @set_option
 @click.option("--json", "as_json", is_flag=True,
               help='print {"ids": [...]} ([[...], ...] for a batch; with "router_stats" if recorded)')
-def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, device, cuda_graph,
-             kernels, allow_nonfinite, router_stats, router_stats_out, overrides, as_json):
+def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, no_absorb_mla, device,
+             cuda_graph, kernels, allow_nonfinite, router_stats, router_stats_out, overrides, as_json):
     """Greedy decoding with the KV cache (eager, fused graph, or an export in ORT or GenAI)."""
     kwargs = dict(source=source, prompt_ids=list(prompt_ids), prompt=prompt, max_new_tokens=max_new_tokens,
-                  backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts, overrides=_overrides(overrides),
-                  device=device, cuda_graph=cuda_graph, kernels=kernels, allow_nonfinite=allow_nonfinite)
+                  backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts, absorb_mla=not no_absorb_mla,
+                  overrides=_overrides(overrides), device=device, cuda_graph=cuda_graph, kernels=kernels,
+                  allow_nonfinite=allow_nonfinite)
     report = None
     if router_stats or router_stats_out:
         ids, text, report = generate_with_stats(**kwargs)
@@ -202,15 +218,18 @@ def experts(source, prompt_ids, prompt_file, random_prompts, seq_len, seed, back
 @click.argument("source")
 @click.option("--dump-after", default=None, metavar="PASS", help="print the graph after this pass")
 @click.option("--fold-shared-experts", is_flag=True, help="also run fold_shared_experts")
+@absorb_option
 @click.option("--no-verify", is_flag=True, help="skip the per-pass numerical check")
 @click.option("--dtype", default=None, help="float32 | float16 | bfloat16")
 @kernels_option
 @nonfinite_option
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def inspect(source, dump_after, fold_shared_experts, no_verify, dtype, kernels, allow_nonfinite, overrides, as_json):
+def inspect(source, dump_after, fold_shared_experts, no_absorb_mla, no_verify, dtype, kernels, allow_nonfinite, overrides,
+            as_json):
     """Capture the model, run the passes with verification, print what each pass did."""
     doc = run_inspect(source=source, dump_after=dump_after, fold_shared_experts=fold_shared_experts,
+                      absorb_mla=not no_absorb_mla,
                       verify=not no_verify, dtype=dtype, overrides=_overrides(overrides),
                       dump=lambda text: click.echo(text, err=as_json), status=stage, kernels=kernels,
                       allow_nonfinite=allow_nonfinite)
@@ -256,6 +275,7 @@ def _export_options(f):
                      help="add the routers' choices as outputs (router.{layer}.ids, .weights, …)"),
         click.option("--force", is_flag=True, help="replace --out if it exists and dsmoe wrote it"),
         nonfinite_option,
+        absorb_option,
         set_option,
         debug_option,
     ]):
@@ -263,7 +283,8 @@ def _export_options(f):
     return f
 
 
-def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, force, allow_nonfinite, overrides):
+def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, force, allow_nonfinite, no_absorb_mla,
+            overrides):
     """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime."""
     current = {"s": None}
 
@@ -277,7 +298,7 @@ def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, forc
     try:
         report = export_model(source, out=str(out_dir), target=target, dtype=dtype, verify=verify, force=force,
                               overrides=_overrides(overrides), kv_cache=kv_cache, router_stats=router_stats,
-                              progress=progress, allow_nonfinite=allow_nonfinite)
+                              absorb_mla=not no_absorb_mla, progress=progress, allow_nonfinite=allow_nonfinite)
     finally:
         if current["s"] is not None:
             current["s"].__exit__(None, None, None)
@@ -340,9 +361,23 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _python_showwarning = warnings.showwarning
 
 
+class _Notes(logging.Handler):
+    """The library's notes (``logging.getLogger("dsmoe")``: e.g. skipped MTP layers) as ``note: …`` on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"note: {record.getMessage()}", err=True)
+
+
+_NOTES = _Notes(logging.INFO)
+
+
 def _run(command: click.Command, argv=None) -> None:
     _state["debug"] = False
     warnings.showwarning = _show_warning
+    log = logging.getLogger("dsmoe")
+    if _NOTES not in log.handlers:
+        log.addHandler(_NOTES)
+        log.setLevel(logging.INFO)
     try:
         command.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:

@@ -25,6 +25,7 @@ from dsmoe.app.cuda_graphs import StaticDecoder, Step, static_length
 from dsmoe.app.device import cpu_kernels, require_cuda_kernels, resolve_device
 from dsmoe.app.expert_stats import RouterTrace
 from dsmoe.app.router_trace import eager_router_step, fused_router_step, ort_router_step, tap
+from dsmoe.cache import cache_layout
 from dsmoe.config import DeepseekConfig
 from dsmoe.errors import DsmoeError, NonFiniteError
 from dsmoe.export import MODEL_FILE, OrtDecoder
@@ -40,20 +41,19 @@ def eager_step(model: torch.nn.Module) -> Step:
     return step
 
 
-def fused_step(model: torch.nn.Module, *, fold_shared_experts: bool = False) -> Step:
+def fused_step(model: torch.nn.Module, *, fold_shared_experts: bool = False, absorb_mla: bool = True) -> Step:
     """Capture the model and run the pass pipeline; the fused graph is the step function.
 
     The graph runs where the model is: on a GPU, call :func:`require_cuda_kernels` first so that
     ``dsmoe::route``/``dsmoe::moe`` dispatch to the plugins' kernels.
     """
-    gm, _ = run_pipeline(capture(model), PassContext(fold_shared_experts=fold_shared_experts))
+    gm, _ = run_pipeline(capture(model), PassContext(fold_shared_experts=fold_shared_experts, absorb_mla=absorb_mla))
     return gm
 
 
 def empty_cache(config: DeepseekConfig, batch: int, dtype: torch.dtype, device="cpu") -> list:
-    shape = (batch, config.num_key_value_heads, 0, config.head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_hidden_layers)]
+    """The cache before the first step, in the model's layout (:func:`dsmoe.cache.cache_layout`)."""
+    return cache_layout(config).empty(batch, dtype, device)
 
 
 @torch.no_grad()
@@ -192,8 +192,8 @@ def load_tokenizer(path: Path, *, what: str):
 
 def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prompt: str | None = None,
                  max_new_tokens: int = 16, backend: str = "eager", dtype: str | None = None,
-                 fold_shared_experts: bool = False, overrides: dict | None = None, device: str = "cpu",
-                 cuda_graph: bool | None = None, allow_nonfinite: bool = False,
+                 fold_shared_experts: bool = False, absorb_mla: bool = True, overrides: dict | None = None,
+                 device: str = "cpu", cuda_graph: bool | None = None, allow_nonfinite: bool = False,
                  kernels: str = "reference", trace: RouterTrace | None = None) -> tuple[list[list[int]], str | None]:
     """Returns the generated ids, one list per prompt (several ``prompt_ids`` strings are one
     batch), and their text when a tokenizer was used. ``kernels`` (``reference`` |
@@ -220,7 +220,8 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
                                            ("--set", bool(overrides)), ("--fold-shared-experts", fold_shared_experts),
                                            ("--cuda-graph", cuda_graph is not None),
                                            ("--allow-nonfinite", allow_nonfinite),
-                                           ("--kernels", kernels != "reference")) if given]
+                                           ("--kernels", kernels != "reference"),
+                                           ("--no-absorb-mla", not absorb_mla)) if given]
         if unused:
             raise DsmoeError(f"{', '.join(unused)} do(es) not apply to an exported model (the {backend} backend runs "
                              "the export as it was written, on ONNX Runtime's CPU provider); drop it")
@@ -259,11 +260,12 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
             config, mdtype = model.config, next(model.parameters()).dtype
             if trace is not None:
                 step = tap(eager_router_step(model) if backend == "eager"
-                           else fused_router_step(model, fold_shared_experts=fold_shared_experts), trace)
+                           else fused_router_step(model, fold_shared_experts=fold_shared_experts, absorb_mla=absorb_mla),
+                           trace)
             elif backend == "eager":
                 step = eager_step(model)
             else:
-                step = fused_step(model, fold_shared_experts=fold_shared_experts)
+                step = fused_step(model, fold_shared_experts=fold_shared_experts, absorb_mla=absorb_mla)
                 if dev.type == "cuda" and cuda_graph is not False and len(prompts) == 1:
                     step = StaticDecoder(step, config, max_len=static_length(len(prompts[0]) + max_new_tokens),
                                          dtype=mdtype, device=dev, cuda_graph=True)

@@ -53,9 +53,11 @@ def eager_router_step(model: torch.nn.Module) -> EagerRouterStep:
     return EagerRouterStep(model)
 
 
-def fused_router_step(model: torch.nn.Module, *, fold_shared_experts: bool = False) -> RouterStep:
+def fused_router_step(model: torch.nn.Module, *, fold_shared_experts: bool = False,
+                      absorb_mla: bool = True) -> RouterStep:
     """The fused graph with the routers exposed as outputs (``PassContext(router_stats=True)``)."""
-    gm, _ = run_pipeline(capture(model), PassContext(fold_shared_experts=fold_shared_experts, router_stats=True))
+    gm, _ = run_pipeline(capture(model), PassContext(fold_shared_experts=fold_shared_experts, router_stats=True,
+                                                     absorb_mla=absorb_mla))
     return gm
 
 
