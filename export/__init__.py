@@ -4,16 +4,20 @@
   ``export_report.json`` (what ``dsmoe export`` / ``dsmoe-export`` call).
 - :func:`export_module` — the one ONNX export path (the decoder, and the benchmarks' single layer).
 - :class:`OrtDecoder` — an exported directory as a decoder step function with the KV cache.
-- :func:`lower` — the per-target lowering tables (``ort``, ``portable``).
+- :func:`lower` — the per-target lowering tables (``ort``, ``portable``, ``tensorrt``).
+- :func:`build_engine`, :class:`TrtDecoder` — a ``tensorrt`` export's engine and decoder step
+  (TensorRT Python API, where it is installed).
 """
 
 from dsmoe.export.api import REPORT_FILE, VerificationError, export_model, verify_export
 from dsmoe.export.lower import LOWERINGS, TARGETS, LoweringError, lower
 from dsmoe.export.onnx_writer import DATA_FILE, MODEL_FILE, OPSET, export_module, io_names, op_histogram
 from dsmoe.export.runner import OrtDecoder, polygraphy_command, session
+from dsmoe.export.tensorrt import ENGINE_FILE, TensorRTUnavailable, TrtDecoder, build_engine
 
 __all__ = [
            "DATA_FILE",
+           "ENGINE_FILE",
            "LOWERINGS",
            "MODEL_FILE",
            "OPSET",
@@ -21,7 +25,10 @@ __all__ = [
            "TARGETS",
            "LoweringError",
            "OrtDecoder",
+           "TensorRTUnavailable",
+           "TrtDecoder",
            "VerificationError",
+           "build_engine",
            "export_model",
            "export_module",
            "io_names",

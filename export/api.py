@@ -1,7 +1,9 @@
 """``export_model``: load → capture → passes → lower → write → verify, into an atomic output dir.
 
 The output directory holds ``model.onnx`` (+ ``model.onnx.data`` past 2 GB), the model's
-``config.json`` and ``export_report.json``. It is written through :class:`dsmoe.outputs.OutputDir`
+``config.json`` and ``export_report.json``; target ``tensorrt`` adds the plugin library,
+``plugins.json``, ``build_engine.sh`` and, with ``engine``, ``model.engine``
+(:mod:`dsmoe.export.tensorrt`). It is written through :class:`dsmoe.outputs.OutputDir`
 (claimed, filled in a temporary sibling, swapped into place atomically; an existing one is
 replaced only with ``force`` and only when dsmoe wrote it). With ``verify`` the check runs
 *before* the commit: a failed export never replaces anything — it is kept at ``<out>.failed``
@@ -24,39 +26,60 @@ import onnxscript
 import torch
 
 import dsmoe
+from dsmoe.errors import DsmoeError
 from dsmoe.dtypes import VERIFY_RTOL, parse_dtype, tag, torch_name
 from dsmoe.export.lower import check_target, lower
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, OPSET, REPORT_FILE, io_names, op_histogram, to_onnx
 from dsmoe.export.runner import OrtDecoder
+from dsmoe.export.tensorrt import (DEFAULT_MAX_BATCH, ENGINE_FILE, TrtDecoder, build_engine_from, check_parser_support,
+                                   require_tensorrt, write_tensorrt_files)
 from dsmoe.ir import capture, sample_inputs
 from dsmoe.outputs import OutputDir
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import VerificationError, run_pipeline
+from dsmoe.plugins.aot import ARCHS
+from dsmoe.plugins.trt.build import build_plugins
 
-# ONNX exports are written in fp32 or fp16 (bf16 has no ONNX Runtime CPU kernels for MoE)
-EXPORT_DTYPES = (torch.float32, torch.float16)
+# ONNX exports are written in fp32 or fp16 (bf16 has no ONNX Runtime CPU kernels for MoE); TensorRT takes bf16 too
+EXPORT_DTYPES = {"ort": (torch.float32, torch.float16), "portable": (torch.float32, torch.float16),
+                 "tensorrt": (torch.float32, torch.float16, torch.bfloat16)}
 
 __all__ = ["REPORT_FILE", "VerificationError", "export_model", "parse_export_dtype", "verify_export"]
 
 
-def parse_export_dtype(dtype: str) -> torch.dtype:
-    return parse_dtype(dtype, supported=EXPORT_DTYPES, what="dtype for export")
+def parse_export_dtype(dtype: str, target: str = "ort") -> torch.dtype:
+    return parse_dtype(dtype, supported=EXPORT_DTYPES[target], what=f"dtype for --target {target}")
 
 
 def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp32", verify: bool = False,
                  force: bool = False, overrides: dict | None = None, fold_shared_experts: bool = False,
                  ort_fusions: bool = True, progress: Callable[[str], None] | None = None,
-                 allow_nonfinite: bool = False) -> dict:
+                 allow_nonfinite: bool = False, archs: list[str] | None = None, engine: bool = False,
+                 max_batch: int | None = None, max_length: int | None = None) -> dict:
     """Export ``source`` (checkpoint dir or ``preset:NAME``) to ONNX in ``out``; returns the report.
 
     Raises :class:`DsmoeError` for user errors (unknown target/dtype, existing ``out`` without
     ``force``, bad source) and :class:`VerificationError` (``exit_code = 1``) when ``verify``
-    finds ONNX Runtime and eager apart beyond :data:`dsmoe.dtypes.VERIFY_RTOL`. ``ort_fusions`` (target ``ort``
+    finds the runtime and eager apart beyond :data:`dsmoe.dtypes.VERIFY_RTOL`. ``ort_fusions`` (target ``ort``
     only) applies ONNX Runtime's contrib fusions for norms, rotary and attention.
+
+    Target ``tensorrt`` only: ``archs`` the plugin library is built for (default sm_80, sm_90),
+    ``max_batch``/``max_length`` the engine's optimization profile, ``engine`` builds
+    ``model.engine`` with TensorRT; ``verify`` runs that engine against eager (both need TensorRT
+    and a GPU, else one line before any work).
     """
     check_target(target)
-    tdtype = parse_export_dtype(dtype)
+    tdtype = parse_export_dtype(dtype, target)
     config = dsmoe.load_config(source, overrides)  # fails fast on a bad source/override
+    trt_only = [f for f, given in (("--arch", archs is not None), ("--engine", engine), ("--max-batch", max_batch is not None),
+                                   ("--max-length", max_length is not None)) if given]
+    if trt_only and target != "tensorrt":
+        raise DsmoeError(f"{', '.join(trt_only)} apply to --target tensorrt only")
+    plugin_build = None
+    if target == "tensorrt":
+        if engine or verify:
+            require_tensorrt("--engine" if engine else "--verify with --target tensorrt (it runs the engine)")
+        plugin_build = build_plugins(archs or ARCHS)  # before any heavy work: no nvcc or headers is one line now
     inputs = [] if dsmoe.is_preset(source) else [source]
     step = _Stages(progress)
     with OutputDir(out, force=force, kind="export", inputs=inputs) as staging:
@@ -74,14 +97,24 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
                                      ort_fusions=ort_fusions and target == "ort")
             del gm
             hist = op_histogram(proto if proto is not None else _load_graph_only(tmp / MODEL_FILE))
+            if target == "tensorrt":
+                check_parser_support(hist, OPSET)
             cfg = config.to_dict()
             cfg["torch_dtype"] = torch_name(tdtype)
             config_text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
             (tmp / CONFIG_FILE).write_text(config_text)
+        trt_info = None
+        if plugin_build is not None:
+            trt_info = write_tensorrt_files(tmp, config, dtype=tdtype, build=plugin_build,
+                                            max_batch=max_batch or DEFAULT_MAX_BATCH, max_length=max_length)
+            if engine or verify:
+                with step("engine"):
+                    trt_info["engine"] = build_engine_from(tmp, trt_info["profile"], fp32=tdtype == torch.float32).name
         verification = None
         if verify:
             with step("verify"):
-                verification = verify_export(model, tmp, dtype=tdtype)
+                decoder = TrtDecoder(tmp, engine=tmp / ENGINE_FILE, validate=False) if target == "tensorrt" else None
+                verification = verify_export(model, tmp, dtype=tdtype, decoder=decoder)
         report = {
             "source": str(source), "target": target, "dtype": tag(tdtype), "opset": OPSET,
             "files": [*sorted(p.name for p in tmp.iterdir() if not p.name.startswith(".")), REPORT_FILE],
@@ -90,22 +123,24 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
             "passes": [asdict(r) for r in pass_reports], "lowering": lowered.as_dict(), "ort_fusions": fusions, "onnx_ops": hist,
             "onnx_nodes": sum(hist.values()), "seconds": step.seconds, "versions": _versions(),
             "verification": verification, "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+            **({"tensorrt": trt_info} if trt_info is not None else {}),
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         if verification is not None and not verification["passed"]:
             state = "left as it was" if Path(out).exists() else "not written"
             kept = staging.set_aside("failed")
-            raise VerificationError(f"ONNX Runtime differs from eager: {verification['summary']}; {out}: {state}; "
+            runtime = "TensorRT" if target == "tensorrt" else "ONNX Runtime"
+            raise VerificationError(f"{runtime} differs from eager: {verification['summary']}; {out}: {state}; "
                                     f"the failed export is kept in {kept}")
         staging.commit()
     return report
 
 
 @torch.no_grad()
-def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0) -> dict:
-    """Eager vs ONNX Runtime on the same seeded prefill (batch 2, 7 tokens) and decode (1 token
-    after those 7) inputs; compares logits and the present caches."""
-    dec = OrtDecoder(export_dir)
+def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0, decoder=None) -> dict:
+    """Eager vs ONNX Runtime (or ``decoder``, e.g. a TensorRT engine) on the same seeded prefill
+    (batch 2, 7 tokens) and decode (1 token after those 7) inputs; compares logits and the present caches."""
+    dec = decoder if decoder is not None else OrtDecoder(export_dir)
     config = model.config
     ids, mask, pos, past = sample_inputs(config, batch=2, seq=7, past=0, seed=seed, dtype=dtype)
     g = torch.Generator().manual_seed(seed + 1)
@@ -134,8 +169,8 @@ def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0)
 def _compare(ref, got, ref_past, got_past) -> dict:
     """Errors of ONNX Runtime against eager; ``finite`` is False when either side has a NaN or Inf
     (then the errors are not numbers to compare, and the check fails)."""
-    pairs = [(ref.float(), got.float())] + [(a.float(), b.float()) for ra, ga in zip(ref_past, got_past)
-                                            for a, b in zip(ra, ga)]
+    pairs = [(ref.float(), got.float().cpu())] + [(a.float(), b.float().cpu()) for ra, ga in zip(ref_past, got_past)
+                                                  for a, b in zip(ra, ga)]
     finite = all(bool(torch.isfinite(a).all() and torch.isfinite(b).all()) for a, b in pairs)
     ref, got = pairs[0]
     abs_err = (ref - got).abs().max().item()

@@ -95,3 +95,17 @@ def run_cli(capsys, *argv, entry=None) -> tuple[int, str, str]:
 @pytest.fixture(params=list(ROUTING_VARIANTS))
 def variant(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def trt_plugins():
+    """``(build, library)``: the TensorRT plugin library (built once, cached under build/) and the
+    harness that drives it through the plugin ABI. Skipped only where nvcc or the TensorRT headers
+    are missing (the build's one-line reason)."""
+    from dsmoe.plugins.trt import build_plugins, find_nvcc, find_tensorrt_include
+    from dsmoe.plugins.trt.harness import PluginLibrary
+
+    if find_nvcc() is None or find_tensorrt_include() is None:
+        pytest.skip("nvcc or the TensorRT headers are missing: the plugin library cannot be built here")
+    build = build_plugins()
+    return build, PluginLibrary(build.library, build.harness)

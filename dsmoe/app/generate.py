@@ -21,7 +21,8 @@ from dsmoe.app.cuda_graphs import StaticDecoder, Step, static_length
 from dsmoe.app.device import cpu_kernels, require_cuda_kernels, resolve_device
 from dsmoe.config import DeepseekConfig
 from dsmoe.errors import DsmoeError, NonFiniteError
-from dsmoe.export import MODEL_FILE, OrtDecoder
+from dsmoe.export import MODEL_FILE, OrtDecoder, TrtDecoder
+from dsmoe.export.runner import export_target
 from dsmoe.ir import capture
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import run_pipeline
@@ -106,6 +107,12 @@ def generate_ort(export_dir: str | Path, prompt_ids: list[int], max_new_tokens: 
     return greedy_generate(dec, dec.config, list(prompt_ids), max_new_tokens, dtype=dec.dtype)
 
 
+def generate_tensorrt(export_dir: str | Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding of a ``--target tensorrt`` export's engine (the same loop as ONNX Runtime's)."""
+    dec = TrtDecoder(export_dir)
+    return greedy_generate(dec, dec.config, list(prompt_ids), max_new_tokens, dtype=dec.dtype, device=dec.device)
+
+
 def _prompt(source: str, prompt_ids: str | None, prompt: str | None):
     """Token ids from --prompt-ids or, with a tokenizer.json in SOURCE, from --prompt."""
     if (prompt_ids is None) == (prompt is None):
@@ -145,21 +152,24 @@ def run_generate(*, source: str, prompt_ids: str | None = None, prompt: str | No
         raise DsmoeError("--max-new-tokens must be at least 1")
     ids, tok = _prompt(source, prompt_ids, prompt)
     exported = (Path(source) / MODEL_FILE).is_file()
-    if backend == "ort" or exported:
+    if backend in ("ort", "tensorrt") or exported:
+        want = "tensorrt" if exported and export_target(source) == "tensorrt" else "ort"
         if not exported:
-            raise DsmoeError(f"the ort backend runs an exported directory; {source} has no {MODEL_FILE} "
-                             f"(run: dsmoe-export {source} --out DIR)")
-        if backend != "ort":
-            raise DsmoeError(f"{source} is an ONNX export: use --backend ort")
+            raise DsmoeError(f"the {backend} backend runs an exported directory; {source} has no {MODEL_FILE} "
+                             f"(run: dsmoe-export {source} --target {backend} --out DIR)")
+        if backend != want:
+            what = "a TensorRT export (--target tensorrt)" if want == "tensorrt" else "an ONNX Runtime export"
+            raise DsmoeError(f"{source} is {what}: use --backend {want}")
         unused = [flag for flag, given in (("--device", device != "cpu"), ("--dtype", dtype is not None),
                                            ("--set", bool(overrides)), ("--fold-shared-experts", fold_shared_experts),
                                            ("--cuda-graph", cuda_graph is not None),
                                            ("--allow-nonfinite", allow_nonfinite),
                                            ("--kernels", kernels != "reference")) if given]
         if unused:
-            raise DsmoeError(f"{', '.join(unused)} do(es) not apply to an exported model (the ort backend runs "
-                             "the export as it was written, on ONNX Runtime's CPU provider); drop it")
-        new = generate_ort(source, ids, max_new_tokens)
+            where = "ONNX Runtime's CPU provider" if backend == "ort" else "TensorRT on the GPU"
+            raise DsmoeError(f"{', '.join(unused)} do(es) not apply to an exported model (the {backend} backend runs "
+                             f"the export as it was written, on {where}); drop it")
+        new = (generate_ort if backend == "ort" else generate_tensorrt)(source, ids, max_new_tokens)
     else:
         dev = resolve_device(device)
         if cuda_graph and (backend != "fused" or dev.type != "cuda"):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsmoe.errors import DsmoeError
+from dsmoe.outputs import OutputDir
 from dsmoe.plugins.aot import ARCHS, build_kernels, parse_arch
 from dsmoe.plugins.trt import codegen, spec
 
@@ -146,6 +147,9 @@ def build_plugins(archs=ARCHS, *, cache: bool = True) -> PluginBuild:
         return _result(final, cached=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=final.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    tmp.chmod(0o777 & ~mask)
     try:
         _build_into(tmp, archs, nvcc, include, key)
         if cache:
@@ -160,6 +164,20 @@ def build_plugins(archs=ARCHS, *, cache: bool = True) -> PluginBuild:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_plugin_library(*, archs=None, out: str | Path, force: bool = False, cache: bool = True) -> PluginBuild:
+    """``dsmoe build-plugins``: the library (built or from the cache) with its harness shim,
+    ``plugins.json``, ``manifest.json`` and ``build.json`` in ``out`` (an :class:`OutputDir`)."""
+    from_cache = build_plugins(archs or ARCHS, cache=cache)  # before claiming out: a missing nvcc writes nothing
+    with OutputDir(out, force=force, kind="trt-plugins") as staging:
+        for name in (spec.LIBRARY, spec.HARNESS, "plugins.json", "manifest.json", "build.json"):
+            shutil.copy2(from_cache.dir / name, staging.path / name)
+        staging.commit()
+    if not cache:
+        shutil.rmtree(from_cache.dir, ignore_errors=True)
+    d = Path(out)
+    return PluginBuild(d, d / spec.LIBRARY, d / spec.HARNESS, from_cache.manifest, from_cache.cached)
 
 
 def _result(d: Path, *, cached: bool) -> PluginBuild:
