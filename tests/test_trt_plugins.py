@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import subprocess
+import sys
 
 import onnx
 import pytest
@@ -22,7 +24,9 @@ from conftest import ROUTING_VARIANTS
 from dsmoe.config import DeepseekConfig
 from dsmoe.plugins import _triton
 from dsmoe.plugins.aot import ARCHS, parse_arch
+from dsmoe.plugins.moe import config as mc
 from dsmoe.plugins.moe.config import all_moe_configs, moe_config
+from dsmoe.plugins.route import config as rc
 from dsmoe.plugins.route.config import all_route_configs, route_config, validate_route
 from dsmoe.plugins.trt import harness as H
 from dsmoe.plugins.trt.spec import LIMITS, MOE, NAMESPACE, ONNX_DOMAIN, PLUGINS, ROUTE, WORKSPACE_ALIGN
@@ -298,7 +302,7 @@ def test_configure_refuses_mixed_dtypes_and_enqueue_without_a_driver_fails_clean
     assert p.on_shape_change(ins, outs) == 0, lib.last_log
     assert p.enqueue(ins, outs, [0, 0], [0, 0], 0, 0) != 0  # this machine: no libcuda.so.1
     assert "enqueue: no CUDA driver: cannot load libcuda.so.1" in lib.last_log
-    assert p.plan(75) .startswith("no kernels built for sm_75")
+    assert p.plan(75).startswith("no kernels built for sm_75")
 
 
 # ---- the launch plan equals the PyTorch launchers' configuration ---------------------------------
@@ -361,8 +365,18 @@ def test_launch_plans_equal_the_pytorch_launchers(trt_plugins, arch, dt):
 
 
 def test_limits_come_from_the_config_modules():
-    from dsmoe.plugins.moe import config as mc
-    from dsmoe.plugins.route import config as rc
-
     assert LIMITS["ROUTE_MAX_E"] == rc.MAX_E and LIMITS["MOE_MAX_E"] == mc.MAX_E and LIMITS["ROUTE_MAX_K"] == rc.MAX_K
     assert [f.choices for f in ROUTE.fields if f.name == "scoring"] == [tuple(rc.SCORINGS)]
+
+
+def test_register_on_load_without_libnvinfer_loads_and_says_so(trt_plugins):
+    """DSMOE_TRT_REGISTER_ON_LOAD=1 (polygraphy's bare dlopen) with no libnvinfer in the process:
+    the library still loads, registers nothing, and says why on stderr (no logger yet)."""
+    build, _ = trt_plugins
+    code = f"import ctypes; lib = ctypes.CDLL({str(build.library)!r}); print(bool(lib.getCreators))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "DSMOE_TRT_REGISTER_ON_LOAD": "1"})
+    assert p.returncode == 0 and p.stdout.strip() == "True", p.stderr
+    assert "no libnvinfer.so.11 is loaded in this process: nothing registered" in p.stderr
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stderr == ""

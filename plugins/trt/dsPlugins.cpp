@@ -36,7 +36,7 @@ DSMOE_API nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreat
 
 namespace
 {
-__attribute__((constructor)) void registerOnLoad()
+void registerOnLoad()
 {
     char const* flag = std::getenv("DSMOE_TRT_REGISTER_ON_LOAD");
     if (flag == nullptr || std::strcmp(flag, "1") != 0)
@@ -63,4 +63,13 @@ __attribute__((constructor)) void registerOnLoad()
         registry->registerCreator(*c, dsmoe::kNamespace);
     }
 }
+// A namespace-scope object defined after gCreators: initialized after them (one translation unit's
+// dynamic initialization runs in order of definition), when the library is loaded.
+struct RegisterOnLoad
+{
+    RegisterOnLoad()
+    {
+        registerOnLoad();
+    }
+} gRegisterOnLoad;
 } // namespace
