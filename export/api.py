@@ -32,9 +32,10 @@ from dsmoe.export.lower import check_target, lower
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, OPSET, REPORT_FILE, io_names, op_histogram, to_onnx
 from dsmoe.export.runner import OrtDecoder
 from dsmoe.export.tensorrt import (DEFAULT_MAX_BATCH, ENGINE_FILE, TrtDecoder, build_engine_from, check_parser_support,
-                                   require_tensorrt, write_tensorrt_files)
+                                   profile, require_tensorrt, write_tensorrt_files)
 from dsmoe.ir import capture, sample_inputs
 from dsmoe.outputs import OutputDir
+from dsmoe.outputs import check_target as check_output
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import VerificationError, run_pipeline
 from dsmoe.plugins.aot import ARCHS
@@ -75,12 +76,14 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
                                    ("--max-length", max_length is not None)) if given]
     if trt_only and target != "tensorrt":
         raise DsmoeError(f"{', '.join(trt_only)} apply to --target tensorrt only")
+    inputs = [] if dsmoe.is_preset(source) else [source]
     plugin_build = None
     if target == "tensorrt":
+        check_output(Path(out), force=force, inputs=[Path(p) for p in inputs])  # before the plugin build
+        profile(config, max_batch=DEFAULT_MAX_BATCH if max_batch is None else max_batch, max_length=max_length)  # a bad profile: now
         if engine or verify:
             require_tensorrt("--engine" if engine else "--verify with --target tensorrt (it runs the engine)")
         plugin_build = build_plugins(archs or ARCHS)  # before any heavy work: no nvcc or headers is one line now
-    inputs = [] if dsmoe.is_preset(source) else [source]
     step = _Stages(progress)
     with OutputDir(out, force=force, kind="export", inputs=inputs) as staging:
         tmp = staging.path
@@ -106,7 +109,7 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
         trt_info = None
         if plugin_build is not None:
             trt_info = write_tensorrt_files(tmp, config, dtype=tdtype, build=plugin_build,
-                                            max_batch=max_batch or DEFAULT_MAX_BATCH, max_length=max_length)
+                                            max_batch=DEFAULT_MAX_BATCH if max_batch is None else max_batch, max_length=max_length)
             if engine or verify:
                 with step("engine"):
                     trt_info["engine"] = build_engine_from(tmp, trt_info["profile"], fp32=tdtype == torch.float32).name

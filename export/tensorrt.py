@@ -92,7 +92,7 @@ def require_tensorrt(what: str):
 def profile(config, *, max_batch: int = DEFAULT_MAX_BATCH, max_length: int | None = None) -> dict:
     """``{input: (min, opt, max)}`` over batch 1..B, sequence 1..L and past 0..L-1, with
     ``attention_mask`` (past + sequence) at most L; opt is decode (one token after L/2)."""
-    L = min(max_length or DEFAULT_MAX_LENGTH, config.max_position_embeddings)
+    L = min(DEFAULT_MAX_LENGTH if max_length is None else max_length, config.max_position_embeddings)
     if max_batch < 1 or L < 2:
         raise DsmoeError(f"the TensorRT profile needs max batch >= 1 and max length >= 2, got {max_batch}, {L}")
     half = L // 2

@@ -252,6 +252,8 @@ def test_engine_and_verify_need_tensorrt(capsys, tmp_path, flags, needle):
 
 def test_backends_and_targets_do_not_mix(capsys, exported, tmp_path):
     out, _, _ = exported
+    code, _, err = run_cli(capsys, "preset:tiny", "--target", "tensorrt", "--out", out, entry=export_main)
+    one_line(code, err, 2, "already exists")
     code, _, err = run_cli(capsys, "generate", out, "--prompt-ids", "1 2", "--backend", "ort")
     one_line(code, err, 2, "is a TensorRT export", "--backend tensorrt")
     code, _, err = run_cli(capsys, "generate", out, "--prompt-ids", "1 2", "--backend", "tensorrt")
@@ -259,7 +261,9 @@ def test_backends_and_targets_do_not_mix(capsys, exported, tmp_path):
     for flags, needle in ((["--target", "ort", "--arch", "sm_90"], "--arch apply to --target tensorrt only"),
                           (["--target", "ort", "--max-batch", "2"], "--max-batch apply to --target tensorrt only"),
                           (["--target", "ort", "--dtype", "bf16"], "dtype for --target ort"),
-                          (["--target", "tensorrt", "--arch", "sm_75"], "unsupported architecture")):
+                          (["--target", "tensorrt", "--arch", "sm_75"], "unsupported architecture"),
+                          (["--target", "tensorrt", "--max-batch", "0"], "max batch >= 1"),
+                          (["--target", "tensorrt", "--max-length", "1"], "max length >= 2")):
         code, _, err = run_cli(capsys, "preset:tiny", "--out", tmp_path / "o", *flags, entry=export_main)
         one_line(code, err, 2, needle)
 

@@ -216,7 +216,8 @@ def _export_options(f):
 
 def _export(source, out_dir, target, dtype, verify, archs, engine, max_batch, max_length, force, allow_nonfinite,
             overrides):
-    """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime."""
+    """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime
+    (--target tensorrt: plugin nodes, the plugin library and the engine command lines)."""
     current = {"s": None}
 
     def progress(name: str) -> None:

@@ -159,6 +159,7 @@ def build_plugins(archs=ARCHS, *, cache: bool = True) -> PluginBuild:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if not (final / spec.LIBRARY).is_file():
                     raise
+            _prune(final.parent, keep=final)
             return _result(final, cached=False)
         return _result(tmp, cached=False)
     except BaseException:
@@ -178,6 +179,14 @@ def write_plugin_library(*, archs=None, out: str | Path, force: bool = False, ca
         shutil.rmtree(from_cache.dir, ignore_errors=True)
     d = Path(out)
     return PluginBuild(d, d / spec.LIBRARY, d / spec.HARNESS, from_cache.manifest, from_cache.cached)
+
+
+def _prune(root: Path, *, keep: Path, newest: int = 3) -> None:
+    """Remove all but the ``newest`` finished builds (sources change; each build is ~10 MB)."""
+    builds = sorted((d for d in root.iterdir() if d.is_dir() and (d / "build.json").is_file() and d != keep),
+                    key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in builds[newest - 1:]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _result(d: Path, *, cached: bool) -> PluginBuild:
