@@ -166,6 +166,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(nan_ckpt, run):
         one_line(code, err, 2, "model.layers.1.mlp.experts.3.down_proj.weight holds NaN or Inf", "--allow-nonfinite")
 
 
+@pytest.mark.slow
 def test_allowed_non_finite_weights_never_pass_as_results(nan_ckpt, run):
     # expert 3 of layer 1 is NaN: a prompt that routes to it gives NaN logits
     code, out, err = run("generate", nan_ckpt, "--prompt-ids", " ".join(map(str, range(40))), "--allow-nonfinite")
@@ -325,6 +326,7 @@ def _damaged(export_dir, tmp_path, edit) -> Path:
     return d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, needle", [
     (lambda d: (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes()[:5000]), "model.onnx is damaged"),
     (lambda d: (d / "model.onnx").write_bytes(b""), "model.onnx is empty"),
@@ -368,6 +370,7 @@ def test_missing_or_truncated_external_data(ckpt, tmp_path, run, monkeypatch, da
     one_line(code, err, 2, "model.onnx.data is missing or damaged")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, needle", [
     (["--set", "num_hidden_layers=1"], "--set"), (["--dtype", "bogus"], "--dtype"),
     (["--allow-nonfinite"], "--allow-nonfinite"), (["--kernels", "triton-interpret"], "--kernels"),
@@ -423,6 +426,7 @@ def test_outputs_follow_the_umask(tmp_path, run):
     assert {p.stat().st_mode & 0o777 for p in (tmp_path / "c").iterdir()} == {0o644}
 
 
+@pytest.mark.slow
 def test_a_failed_verification_leaves_the_previous_export_untouched(ckpt, nan_ckpt, tmp_path, run, export_dir):
     out = tmp_path / "good"
     for f in export_dir.iterdir():
@@ -442,6 +446,7 @@ def test_a_failed_command_removes_the_directories_it_made(nan_ckpt, tmp_path, ru
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_two_writers_of_one_output_one_refuses(tmp_path, run):
     out = tmp_path / "c"
     child = _paused_init(out, "before-commit")
@@ -471,6 +476,7 @@ def _paused(out: Path, argv: list[str], point: str) -> subprocess.Popen:
     return child
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_cleans_up_before_exiting(tmp_path, sig):
     out = tmp_path / "c"
@@ -481,6 +487,7 @@ def test_a_signal_cleans_up_before_exiting(tmp_path, sig):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".{out.name}.paused"]  # the test hook's own flag
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_temps_the_next_run_removes(tmp_path, run):
     out = tmp_path / "c"
     child = _paused_init(out, "before-commit")
@@ -491,6 +498,7 @@ def test_sigkill_leaves_temps_the_next_run_removes(tmp_path, run):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exchange", [True, False])
 def test_sigkill_during_a_forced_replace_never_loses_the_output(tmp_path, run, exchange):
     """Killed between the steps of --force's replacement, the target names a complete output (the
@@ -533,6 +541,7 @@ def test_sigkill_of_an_export_at_a_controlled_point(ckpt, tmp_path, run):
 
 # ---- full disks and file-size limits --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_file_size_limit_is_one_line_and_leaves_nothing(tmp_path):
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG
@@ -555,6 +564,7 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", str(mnt)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_disk, ckpt, run):
     code, _, err = run("init", tiny_disk / "c", *TINY2)
     one_line(code, err, 2, "no space left on the device", "nothing was written")
@@ -563,6 +573,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_disk, ckpt, run):
     assert list(tiny_disk.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_read_only_filesystem_is_one_line(tiny_disk, run):
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
     code, _, err = run("init", tiny_disk / "c", *TINY2)
