@@ -2,11 +2,12 @@
 engine command lines; every plugin node of an export driven through the plugin library as
 TensorRT's ONNX parser would (its fields, types, symbolic shapes, formats, workspace, round trip).
 
-One whole-decoder export (tiny, V3 routing: bias, groups, normalization, scaling) through
-``dsmoe-export``; every routing variant as a one-layer MoE block through the same lowering and the
-same ONNX export path (:func:`dsmoe.export.export_module`); the V1 (no bias) and bf16 decoders
-are ``slow``. The TensorRT-only steps (``--engine``, ``--verify``, ``--backend tensorrt``) refuse in
-one line here; their runs are in ``test_trt_engine.py`` (marker ``tensorrt``).
+Every routing variant as a one-layer MoE block through the tensorrt lowering and the one ONNX
+export path (:func:`dsmoe.export.export_module`); ``slow``: a whole-decoder export (tiny, V3
+routing: bias, groups, normalization, scaling) through ``dsmoe-export`` and its directory, graph,
+weights and command lines, and the V1 (no bias) and bf16 decoders. The TensorRT-only steps
+(``--engine``, ``--verify``, ``--backend tensorrt``) refuse in one line here; their runs are in
+``test_trt_engine.py`` (marker ``tensorrt``).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def check_plugin_nodes(lib, model: onnx.ModelProto, profile_t: int = 4096) -> di
 
 # ---- the whole decoder through dsmoe-export ------------------------------------------------------
 
+@pytest.mark.slow  # the decoder export (~15 s)
 def test_export_directory(exported):
     out, report, _ = exported
     assert sorted(p.name for p in out.iterdir()) == sorted([".dsmoe-output.json", "model.onnx", "config.json",
@@ -113,6 +115,7 @@ def test_export_directory(exported):
     assert json.loads((out / "plugins.json").read_text())["namespace"] == NAMESPACE
 
 
+@pytest.mark.slow  # the decoder export (~15 s)
 def test_onnx_is_what_tensorrts_parser_takes(exported):
     _, report, model = exported
     assert {o.domain: o.version for o in model.opset_import} == {"": OPSET, ONNX_DOMAIN: 1}
@@ -126,11 +129,13 @@ def test_onnx_is_what_tensorrts_parser_takes(exported):
     onnx.checker.check_model(model, full_check=True)
 
 
+@pytest.mark.slow  # the decoder export (~15 s)
 def test_every_plugin_node_through_the_library(exported, trt_plugins):
     _, _, model = exported
     assert check_plugin_nodes(trt_plugins[1], model) == {"DsRoute": 2, "DsMoE": 2}
 
 
+@pytest.mark.slow  # the decoder export (~15 s)
 def test_weights_are_initializers_in_the_canonical_layout(exported):
     """w13 [E,2I,H] = gate rows then up rows of each expert, w2 [E,H,I], the router weight and its fp32 bias."""
     _, _, model = exported
@@ -148,6 +153,7 @@ def test_weights_are_initializers_in_the_canonical_layout(exported):
                                                                         layer.gate.e_score_correction_bias)
 
 
+@pytest.mark.slow  # the decoder export (~15 s)
 def test_engine_command_lines(exported):
     out, report, _ = exported
     cmds = report["tensorrt"]["commands"]
@@ -250,6 +256,7 @@ def test_engine_and_verify_need_tensorrt(capsys, tmp_path, flags, needle):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # the decoder export (~15 s)
 def test_backends_and_targets_do_not_mix(capsys, exported, tmp_path):
     out, _, _ = exported
     code, _, err = run_cli(capsys, "preset:tiny", "--target", "tensorrt", "--out", out, entry=export_main)
@@ -258,6 +265,9 @@ def test_backends_and_targets_do_not_mix(capsys, exported, tmp_path):
     one_line(code, err, 2, "is a TensorRT export", "--backend tensorrt")
     code, _, err = run_cli(capsys, "generate", out, "--prompt-ids", "1 2", "--backend", "tensorrt")
     one_line(code, err, 2, "model.engine does not exist" if _has_tensorrt() else "needs TensorRT")
+
+
+def test_misused_tensorrt_options_are_refused_before_any_work(capsys, trt_plugins, tmp_path):
     for flags, needle in ((["--target", "ort", "--arch", "sm_90"], "--arch apply to --target tensorrt only"),
                           (["--target", "ort", "--max-batch", "2"], "--max-batch apply to --target tensorrt only"),
                           (["--target", "ort", "--dtype", "bf16"], "dtype for --target ort"),
