@@ -36,8 +36,8 @@ from dsmoe.plugins.trt import codegen, spec
 
 PLUGINS_DIR = Path(__file__).resolve().parent.parent          # plugins/ (dsmoe.plugins)
 PROJECT_ROOT = PLUGINS_DIR.parent
-LIBRARY_SOURCES = ("trt/dsPluginCommon.cpp", "trt/dsLauncher.cpp", "trt/cudaDriver.cpp", "trt/dsPlugins.cpp",
-                   "route/dsRoutePlugin.cpp", "moe/dsMoePlugin.cpp")
+LIBRARY_SOURCES = ("trt/dsPluginCommon.cpp", "trt/dsPluginFields.cpp", "trt/dsLauncher.cpp", "trt/dsLaunch.cpp",
+                   "trt/cudaDriver.cpp", "trt/dsPlugins.cpp", "route/dsRoutePlugin.cpp", "moe/dsMoePlugin.cpp")
 HEADERS = ("trt/dsPluginCommon.h", "trt/dsPluginTypes.h", "trt/dsLauncher.h", "trt/cudaDriver.h",
            "route/dsRoutePlugin.h", "moe/dsMoePlugin.h")
 HARNESS_SOURCES = ("trt/harness.cpp",)
@@ -205,7 +205,7 @@ def _build_into(d: Path, archs: list[str], nvcc: Path, include: Path, key: str) 
     gen = d / "gen"
     gen.mkdir()
     (gen / "dsmoe_plugin_spec.h").write_text(spec.render_header())
-    (gen / "dsmoe_kernels.cpp").write_text(codegen.render_kernels(manifest, d / "kernels"))
+    (gen / "dsmoe_kernels.cpp").write_text(codegen.render_kernels(manifest, d / "kernels", relative_to=d))
     # 3. compile (one object per source, in parallel), then link
     flags = ["-std=c++17", "-O2", "-Xcompiler", "-fPIC,-fvisibility=hidden,-Wall,-Wno-deprecated-declarations",
              "-isystem", str(include), "-I", str(gen), "-I", str(PLUGINS_DIR / "trt"), "-I", str(PLUGINS_DIR / "route"),
@@ -217,7 +217,7 @@ def _build_into(d: Path, archs: list[str], nvcc: Path, include: Path, key: str) 
     jobs.append([str(nvcc), *flags, "-shared", "-cudart", "none", str(PLUGINS_DIR / HARNESS_SOURCES[0]),
                  "-o", str(d / spec.HARNESS), "-ldl"])
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        list(pool.map(_run, jobs))
+        list(pool.map(lambda cmd: _run(cmd, cwd=d), jobs))  # in d: .incbin finds kernels/... from there
     _run([str(nvcc), "-shared", "-cudart", "none", *map(str, objs), "-o", str(d / spec.LIBRARY), "-ldl"])
     shutil.rmtree(d / "obj")
     (d / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -228,8 +228,8 @@ def _build_into(d: Path, archs: list[str], nvcc: Path, include: Path, key: str) 
         "commands": jobs}, indent=1))
 
 
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def _run(cmd: list[str], cwd: Path | None = None) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     if proc.returncode:
         text = (proc.stderr or proc.stdout).strip().splitlines()
         first = next((ln for ln in text if "error" in ln.lower()), text[0] if text else "")

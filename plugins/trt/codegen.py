@@ -117,8 +117,9 @@ def _buffer_names(op: str, configs: list[dict]) -> list[str]:
     return [*next(iter(names)), *(b.name for b in spec.extra_buffers)]
 
 
-def render_kernels(manifest: dict, kernel_dir: Path) -> str:
-    """``dsmoe_kernels.cpp`` for the manifest of :func:`dsmoe.plugins.aot.build_kernels` in ``kernel_dir``."""
+def render_kernels(manifest: dict, kernel_dir: Path, *, relative_to: Path | None = None) -> str:
+    """``dsmoe_kernels.cpp`` for the manifest of :func:`dsmoe.plugins.aot.build_kernels` in ``kernel_dir``
+    (cubin paths relative to ``relative_to`` when given: the directory the assembler runs in)."""
     fns = _Functions()
     ids = list(manifest["kernels"])
     index = {kid: i for i, kid in enumerate(ids)}
@@ -129,6 +130,8 @@ def render_kernels(manifest: dict, kernel_dir: Path) -> str:
         path = (kernel_dir / k["cubin"]).resolve()
         if not path.is_file() or any(c in str(path) for c in '"\\\n'):
             raise CodegenError(f"cubin {path} is missing or its path cannot be embedded")
+        if relative_to is not None:
+            path = path.relative_to(relative_to.resolve())
         asm.append(f'    ".balign 64\\n.global dsmoe_img{i}\\n.hidden dsmoe_img{i}\\ndsmoe_img{i}:\\n'
                    f'.incbin \\"{path}\\"\\n.global dsmoe_img{i}_end\\n.hidden dsmoe_img{i}_end\\ndsmoe_img{i}_end:\\n"')
         decls.append(f"extern \"C\" unsigned char const dsmoe_img{i}[];\nextern \"C\" unsigned char const dsmoe_img{i}_end[];")
