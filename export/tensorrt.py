@@ -5,8 +5,8 @@ An export directory of the target holds, beside ``model.onnx``: the plugin libra
 (``libdsmoe_trt_plugins.so``, whose creators the DsRoute/DsMoE nodes name), ``plugins.json`` (its
 plugins and fields) and ``build_engine.sh`` (the ``trtexec`` and ``polygraphy convert`` command
 lines, one optimization profile over batch, sequence and past). :func:`build_engine` does the same
-with the TensorRT Python API (``IPluginRegistry.load_library``, the ONNX parser, the profile, the
-plugin library serialized into the plan); :class:`TrtDecoder` runs the engine as a decoder step with
+with the TensorRT Python API (``IPluginRegistry.load_library``, the ONNX parser, the profile);
+:class:`TrtDecoder` loads the library beside the engine and runs the engine as a decoder step with
 the KV cache, the signature :class:`dsmoe.export.OrtDecoder` has. ``import tensorrt`` happens only
 there; without it they refuse in one line (:class:`TensorRTUnavailable`).
 """
@@ -116,7 +116,7 @@ def engine_commands(shapes: dict, *, fp32: bool) -> dict[str, list[str]]:
     def poly_dims(which):
         return [f"{n}:[{','.join(map(str, s[which]))}]" for n, s in shapes.items()]
 
-    trtexec = ["trtexec", f"--onnx={MODEL_FILE}", f"--dynamicPlugins=./{LIBRARY}", f"--setPluginsToSerialize=./{LIBRARY}",
+    trtexec = ["trtexec", f"--onnx={MODEL_FILE}", f"--dynamicPlugins=./{LIBRARY}",
                f"--minShapes={trt_dims(0)}", f"--optShapes={trt_dims(1)}", f"--maxShapes={trt_dims(2)}",
                "--stronglyTyped", f"--saveEngine={ENGINE_FILE}", *(["--noTF32"] if fp32 else [])]
     # polygraphy loads --plugins with ctypes (static registration): the library registers its
@@ -185,7 +185,8 @@ def build_engine_from(d: Path, shapes: dict, *, fp32: bool, out: str | Path | No
     if not parser.parse_from_file(str(d / MODEL_FILE)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportRunError(f"TensorRT's ONNX parser rejected {d / MODEL_FILE}: {errors[:400]}")
-    # 3. one optimization profile over batch, sequence and past; the plugin library in the plan
+    # 3. one optimization profile over batch, sequence and past (the engine runs with the library
+    #    beside it loaded, as TrtDecoder does: it is not serialized into the plan)
     config = builder.create_builder_config()
     prof = builder.create_optimization_profile()
     for name, s in shapes.items():
@@ -195,7 +196,6 @@ def build_engine_from(d: Path, shapes: dict, *, fp32: bool, out: str | Path | No
         config.clear_flag(trt.BuilderFlag.TF32)
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    config.plugins_to_serialize = [str(d / LIBRARY)]
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise ExportRunError(f"TensorRT failed to build an engine from {d / MODEL_FILE} (see its log above)")
