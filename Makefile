@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.dsmoe-installed
 MODEL  ?= models/small
 OUT    ?= out/small-ort
 
-.PHONY: install demo demo-mla test test-fast lint bench bench-quick bench-mla clean
+.PHONY: install demo demo-mla test test-fast lint bench bench-quick bench-mla plugins clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ test: lint
 
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
+
+# the TensorRT plugin library (nvcc + the TensorRT headers; no GPU, no TensorRT); cached under build/
+plugins: $(STAMP)
+	$(VENV)/bin/dsmoe build-plugins --arch sm_80,sm_90 --out build/plugins --force
 
 bench: $(STAMP)
 	$(VENV)/bin/dsmoe bench

@@ -1,8 +1,11 @@
 """``export_model``: load → capture → passes → lower → write → verify, into an atomic output dir.
 
 The output directory holds ``model.onnx`` (+ ``model.onnx.data`` past 2 GB), the model's
-``config.json``, ``genai_config.json`` (ONNX Runtime GenAI runs the directory as is), the
-checkpoint's tokenizer files when it has them, and ``export_report.json``. It is written through
+``config.json``, ``genai_config.json`` (ONNX Runtime GenAI runs the directory as is; targets
+``ort``/``portable`` of multi-head-attention models), the checkpoint's tokenizer files when it has
+them, and ``export_report.json``; target ``tensorrt`` adds the plugin library, ``plugins.json``,
+``build_engine.sh`` and, with ``engine``, ``model.engine`` (:mod:`dsmoe.export.tensorrt`). It is
+written through
 :class:`dsmoe.outputs.OutputDir` (claimed, filled in a temporary sibling, swapped into place
 atomically; an existing one is replaced only with ``force`` and only when dsmoe wrote it). With
 ``verify`` the check runs *before* the commit: a failed export never replaces anything — it is
@@ -33,33 +36,40 @@ from dsmoe.export.lower import check_target, lower
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, OPSET, REPORT_FILE, io_names, op_histogram, to_onnx
 from dsmoe.export.runner import OrtDecoder
 from dsmoe.export.static_cache import check_kv_cache
+from dsmoe.export.tensorrt import (DEFAULT_MAX_BATCH, ENGINE_FILE, TrtDecoder, build_engine_from, check_parser_support,
+                                   profile, require_tensorrt, write_tensorrt_files)
 from dsmoe.ir import capture, sample_inputs
 from dsmoe.outputs import OutputDir
+from dsmoe.outputs import check_target as check_output
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.expose_router import ROUTER_META
 from dsmoe.passes.pipeline import VerificationError, run_pipeline
+from dsmoe.plugins.aot import ARCHS
+from dsmoe.plugins.trt.build import build_plugins
 from dsmoe.router_hooks import RouterHooks
 
-# ONNX exports are written in fp32 or fp16 (bf16 has no ONNX Runtime CPU kernels for MoE)
-EXPORT_DTYPES = (torch.float32, torch.float16)
+# ONNX exports are written in fp32 or fp16 (bf16 has no ONNX Runtime CPU kernels for MoE); TensorRT takes bf16 too
+EXPORT_DTYPES = {"ort": (torch.float32, torch.float16), "portable": (torch.float32, torch.float16),
+                 "tensorrt": (torch.float32, torch.float16, torch.bfloat16)}
 
 __all__ = ["REPORT_FILE", "VerificationError", "export_model", "parse_export_dtype", "verify_export"]
 
 
-def parse_export_dtype(dtype: str) -> torch.dtype:
-    return parse_dtype(dtype, supported=EXPORT_DTYPES, what="dtype for export")
+def parse_export_dtype(dtype: str, target: str = "ort") -> torch.dtype:
+    return parse_dtype(dtype, supported=EXPORT_DTYPES[target], what=f"dtype for --target {target}")
 
 
 def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp32", verify: bool = False,
                  force: bool = False, overrides: dict | None = None, fold_shared_experts: bool = False,
                  ort_fusions: bool = True, kv_cache: str = "dynamic", router_stats: bool = False,
                  absorb_mla: bool = True, progress: Callable[[str], None] | None = None,
-                 allow_nonfinite: bool = False) -> dict:
+                 allow_nonfinite: bool = False, archs: list[str] | None = None, engine: bool = False,
+                 max_batch: int | None = None, max_length: int | None = None) -> dict:
     """Export ``source`` (checkpoint dir or ``preset:NAME``) to ONNX in ``out``; returns the report.
 
     Raises :class:`DsmoeError` for user errors (unknown target/dtype, existing ``out`` without
     ``force``, bad source) and :class:`VerificationError` (``exit_code = 1``) when ``verify``
-    finds ONNX Runtime and eager apart beyond :data:`dsmoe.dtypes.VERIFY_RTOL`. ``ort_fusions`` (target ``ort``
+    finds the runtime and eager apart beyond :data:`dsmoe.dtypes.VERIFY_RTOL`. ``ort_fusions`` (target ``ort``
     only) applies ONNX Runtime's contrib fusions for norms, rotary and attention. ``kv_cache``:
     ``dynamic`` (past and present sized to the filled slots) or ``static`` (one preallocated
     buffer as past and present, GenAI's ``past_present_share_buffer``; see
@@ -68,17 +78,37 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
     :mod:`dsmoe.export.onnx_writer`; the report's ``router_outputs`` lists them); without it the
     graph is the plain decoder. ``absorb_mla`` (MLA models) exports the absorbed attention; False
     keeps the expanded form (same latent cache).
+
+    Target ``tensorrt`` only: ``archs`` the plugin library is built for (default sm_80, sm_90),
+    ``max_batch``/``max_length`` the engine's optimization profile, ``engine`` builds
+    ``model.engine`` with TensorRT; ``verify`` runs that engine against eager (both need TensorRT
+    and a GPU, else one line before any work).
     """
     check_target(target)
     check_kv_cache(kv_cache)
-    tdtype = parse_export_dtype(dtype)
+    tdtype = parse_export_dtype(dtype, target)
     config = dsmoe.load_config(source, overrides)  # fails fast on a bad source/override
     tokens = special_token_ids(config, source)      # and on bad bos/eos/pad ids
     if router_stats and not config.moe_layers:
         raise DsmoeError(f"--router-stats: {source} has no MoE layers (nothing is routed)")
     if router_stats and kv_cache == "static":
         raise DsmoeError("--router-stats needs --kv-cache dynamic (the static mode's runner reads no extra outputs)")
+    trt_only = [f for f, given in (("--arch", archs is not None), ("--engine", engine), ("--max-batch", max_batch is not None),
+                                   ("--max-length", max_length is not None)) if given]
+    if trt_only and target != "tensorrt":
+        raise DsmoeError(f"{', '.join(trt_only)} apply to --target tensorrt only")
+    not_trt = [f for f, given in (("--kv-cache static", kv_cache == "static"), ("--router-stats", router_stats)) if given]
+    if not_trt and target == "tensorrt":
+        raise DsmoeError(f"{', '.join(not_trt)} do(es) not apply to --target tensorrt (its engine loop runs the "
+                         "dynamic cache and reads no router outputs)")
     inputs = [] if dsmoe.is_preset(source) else [source]
+    plugin_build = None
+    if target == "tensorrt":
+        check_output(Path(out), force=force, inputs=[Path(p) for p in inputs])  # before the plugin build
+        profile(config, max_batch=DEFAULT_MAX_BATCH if max_batch is None else max_batch, max_length=max_length)  # a bad profile: now
+        if engine or verify:
+            require_tensorrt("--engine" if engine else "--verify with --target tensorrt (it runs the engine)")
+        plugin_build = build_plugins(archs or ARCHS)  # before any heavy work: no nvcc or headers is one line now
     step = _Stages(progress)
     with OutputDir(out, force=force, kind="export", inputs=inputs) as staging:
         tmp = staging.path
@@ -97,16 +127,28 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
                                      ort_fusions=ort_fusions and target == "ort", kv_cache=kv_cache)
             del gm
             hist = op_histogram(proto if proto is not None else _load_graph_only(tmp / MODEL_FILE))
+            if target == "tensorrt":
+                check_parser_support(hist, OPSET)
             cfg = config.to_dict()
             cfg["torch_dtype"] = torch_name(tdtype)
             cfg.pop("quantization_config", None)  # fp8 weights were dequantized on load
             config_text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
             (tmp / CONFIG_FILE).write_text(config_text)
-            write_genai_files(tmp, config=config, kv_cache=kv_cache, source=source, tokens=tokens)
+            if target != "tensorrt":  # GenAI runs ONNX Runtime graphs, not plugin nodes
+                write_genai_files(tmp, config=config, kv_cache=kv_cache, source=source, tokens=tokens)
+        trt_info = None
+        if plugin_build is not None:
+            trt_info = write_tensorrt_files(tmp, config, dtype=tdtype, build=plugin_build,
+                                            max_batch=DEFAULT_MAX_BATCH if max_batch is None else max_batch, max_length=max_length)
+            if engine or verify:
+                with step("engine"):
+                    trt_info["engine"] = build_engine_from(tmp, trt_info["profile"], fp32=tdtype == torch.float32).name
         verification = None
         if verify:
             with step("verify"):
-                verification = verify_export(model, tmp, dtype=tdtype, router_stats=router is not None)
+                decoder = TrtDecoder(tmp, engine=tmp / ENGINE_FILE, validate=False) if target == "tensorrt" else None
+                verification = verify_export(model, tmp, dtype=tdtype, router_stats=router is not None, decoder=decoder,
+                                             check_genai=target != "tensorrt")
         report = {
             "source": str(source), "target": target, "dtype": tag(tdtype), "kv_cache": kv_cache, "opset": OPSET,
             "files": [*sorted(p.name for p in tmp.iterdir() if not p.name.startswith(".")), REPORT_FILE],
@@ -116,12 +158,14 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
             "passes": [asdict(r) for r in pass_reports], "lowering": lowered.as_dict(), "ort_fusions": fusions, "onnx_ops": hist,
             "onnx_nodes": sum(hist.values()), "seconds": step.seconds, "versions": _versions(),
             "verification": verification, "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+            **({"tensorrt": trt_info} if trt_info is not None else {}),
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         if verification is not None and not verification["passed"]:
             state = "left as it was" if Path(out).exists() else "not written"
             kept = staging.set_aside("failed")
-            raise VerificationError(f"ONNX Runtime differs from eager: {verification['summary']}; {out}: {state}; "
+            runtime = "TensorRT" if target == "tensorrt" else "ONNX Runtime"
+            raise VerificationError(f"{runtime} differs from eager: {verification['summary']}; {out}: {state}; "
                                     f"the failed export is kept in {kept}")
         staging.commit()
     return report
@@ -129,8 +173,8 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
 
 @torch.no_grad()
 def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0, router_stats: bool = False,
-                  decoder=None) -> dict:
-    """Eager vs ONNX Runtime on the same seeded prefill (batch 2, 7 tokens) and decode (1 token
+                  decoder=None, check_genai: bool = True) -> dict:
+    """Eager vs ONNX Runtime (or ``decoder``, e.g. a TensorRT engine) on the same seeded prefill (batch 2, 7 tokens) and decode (1 token
     after those 7) inputs; compares logits and the present caches (in a static-cache export, the
     filled part of its buffers), and reads ``genai_config.json`` back against the model.
     ``router_stats``: also the fraction of (token, layer) pairs whose exported expert set equals
@@ -138,7 +182,7 @@ def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0,
     flip in fp16). ``decoder`` replaces the export's :class:`OrtDecoder` (a step function of the
     same signature)."""
     if router_stats:
-        return _verify_with_router(model, export_dir, dtype=dtype, seed=seed)
+        return _verify_with_router(model, export_dir, dtype=dtype, seed=seed, check_genai=check_genai)
     dec = decoder or OrtDecoder(export_dir)
     config = model.config
     ids, mask, pos, past = sample_inputs(config, batch=2, seq=7, past=0, seed=seed, dtype=dtype)
@@ -156,7 +200,7 @@ def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0,
     bad = [name for name, r in results.items() if not r["finite"]]
     worst = max(r["rel_err"] for r in results.values())
     max_abs = max(r["max_abs_err"] for r in results.values())
-    genai = check_genai_config(export_dir) if genai_can_run(config) else []
+    genai = check_genai_config(export_dir) if check_genai and genai_can_run(config) else []
     passed = not bad and not genai and worst <= tol
     if bad:
         summary = f"non-finite outputs (NaN/Inf) in {', '.join(bad)}"
@@ -168,7 +212,7 @@ def verify_export(model, export_dir: Path, *, dtype: torch.dtype, seed: int = 0,
             "kv_cache": getattr(dec, "kv_cache", "dynamic"), "genai_config": genai, "summary": summary}
 
 
-def _verify_with_router(model, export_dir: Path, *, dtype: torch.dtype, seed: int) -> dict:
+def _verify_with_router(model, export_dir: Path, *, dtype: torch.dtype, seed: int, check_genai: bool) -> dict:
     """:func:`verify_export` plus the router outputs against eager's routers (forward hooks)."""
     dec = OrtDecoder(export_dir, router_stats=True)
     same = total = 0
@@ -185,7 +229,7 @@ def _verify_with_router(model, export_dir: Path, *, dtype: torch.dtype, seed: in
         return out, present
 
     with RouterHooks(model) as hooks:
-        result = verify_export(model, export_dir, dtype=dtype, seed=seed, decoder=step)
+        result = verify_export(model, export_dir, dtype=dtype, seed=seed, decoder=step, check_genai=check_genai)
     result["router_agreement"] = same / total
     result["summary"] += f"; router ids agree on {same}/{total} token-layers"
     return result

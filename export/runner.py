@@ -87,7 +87,10 @@ class OrtDecoder:
         if not (d / MODEL_FILE).is_file():
             raise DsmoeError(f"{d} holds no {MODEL_FILE} (export it with: dsmoe-export SOURCE --out {d})")
         self.config = load_config(d)
-        _check_config_unchanged(d)
+        check_config_unchanged(d)
+        if export_target(d) == "tensorrt":
+            raise DsmoeError(f"{d} is a TensorRT export: its DsRoute/DsMoE plugin nodes run in TensorRT, not ONNX "
+                             "Runtime (use --backend tensorrt, or export with --target ort)")
         self.sess = _open_session(d, threads=threads, optimize=optimize, spinning=spinning)
         self.layout = cache_layout(self.config)
         self.input_names, self.output_names = io_names(self.layout)
@@ -189,7 +192,16 @@ class ExportRunError(DsmoeError):
     exit_code = 1
 
 
-def _check_config_unchanged(d: Path) -> None:
+def export_target(d: str | Path) -> str:
+    """The ``--target`` an export directory was written for (``ort`` when its report does not say)."""
+    try:
+        target = json.loads((Path(d) / REPORT_FILE).read_text()).get("target", "ort")
+    except (OSError, ValueError, AttributeError):
+        return "ort"
+    return target if isinstance(target, str) else "ort"
+
+
+def check_config_unchanged(d: Path) -> None:
     """The export's ``config.json`` is the one it was made with (its hash is in the report)."""
     try:
         want = json.loads((d / REPORT_FILE).read_text()).get("config_sha256")

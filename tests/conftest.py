@@ -162,3 +162,26 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
             out.append(int(res.logits[0, -1].argmax()))
             ids = torch.tensor([[out[-1]]])
     return out
+
+
+@pytest.fixture(scope="session")
+def trt_plugins():
+    """``(build, library)``: the TensorRT plugin library (built once, cached under build/) and the
+    harness that drives it through the plugin ABI; ``DSMOE_TRT_PLUGINS=DIR`` takes a prebuilt one
+    (``dsmoe build-plugins --out DIR``, for a GPU machine without nvcc). Skipped only where nvcc or
+    the TensorRT headers are missing."""
+    import json
+    from pathlib import Path
+
+    from dsmoe.plugins.trt import LIBRARY, HARNESS, PluginBuild, build_plugins, find_nvcc, find_tensorrt_include
+    from dsmoe.plugins.trt.harness import PluginLibrary
+
+    prebuilt = os.environ.get("DSMOE_TRT_PLUGINS")
+    if prebuilt:
+        d = Path(prebuilt)
+        build = PluginBuild(d, d / LIBRARY, d / HARNESS, json.loads((d / "manifest.json").read_text()), True)
+        return build, PluginLibrary(build.library, build.harness)
+    if find_nvcc() is None or find_tensorrt_include() is None:
+        pytest.skip("nvcc or the TensorRT headers are missing: the plugin library cannot be built here")
+    build = build_plugins()
+    return build, PluginLibrary(build.library, build.harness)

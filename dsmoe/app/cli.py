@@ -33,6 +33,7 @@ from dsmoe.errors import DsmoeError, DsmoeWarning
 from dsmoe.export import export_model
 from dsmoe.outputs import OutputDir, check_target
 from dsmoe.plugins import build_kernels
+from dsmoe.plugins.trt.build import write_plugin_library
 
 out = Console()
 err = Console(stderr=True)
@@ -138,8 +139,9 @@ def info(source, overrides, as_json):
 @click.option("--prompt-ids", multiple=True, help='space-separated token ids, e.g. "1 2 3" (repeat for a batch)')
 @click.option("--prompt", default=None, help="text (needs tokenizer.json in SOURCE)")
 @click.option("--max-new-tokens", default=16, show_default=True)
-@click.option("--backend", type=click.Choice(["eager", "fused", "ort", "genai"]), default="eager", show_default=True,
-              help="ort: an export in dsmoe's loop; genai: an export in onnxruntime-genai")
+@click.option("--backend", type=click.Choice(["eager", "fused", "ort", "genai", "tensorrt"]), default="eager",
+              show_default=True, help="ort: an export in dsmoe's loop; genai: an export in onnxruntime-genai; "
+                                      "tensorrt: the engine of a --target tensorrt export (needs TensorRT and a GPU)")
 @click.option("--dtype", default=None, help="float32 | float16 | bfloat16 (default: checkpoint's)")
 @click.option("--fold-shared-experts", is_flag=True, help="fused backend: fold shared experts into dsmoe::moe")
 @absorb_option
@@ -156,7 +158,7 @@ def info(source, overrides, as_json):
               help='print {"ids": [...]} ([[...], ...] for a batch; with "router_stats" if recorded)')
 def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, no_absorb_mla, device,
              cuda_graph, kernels, allow_nonfinite, router_stats, router_stats_out, overrides, as_json):
-    """Greedy decoding with the KV cache (eager, fused graph, or an export in ORT or GenAI)."""
+    """Greedy decoding with the KV cache (eager, fused graph, or an export in ORT, GenAI or TensorRT)."""
     kwargs = dict(source=source, prompt_ids=list(prompt_ids), prompt=prompt, max_new_tokens=max_new_tokens,
                   backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts, absorb_mla=not no_absorb_mla,
                   overrides=_overrides(overrides), device=device, cuda_graph=cuda_graph, kernels=kernels,
@@ -266,13 +268,20 @@ def _export_options(f):
     for opt in reversed([
         click.argument("source"),
         click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="output directory"),
-        click.option("--target", default="ort", show_default=True, help="ort | portable"),
-        click.option("--dtype", default="fp32", show_default=True, help="fp32 | fp16"),
+        click.option("--target", default="ort", show_default=True, help="ort | portable | tensorrt"),
+        click.option("--dtype", default="fp32", show_default=True, help="fp32 | fp16 (tensorrt: also bf16)"),
         click.option("--kv-cache", default="dynamic", show_default=True,
                      help="dynamic | static (past = a preallocated buffer, GenAI's past_present_share_buffer)"),
-        click.option("--verify", is_flag=True, help="compare ONNX Runtime with eager; exit 1 beyond tolerance"),
+        click.option("--verify", is_flag=True, help="compare ONNX Runtime (tensorrt: the engine) with eager; "
+                                                    "exit 1 beyond tolerance"),
         click.option("--router-stats", is_flag=True,
                      help="add the routers' choices as outputs (router.{layer}.ids, .weights, …)"),
+        click.option("--arch", "archs", default=None, help="tensorrt: GPU architectures of the plugin library "
+                                                           "[default: sm_80,sm_90]"),
+        click.option("--engine", is_flag=True, help="tensorrt: also build model.engine (needs TensorRT and a GPU)"),
+        click.option("--max-batch", type=int, default=None, help="tensorrt: the engine profile's largest batch [4]"),
+        click.option("--max-length", type=int, default=None,
+                     help="tensorrt: the profile's largest past + sequence [min(2048, max_position_embeddings)]"),
         click.option("--force", is_flag=True, help="replace --out if it exists and dsmoe wrote it"),
         nonfinite_option,
         absorb_option,
@@ -283,9 +292,10 @@ def _export_options(f):
     return f
 
 
-def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, force, allow_nonfinite, no_absorb_mla,
-            overrides):
-    """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime."""
+def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, archs, engine, max_batch, max_length, force,
+            allow_nonfinite, no_absorb_mla, overrides):
+    """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime
+    (--target tensorrt: plugin nodes, the plugin library and the engine command lines)."""
     current = {"s": None}
 
     def progress(name: str) -> None:
@@ -298,7 +308,8 @@ def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, forc
     try:
         report = export_model(source, out=str(out_dir), target=target, dtype=dtype, verify=verify, force=force,
                               overrides=_overrides(overrides), kv_cache=kv_cache, router_stats=router_stats,
-                              absorb_mla=not no_absorb_mla, progress=progress, allow_nonfinite=allow_nonfinite)
+                              absorb_mla=not no_absorb_mla, progress=progress, allow_nonfinite=allow_nonfinite,
+                              archs=_archs(archs), engine=engine, max_batch=max_batch, max_length=max_length)
     finally:
         if current["s"] is not None:
             current["s"].__exit__(None, None, None)
@@ -328,6 +339,22 @@ def bench(suite, backends, quick, out_dir, threads, preset, device, dtype, overr
     run_bench(suites=suites, backends=list(backends) or None, quick=quick, out_dir=str(out_dir), threads=threads,
               preset=preset, overrides=_overrides(overrides) or None, progress=lambda s: err.print(f"[dim]· {s}[/dim]"),
               device=device, dtype=dtype)
+
+
+def _archs(text: str | None) -> list[str] | None:
+    return None if text is None else [a.strip() for a in text.split(",") if a.strip()]
+
+
+@cli.command("build-plugins")
+@click.option("--arch", "archs", default="sm_80,sm_90", show_default=True, help="comma-separated GPU architectures")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="output directory")
+@click.option("--force", is_flag=True, help="replace --out if dsmoe wrote it")
+@click.option("--no-cache", is_flag=True, help="build from scratch even when an identical build is cached")
+def build_plugins_cmd(archs, out_dir, force, no_cache):
+    """Build the TensorRT plugin library (libdsmoe_trt_plugins.so: DsRoute, DsMoE) with nvcc, no GPU needed."""
+    b = write_plugin_library(archs=_archs(archs), out=out_dir, force=force, cache=not no_cache)
+    err.print(f"wrote {out_dir}: {b.library.name} ({len(b.manifest['kernels'])} kernels for {archs}"
+              f"{', cached build' if b.cached else ''})")
 
 
 @cli.command("build-kernels")

@@ -28,8 +28,9 @@ from dsmoe.app.router_trace import eager_router_step, fused_router_step, ort_rou
 from dsmoe.cache import cache_layout
 from dsmoe.config import DeepseekConfig
 from dsmoe.errors import DsmoeError, NonFiniteError
-from dsmoe.export import MODEL_FILE, OrtDecoder
+from dsmoe.export import MODEL_FILE, OrtDecoder, TrtDecoder
 from dsmoe.export.genai_runner import GenaiModel
+from dsmoe.export.runner import export_target
 from dsmoe.ir import capture
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import run_pipeline
@@ -145,6 +146,12 @@ def generate_ort(export_dir: str | Path, prompt_ids: list[int], max_new_tokens: 
     return greedy_generate(dec, dec.config, list(prompt_ids), max_new_tokens, dtype=dec.dtype)
 
 
+def generate_tensorrt(export_dir: str | Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding of a ``--target tensorrt`` export's engine (the same loop as ONNX Runtime's)."""
+    dec = TrtDecoder(export_dir)
+    return greedy_generate(dec, dec.config, list(prompt_ids), max_new_tokens, dtype=dec.dtype, device=dec.device)
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(",", " ").split()]
@@ -210,12 +217,16 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
     if max_new_tokens < 1:
         raise DsmoeError("--max-new-tokens must be at least 1")
     exported = (Path(source) / MODEL_FILE).is_file()
-    if backend in ("ort", "genai") or exported:
+    if backend in ("ort", "genai", "tensorrt") or exported:
+        target = export_target(source) if exported else None
         if not exported:
             raise DsmoeError(f"the {backend} backend runs an exported directory; {source} has no {MODEL_FILE} "
-                             f"(run: dsmoe-export {source} --out DIR)")
-        if backend not in ("ort", "genai"):
-            raise DsmoeError(f"{source} is an ONNX export: use --backend ort or --backend genai")
+                             f"(run: dsmoe-export {source}{' --target tensorrt' if backend == 'tensorrt' else ''} "
+                             "--out DIR)")
+        if target == "tensorrt" and backend != "tensorrt":
+            raise DsmoeError(f"{source} is a TensorRT export (--target tensorrt): use --backend tensorrt")
+        if target != "tensorrt" and backend not in ("ort", "genai"):
+            raise DsmoeError(f"{source} is an ONNX Runtime export: use --backend ort or --backend genai")
         unused = [flag for flag, given in (("--device", device != "cpu"), ("--dtype", dtype is not None),
                                            ("--set", bool(overrides)), ("--fold-shared-experts", fold_shared_experts),
                                            ("--cuda-graph", cuda_graph is not None),
@@ -223,9 +234,10 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
                                            ("--kernels", kernels != "reference"),
                                            ("--no-absorb-mla", not absorb_mla)) if given]
         if unused:
+            where = "TensorRT on the GPU" if backend == "tensorrt" else "ONNX Runtime's CPU provider"
             raise DsmoeError(f"{', '.join(unused)} do(es) not apply to an exported model (the {backend} backend runs "
-                             "the export as it was written, on ONNX Runtime's CPU provider); drop it")
-        if trace is not None and backend == "genai":
+                             f"the export as it was written, on {where}); drop it")
+        if trace is not None and backend in ("genai", "tensorrt"):
             raise DsmoeError("--router-stats reads the routers in dsmoe's own loops: use --backend ort")
         genai = GenaiModel(source) if backend == "genai" else None
         prompts, tok = _prompts(source, prompt_ids, prompt, genai)
@@ -237,6 +249,10 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
         elif trace is not None:
             dec = ort_router_step(source)
             new = _generate(tap(dec, trace), dec.config, prompts, max_new_tokens, dtype=dec.dtype)
+        elif backend == "tensorrt":
+            if len(prompts) > 1:
+                raise DsmoeError("the tensorrt backend takes one prompt (its engine's loop is not batched here)")
+            new = [generate_tensorrt(source, prompts[0], max_new_tokens)]
         else:
             dec = OrtDecoder(source)
             new = _generate(dec, dec.config, prompts, max_new_tokens, dtype=dec.dtype)
