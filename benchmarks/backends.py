@@ -32,7 +32,7 @@ from dsmoe.app.device import require_cuda_kernels
 from dsmoe.bench.suites import Workload
 from dsmoe.contract import STACKED_W2, STACKED_W13, experts_path
 from dsmoe.errors import DsmoeError
-from dsmoe.export import MODEL_FILE, OrtDecoder, export_module, lower, session
+from dsmoe.export import MODEL_FILE, OrtDecoder, export_layer, lower, session
 from dsmoe.export.genai_runner import GenaiModel, GenaiStep, require_genai
 from dsmoe.export import op_histogram as onnx_op_histogram
 from dsmoe.ir import capture, op_histogram, unlift
@@ -228,7 +228,7 @@ def _ort_cuda_available() -> tuple[bool, str]:
 
 def layer_onnx(w: Workload, path: Path) -> dict:
     """The single-layer ONNX model, made the way ``dsmoe-export`` makes a model: fused IR →
-    :func:`dsmoe.export.lower` (target ``ort``) → :func:`dsmoe.export.export_module` (the same
+    :func:`dsmoe.export.lower` (target ``ort``) → :func:`dsmoe.export.export_layer` (the same
     opset, exporter options, ORT fusions and checks), with a dynamic token axis."""
     fused, notes = cached_fused_graph(w)
     with warnings.catch_warnings():  # deepcopy of a GraphModule warns about pytree internals
@@ -237,19 +237,9 @@ def layer_onnx(w: Workload, path: Path) -> dict:
     report = lower(gm, target="ort")
     notes["lowered"] = {op: dict(v) for op, v in report.lowered.items()}
     x = torch.randn(3, w.config.hidden_size)
-    export_module(_Flat(gm), (x,), path, dynamic_shapes=({0: Dim("T", min=1, max=1 << 16)},), input_names=["x"],
-                  output_names=["y"], ort_fusions=True)
+    export_layer(gm, x, path, ort_fusions=True)
     del gm
     return notes
-
-
-class _Flat(torch.nn.Module):
-    def __init__(self, gm):
-        super().__init__()
-        self.gm = gm
-
-    def forward(self, x):
-        return self.gm(x)
 
 
 def _scratch() -> Path:

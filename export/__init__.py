@@ -15,7 +15,7 @@
 from dsmoe.export.api import REPORT_FILE, VerificationError, export_model, verify_export
 from dsmoe.export.genai_config import GENAI_CONFIG, check_genai_config
 from dsmoe.export.lower import LOWERINGS, TARGETS, LoweringError, lower
-from dsmoe.export.onnx_writer import DATA_FILE, MODEL_FILE, OPSET, export_module, io_names, op_histogram
+from dsmoe.export.onnx_writer import DATA_FILE, MODEL_FILE, OPSET, export_layer, export_module, io_names, op_histogram
 from dsmoe.export.runner import OrtDecoder, polygraphy_command, session
 from dsmoe.export.static_cache import KV_CACHE_MODES
 from dsmoe.export.tensorrt import ENGINE_FILE, TensorRTUnavailable, TrtDecoder, build_engine
@@ -37,6 +37,7 @@ __all__ = [
            "VerificationError",
            "build_engine",
            "check_genai_config",
+           "export_layer",
            "export_model",
            "export_module",
            "io_names",

@@ -85,6 +85,24 @@ def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype, ort_fusi
                          edit=lambda model: _name_dynamic_axes(model, layout, kv_cache))
 
 
+class _Layer(nn.Module):
+    """A lowered one-input graph (a MoE layer: ``x [T, H] -> y [T, H]``) as a module to export."""
+
+    def __init__(self, gm: GraphModule):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, x):
+        return self.gm(x)
+
+
+def export_layer(gm: GraphModule, x: torch.Tensor, path: Path, *, ort_fusions: bool = False):
+    """A lowered single-layer graph ``x [T, H] -> y [T, H]`` through :func:`export_module`, the token
+    axis dynamic; inputs ``x``, outputs ``y`` (the benchmarks' and the tests' layer exports)."""
+    return export_module(_Layer(gm), (x,), path, dynamic_shapes=({0: Dim("T", min=1, max=MAX_SEQ)},),
+                         input_names=["x"], output_names=["y"], ort_fusions=ort_fusions)
+
+
 def export_module(module: nn.Module, args: tuple, path: Path, *, dynamic_shapes, input_names: list[str],
                   output_names: list[str], ort_fusions: bool = False,
                   edit: Callable | None = None) -> tuple[onnx.ModelProto | None, dict[str, int]]:
