@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.dsmoe-installed
 MODEL  ?= models/small
 OUT    ?= out/small-ort
 
-.PHONY: install demo test test-fast lint bench bench-quick clean
+.PHONY: install demo demo-mla test test-fast lint bench bench-quick bench-mla plugins clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +32,28 @@ demo: $(STAMP)
 	$(VENV)/bin/dsmoe info $(MODEL)
 	$(VENV)/bin/dsmoe inspect $(MODEL)
 	$(VENV)/bin/dsmoe-export $(MODEL) --out $(OUT) --verify --force
-	@echo "--- greedy tokens: eager, fused graph, ONNX Runtime (must agree)"
+	@echo "--- greedy tokens: eager, fused graph, ONNX Runtime (dsmoe's loop), ONNX Runtime GenAI (must agree)"
 	$(VENV)/bin/dsmoe generate $(MODEL) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend eager
 	$(VENV)/bin/dsmoe generate $(MODEL) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend fused
 	$(VENV)/bin/dsmoe generate $(OUT) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend ort
+	$(VENV)/bin/dsmoe generate $(OUT) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend genai
+	@echo "--- where the tokens go: expert load per layer, placement on 8 devices, plot"
+	$(VENV)/bin/dsmoe experts $(MODEL) --random 8 --seq-len 64 --place 8 --plot out/experts-small.png
 	$(VENV)/bin/dsmoe bench --quick --suite model --preset small --out out/bench
+
+# DeepSeek-V2-style MLA model (latent KV cache, absorbed attention): the same steps on `mla-small`
+MLA_MODEL ?= models/mla-small
+MLA_OUT   ?= out/mla-small-ort
+
+demo-mla: $(STAMP)
+	@test -f $(MLA_MODEL)/config.json || $(VENV)/bin/dsmoe init $(MLA_MODEL) --preset mla-small --seed 0
+	$(VENV)/bin/dsmoe info $(MLA_MODEL)
+	$(VENV)/bin/dsmoe inspect $(MLA_MODEL)
+	$(VENV)/bin/dsmoe-export $(MLA_MODEL) --out $(MLA_OUT) --verify --force
+	@echo "--- greedy tokens: eager, fused graph (absorbed MLA), ONNX Runtime (must agree)"
+	$(VENV)/bin/dsmoe generate $(MLA_MODEL) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend eager
+	$(VENV)/bin/dsmoe generate $(MLA_MODEL) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend fused
+	$(VENV)/bin/dsmoe generate $(MLA_OUT) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend ort
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -47,11 +64,18 @@ test: lint
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
 
+# the TensorRT plugin library (nvcc + the TensorRT headers; no GPU, no TensorRT); cached under build/
+plugins: $(STAMP)
+	$(VENV)/bin/dsmoe build-plugins --arch sm_80,sm_90 --out build/plugins --force
+
 bench: $(STAMP)
 	$(VENV)/bin/dsmoe bench
 
 bench-quick: $(STAMP)
 	$(VENV)/bin/dsmoe bench --quick
+
+bench-mla: $(STAMP)
+	$(PY) -m dsmoe.bench.mla_decode
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache out

@@ -32,7 +32,8 @@ from dsmoe.app.device import require_cuda_kernels
 from dsmoe.bench.suites import Workload
 from dsmoe.contract import STACKED_W2, STACKED_W13, experts_path
 from dsmoe.errors import DsmoeError
-from dsmoe.export import MODEL_FILE, REPORT_FILE, OrtDecoder, export_module, lower, session
+from dsmoe.export import MODEL_FILE, REPORT_FILE, OrtDecoder, export_layer, lower, session
+from dsmoe.export.genai_runner import GenaiModel, GenaiStep, require_genai
 from dsmoe.export import op_histogram as onnx_op_histogram
 from dsmoe.export.quant_report import linear_bytes_per_weight
 from dsmoe.ir import capture, op_histogram, unlift
@@ -234,7 +235,7 @@ def _ort_cuda_available() -> tuple[bool, str]:
 
 def layer_onnx(w: Workload, path: Path) -> dict:
     """The single-layer ONNX model, made the way ``dsmoe-export`` makes a model: fused IR →
-    :func:`dsmoe.export.lower` (target ``ort``) → :func:`dsmoe.export.export_module` (the same
+    :func:`dsmoe.export.lower` (target ``ort``) → :func:`dsmoe.export.export_layer` (the same
     opset, exporter options, ORT fusions and checks), with a dynamic token axis."""
     fused, notes = cached_fused_graph(w)
     with warnings.catch_warnings():  # deepcopy of a GraphModule warns about pytree internals
@@ -243,19 +244,9 @@ def layer_onnx(w: Workload, path: Path) -> dict:
     report = lower(gm, target="ort")
     notes["lowered"] = {op: dict(v) for op, v in report.lowered.items()}
     x = torch.randn(3, w.config.hidden_size)
-    export_module(_Flat(gm), (x,), path, dynamic_shapes=({0: Dim("T", min=1, max=1 << 16)},), input_names=["x"],
-                  output_names=["y"], ort_fusions=True)
+    export_layer(gm, x, path, ort_fusions=True)
     del gm
     return notes
-
-
-class _Flat(torch.nn.Module):
-    def __init__(self, gm):
-        super().__init__()
-        self.gm = gm
-
-    def forward(self, x):
-        return self.gm(x)
 
 
 def _scratch() -> Path:
@@ -264,20 +255,26 @@ def _scratch() -> Path:
     return Path(tempfile.mkdtemp(prefix="dsmoe-bench-", dir=base))
 
 
-def _prepare_ort(w: Workload, threads: int, provider: str = "CPUExecutionProvider") -> Prepared:
+def _prepare_ort(w: Workload, threads: int, provider: str = "CPUExecutionProvider", kv_cache: str = "dynamic") -> Prepared:
     if w.device.type != "cpu":
         raise Unsupported(f"ONNX Runtime backends take the CPU workload (this one is on {w.device})")
-    if w.suite == "model" and provider != "CPUExecutionProvider":
+    whole = w.suite in ("model", "quant")  # a whole decoder (dsmoe-export), not one layer
+    if whole and provider != "CPUExecutionProvider":
         raise Unsupported(f"the model suite runs ORT through dsmoe.export.OrtDecoder (CPU); {provider} not wired")
+    if kv_cache != "dynamic" and not whole:
+        raise Unsupported("a KV-cache mode is a property of a whole-decoder export (the model suite)")
+    if whole:
+        out = model_export(w, kv_cache)
+        dec = OrtDecoder(out, threads=threads)
+        notes = {**export_notes(out), "kv_cache": dec.kv_cache, "threads": threads,
+                 "provider": provider, "what": "dsmoe's loop: dsmoe.export.OrtDecoder on the dsmoe-export directory"}
+        return Prepared(dec, notes, cleanup=lambda: shutil.rmtree(out.parent, ignore_errors=True))
     tmp = _scratch()
     try:
-        if w.suite == "moe-layer":
-            notes = layer_onnx(w, tmp / "layer.onnx")
-            sess = session(tmp / "layer.onnx", threads=threads, providers=[provider])
-            notes["onnx_ops"] = _onnx_ops(tmp / "layer.onnx")
-            fn = lambda x: torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])  # noqa: E731
-        else:
-            fn, notes = _ort_decoder(w, tmp, threads)
+        notes = layer_onnx(w, tmp / "layer.onnx")
+        sess = session(tmp / "layer.onnx", threads=threads, providers=[provider])
+        notes["onnx_ops"] = _onnx_ops(tmp / "layer.onnx")
+        fn = lambda x: torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])  # noqa: E731
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -293,19 +290,31 @@ class ExportFailed(RuntimeError):
     """``dsmoe-export`` of the workload failed: the backend is reported as failed, with its message."""
 
 
-def _ort_decoder(w: Workload, tmp: Path, threads: int, extra: tuple[str, ...] = ()):
+def model_export(w: Workload, kv_cache: str = "dynamic", extra: tuple[str, ...] = ()) -> Path:
     """The whole model through ``dsmoe-export`` — the product's own command, in a child process so
-    that its peak memory is returned before timing — then :class:`dsmoe.export.OrtDecoder`."""
-    out = tmp / "model-ort"
-    argv = [w.source, "--out", str(out), "--target", "ort", "--dtype", "fp32", *extra]
-    for k, v in (w.overrides or {}).items():
-        argv += ["--set", f"{k}={json.dumps(v)}"]
-    proc = subprocess.run([sys.executable, "-c", "from dsmoe.app.cli import export_main; export_main()", *argv],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-        raise ExportFailed(f"dsmoe-export exited {proc.returncode}: {tail[0]}")
-    dec = OrtDecoder(out, threads=threads)
+    that its peak memory is returned before timing — once per cache mode and options (``extra``:
+    e.g. ``--quant int4``); the ``ort`` and ``genai`` backends of a mode run the same directory."""
+    key = " ".join((f"export-{kv_cache}", *extra))
+    if key not in w.cache:
+        # on disk, not /dev/shm: two sessions (ort, genai) already hold the weights in RAM, and a
+        # third, pinned copy of the files got the 16B 2-layer run OOM-killed on a 23 GB machine
+        out = Path(tempfile.mkdtemp(prefix="dsmoe-bench-")) / "model-ort"
+        argv = [w.source, "--out", str(out), "--target", "ort", "--dtype", "fp32", "--kv-cache", kv_cache, *extra]
+        for k, v in (w.overrides or {}).items():
+            argv += ["--set", f"{k}={json.dumps(v)}"]
+        proc = subprocess.run([sys.executable, "-c", "from dsmoe.app.cli import export_main; export_main()", *argv],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            shutil.rmtree(out.parent, ignore_errors=True)
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+            raise ExportFailed(f"dsmoe-export exited {proc.returncode}: {tail[0]}")
+        w.cache[key] = out
+    return w.cache[key]
+
+
+def export_notes(out: Path) -> dict:
+    """What a backend's notes say of a ``dsmoe-export`` directory: its ONNX ops and, for a
+    quantized export, the scheme, bytes, exactness and accuracy from its report."""
     notes = {"onnx_ops": _onnx_ops(out / MODEL_FILE)}
     report = json.loads((out / REPORT_FILE).read_text())
     if report.get("quant"):
@@ -315,7 +324,34 @@ def _ort_decoder(w: Workload, tmp: Path, threads: int, extra: tuple[str, ...] = 
                      quality={k: q["quality"][k] for k in ("top1_agreement", "mean_kl", "max_abs_logit_err",
                                                            "routing_drift_mean")},
                      export_seconds=report["seconds"], model_bytes=report["model_bytes"])
-    return dec, notes
+    return notes
+
+
+# ---- genai: the same export in ONNX Runtime GenAI (the real client) ------------------------
+
+def _genai_available() -> tuple[bool, str]:
+    try:
+        require_genai()
+    except DsmoeError as e:
+        return False, str(e)
+    return True, ""
+
+
+def _prepare_genai(w: Workload, threads: int, kv_cache: str = "dynamic") -> Prepared:
+    """:class:`dsmoe.export.genai_runner.GenaiStep` on the ``ort`` backend's export, loaded from its
+    own ``genai_config.json`` (intra-op threads overlaid to ``threads``, as every backend gets).
+    GenAI keeps its own cache, so the decode case continues from the prompt it was primed with."""
+    if w.suite != "model":
+        raise Unsupported("GenAI runs whole decoders (the model suite)")
+    if w.device.type != "cpu":
+        raise Unsupported(f"the GenAI backend takes the CPU workload (this one is on {w.device})")
+    out = model_export(w, kv_cache)
+    model = GenaiModel(out, threads=threads)
+    step = GenaiStep(model, max_length=w.shapes["prefill"] + w.shapes["decode_steps"])
+    step.prime(w.prompt_ids)
+    notes = {"kv_cache": kv_cache, "past_present_share_buffer": model.share_buffer, "threads": threads,
+             "what": "onnxruntime-genai (its own loop and KV cache) on the dsmoe-export directory, as written"}
+    return Prepared(step, notes, cleanup=lambda: shutil.rmtree(out.parent, ignore_errors=True))
 
 
 # ---- the registry ---------------------------------------------------------------------------
@@ -328,6 +364,13 @@ register(Backend("cuda", "fused graph, dsmoe::route / dsmoe::moe on the Triton k
                  _prepare_cuda))
 register(Backend("cuda-graph", "cuda backend, decode step replayed from a CUDA graph", _cuda_available,
                  _prepare_cuda_graph))
-register(Backend("ort", "ONNX Runtime CPU EP (com.microsoft.MoE), threads = cores", _always, _prepare_ort))
+register(Backend("ort", "ONNX Runtime CPU EP (com.microsoft.MoE), threads = cores; model: dsmoe's own loop",
+                 _always, _prepare_ort))
+register(Backend("genai", "onnxruntime-genai on the ort backend's export (model suite)", _genai_available,
+                 _prepare_genai))
+register(Backend("ort-static", "ort backend on a --kv-cache static export (buffers bound in place)", _always,
+                 lambda w, t: _prepare_ort(w, t, kv_cache="static")))
+register(Backend("genai-static", "genai backend on a --kv-cache static export (past_present_share_buffer)",
+                 _genai_available, lambda w, t: _prepare_genai(w, t, kv_cache="static")))
 register(Backend("ort-cuda", "ONNX Runtime CUDA EP", _ort_cuda_available,
                  lambda w, t: _prepare_ort(w, t, "CUDAExecutionProvider")))

@@ -31,10 +31,14 @@ $PY -c "import torch, dsmoe.passes, dsmoe.plugins, dsmoe.bench, dsmoe.app.cli; p
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA', dsmoe.plugins.__file__)"
 
 rc=0
+# the TensorRT plugins' enqueue needs a prebuilt library (no nvcc there): dsmoe build-plugins --out out/trt-plugins
+if [[ -z ${DSMOE_TRT_PLUGINS:-} && -f out/trt-plugins/libdsmoe_trt_plugins.so ]]; then
+  export DSMOE_TRT_PLUGINS=$PWD/out/trt-plugins
+fi
 if [[ $what == tests || $what == all ]]; then
   # Triton kernels vs the CPU ops (the interpreter sweeps rerun compiled), fused generation on
-  # CUDA, CUDA-graph decode, the bench backends
-  timeout 540 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py tests/test_runtime.py \
+  # CUDA, CUDA-graph decode, the bench backends, the TensorRT plugins' enqueue
+  timeout 540 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py tests/test_runtime.py tests/test_trt_enqueue.py \
     2>&1 | tee "$OUT/gpu-tests.log" | tail -n 40
   rc=${PIPESTATUS[0]}
 fi

@@ -34,7 +34,7 @@ from dsmoe.dtypes import BENCH_RTOL, parse_dtype, tag
 from dsmoe.errors import DsmoeError
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-DEFAULT_BACKENDS = ("eager", "fused", "grouped_mm", "cuda", "cuda-graph", "ort", "ort-cuda")
+DEFAULT_BACKENDS = ("eager", "fused", "grouped_mm", "cuda", "cuda-graph", "ort", "genai", "ort-cuda")
 # suites with backends of their own (run only there by default)
 SUITE_BACKENDS = {"quant": ("eager", "ort", "ort-int8", "ort-int4", "llama.cpp-q8_0", "llama.cpp-q4_0")}
 
@@ -64,6 +64,8 @@ GOALS = {
     "model": [("ort decode ≥ 1.5× eager per token", "ort", 1.5)],
     "quant": [],  # quant_goals: ratios between backends and to each backend's own floor
 }
+# (goal, backend, reference backend, at most): dsmoe's own ORT loop against GenAI on the same export
+PEER_GOALS = {"model": [("ort (dsmoe's loop) decode within 1.1× of genai per token", "ort", "genai", 1.1)]}
 
 
 def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None = None, quick: bool = False,
@@ -263,6 +265,14 @@ def evaluate_goals(doc: dict) -> list[dict]:
         out.append({"goal": text, "met": worst[1]["vs_eager"] >= target, "value": worst[1]["vs_eager"],
                     "detail": "speed-ups " + ", ".join(f"{n}: {r['vs_eager']:.2f}×" for n, r in got)
                               + f"; worst {worst[0]} at {worst[1]['vs_eager']:.2f}× (target {target}×)"})
+    for text, backend, peer, target in PEER_GOALS.get(doc["suite"], []):
+        dec = [c for c in cases if c["case"].startswith("decode")]
+        if not any(c["results"].get(peer, {}).get("status") == "ok" for c in dec):
+            out.append({"goal": text, "met": None, "detail": f"{peer} did not run"})
+            continue
+        vals = [(c["case"], (a["latency_s"] / b["latency_s"]) if (a := _ok(c, backend)) and (b := _ok(c, peer)) else None)
+                for c in dec]
+        out.append(_goal(text, vals, target, at_most=True))
     return out
 
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from dsmoe.architecture import mla_attention_params
 from dsmoe.config import DeepseekConfig
 from dsmoe.dtypes import tag
 
@@ -171,6 +172,19 @@ def attention_work(config: DeepseekConfig, S: int, past: int, *, itemsize: int =
                 flops=float(2 * S * proj + 4 * nh * d * S * L))
 
 
+def mla_attention_work(config: DeepseekConfig, S: int, past: int, *, itemsize: int = 4,
+                       weight_bytes: float | None = None) -> Work:
+    """MLA attention at least: its weights and the latent cache read once; the projections for S
+    tokens plus the absorbed form's scores and weighted sum over past+S latents
+    (``2·nh·S·L·(2R + d_rope)``, the fewer FLOPs of the two forms for decode)."""
+    params = mla_attention_params(config)
+    L, R = past + S, config.kv_lora_rank
+    latent = config.kv_lora_rank + config.qk_rope_head_dim
+    wb = itemsize if weight_bytes is None else weight_bytes
+    return Work(bytes=float(params * wb + past * latent * itemsize),
+                flops=float(2 * S * params + 2 * config.num_attention_heads * S * L * (2 * R + config.qk_rope_head_dim)))
+
+
 def dense_mlp_work(config: DeepseekConfig, S: int, *, itemsize: int = 4, weight_bytes: float | None = None) -> Work:
     w = 3 * config.hidden_size * config.intermediate_size
     return Work(bytes=float(w * (itemsize if weight_bytes is None else weight_bytes)), flops=float(2 * S * w))
@@ -187,7 +201,8 @@ def model_step_work(config: DeepseekConfig, S: int, past: int, hits: list[int], 
     w = Work(bytes=float(S * H * itemsize), flops=0.0)
     moe = iter(hits)
     for i in range(config.num_hidden_layers):
-        w = w + attention_work(config, S, past, **kw)
+        attn = mla_attention_work if config.is_mla else attention_work
+        w = w + attn(config, S, past, **kw)
         if config.is_moe_layer(i):
             w = w + moe_layer_work(config, S, next(moe), **kw)
         else:

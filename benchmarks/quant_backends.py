@@ -14,11 +14,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from dsmoe.bench.backends import Backend, Prepared, Unsupported, _always, _ort_decoder, _scratch, register
+from dsmoe.bench.backends import Backend, Prepared, Unsupported, _always, _scratch, export_notes, model_export, register
 from dsmoe.bench.gguf_export import write_gguf
 from dsmoe.bench.llama_cpp import find_llama_bench, run_llama_bench
 from dsmoe.bench.suites import SEED, Workload
 from dsmoe.bench.timing import Timing
+from dsmoe.export import OrtDecoder
 from dsmoe.quant import GGML_BLOCK, GGML_BLOCK_BYTES
 
 
@@ -37,14 +38,15 @@ def _prepare_ort_quant(w: Workload, threads: int, bits: int) -> Prepared:
     _need_quant_suite(w)
     if w.device.type != "cpu":
         raise Unsupported("ONNX Runtime backends take the CPU workload")
-    tmp = _scratch()
+    out = model_export(w, extra=("--quant", f"int{bits}"))
     try:
-        fn, notes = _ort_decoder(w, tmp, threads, ("--quant", f"int{bits}"))
+        dec = OrtDecoder(out, threads=threads)
+        notes = export_notes(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out.parent, ignore_errors=True)
         raise
     notes.update(threads=threads, provider="CPUExecutionProvider")
-    return Prepared(fn, notes, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), rtol=QUANT_RTOL[bits],
+    return Prepared(dec, notes, cleanup=lambda: shutil.rmtree(out.parent, ignore_errors=True), rtol=QUANT_RTOL[bits],
                     weight_bytes=notes.pop("linear_bytes_per_weight"))
 
 

@@ -56,7 +56,16 @@ def _cpu_info(threads: int) -> dict:
 
 def versions() -> dict:
     return {"dsmoe": dsmoe.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__}
+            "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
+            "onnxruntime-genai": _genai_version()}
+
+
+def _genai_version() -> str | None:
+    try:
+        import onnxruntime_genai  # lazy: optional dependency
+    except ImportError:
+        return None
+    return onnxruntime_genai.__version__
 
 
 def stem(doc: dict) -> str:

@@ -24,6 +24,7 @@ from torch import nn
 
 import dsmoe
 from dsmoe.bench.limits import Work, model_step_work, moe_layer_work
+from dsmoe.cache import cache_layout
 from dsmoe.config import DeepseekConfig
 from dsmoe.ir import DecoderStep
 from dsmoe.model import DeepseekMoE, MoEGate
@@ -56,6 +57,7 @@ class Workload:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache: dict = field(default_factory=dict)  # shared between backends (e.g. the exported program)
+    prompt_ids: list[int] | None = None         # model suite: the prefill case's tokens (GenAI replays them)
 
 
 class LayerModule(nn.Module):
@@ -118,8 +120,7 @@ def model_workload(source: str, overrides: dict, prefill: int, decode: int, *, d
              for m in model.modules() if isinstance(m, MoEGate)]
     g = torch.Generator().manual_seed(SEED)
     ids = torch.randint(0, config.vocab_size, (1, prefill), generator=g).to(device)
-    empty = [(torch.zeros(1, config.num_key_value_heads, 0, config.head_dim, dtype=dtype, device=device),) * 2
-             for _ in range(config.num_hidden_layers)]
+    empty = cache_layout(config).empty(1, dtype, device)
     prefill_args = (ids, torch.ones(1, prefill, dtype=torch.int64, device=device),
                     torch.arange(prefill, device=device).unsqueeze(0), empty)
     with torch.inference_mode():
@@ -136,7 +137,8 @@ def model_workload(source: str, overrides: dict, prefill: int, decode: int, *, d
             nxt = out[:, -1:].argmax(-1)
     for h in hooks:
         h.remove()
-    cache = [(k.clone(), v.clone()) for k, v in cache]
+    cache = [tuple(t.clone() for t in layer) for layer in cache]
+
     def decode_work(weight_bytes: float | None = None) -> Work:
         total = Work(0.0, 0.0)
         for i, h in enumerate(step_hits):
@@ -166,7 +168,8 @@ def model_workload(source: str, overrides: dict, prefill: int, decode: int, *, d
               "E": config.n_routed_experts, "K": config.num_experts_per_tok, "batch": 1,
               "prefill": prefill, "decode_steps": decode,
               "model_params": sum(p.numel() for p in model.parameters())}
-    return Workload("model", source, overrides, config, step, cases, shapes, dtype=dtype, device=device)
+    return Workload("model", source, overrides, config, step, cases, shapes, dtype=dtype, device=device,
+                    prompt_ids=ids[0].tolist())
 
 
 def quant_workload(source: str, overrides: dict, prefill: int, decode: int, *, device: str | torch.device = "cpu",

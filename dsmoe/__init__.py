@@ -12,6 +12,7 @@ and :mod:`dsmoe.export`.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from dsmoe.model import DeepseekForCausalLM, init_weights, rebuild_rotary
 
 __version__ = "0.1.0"
 PRESET_PREFIX = "preset:"
+log = logging.getLogger("dsmoe")  # notes for the user (the CLI prints them as "note: ...")
 
 __all__ = [
     "PRESETS",
@@ -103,8 +105,12 @@ def load(source: str | Path, *, dtype: str | torch.dtype | None = None, override
     with torch.device("meta"):
         model = DeepseekForCausalLM(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
-    sd = load_state_dict(source, config, expected, tdtype, check_finite=not allow_nonfinite)
+    notes: list[str] = []
+    sd = load_state_dict(source, config, expected, tdtype, check_finite=not allow_nonfinite, notes=notes)
+    for note in notes:
+        log.info(note)
     model.load_state_dict(sd, strict=False, assign=True)
+    model.load_notes = notes
     rebuild_rotary(model)  # non-persistent: not in the checkpoint
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -9,6 +9,10 @@ Two layouts of the routed experts are accepted:
 - transformers v5's in-memory stacked layout:
   ``mlp.experts.gate_up_proj [E, 2I, H]`` (gate rows first) and ``mlp.experts.down_proj [E, H, I]``
 
+DeepSeek-V3 checkpoints may also hold multi-token-prediction layers (``model.layers.{L…}`` for
+``num_nextn_predict_layers`` > 0; never read, noted) and fp8 weights with block scales
+(dequantized on load, :mod:`dsmoe.fp8`).
+
 Writing always uses the on-disk layout, sharded above ``max_shard_bytes`` with
 ``model.safetensors.index.json``; the output directory is written to a temporary sibling and
 renamed, so nothing half-written is left behind.
@@ -25,15 +29,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dsmoe.config import DeepseekConfig
-from dsmoe.contract import CORRECTION_BIAS, FP32_KEY, HF_STACKED, NON_PERSISTENT_KEY
+from dsmoe.contract import CORRECTION_BIAS, FP32_KEY, HF_STACKED, LAYER_KEY, NON_PERSISTENT_KEY
 from dsmoe.dtypes import torch_name
 from dsmoe.errors import CheckpointError
+from dsmoe.fp8 import dequantize_state_dict, is_fp8, is_scale_key
 from dsmoe.outputs import OutputDir
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-                   if hasattr(torch, n))
 
 
 def shard_plan(path: Path) -> list[tuple[Path, set[str] | None]]:
@@ -83,12 +86,15 @@ def _weight_map(path: Path) -> dict[str, str]:
     return weight_map
 
 
-def read_tensors(path: Path, dtype: torch.dtype, *, check_finite: bool = True):
-    """Yield ``(key, tensor)`` from every shard, memory-mapped, cast to ``dtype`` (fp32 keys kept).
+def read_tensors(path: Path, dtype: torch.dtype, *, check_finite: bool = True, skip=None):
+    """Yield ``(key, tensor)`` from every shard, memory-mapped, cast to ``dtype`` (fp32 keys and
+    fp8 scales kept fp32; fp8 weights as stored, for :func:`dsmoe.fp8.dequantize_state_dict`);
+    keys for which ``skip(key)`` holds are not read.
 
     A key is read from the one shard the index names; a key found in two shards, a key the index
     lists that its shard lacks, and a key a shard holds that the index does not list are errors.
-    Every tensor must be floating point, and (unless ``check_finite`` is off) finite after the cast.
+    Every tensor must be floating point, and (unless ``check_finite`` is off) finite after the cast
+    (fp8 weights: once dequantized).
     """
     where: dict[str, str] = {}
     for f, keys in shard_plan(path):
@@ -99,7 +105,8 @@ def read_tensors(path: Path, dtype: torch.dtype, *, check_finite: bool = True):
                 _check_shard(f, present, wanted, keys is not None, where)
                 for key in sorted(wanted):
                     where[key] = f.name
-                    yield key, _cast(key, sf.get_tensor(key), dtype, check_finite)
+                    if skip is None or not skip(key):
+                        yield key, _cast(key, sf.get_tensor(key), dtype, check_finite)
         except SafetensorError as e:
             raise CheckpointError(f"corrupt or truncated safetensors file {f.name}: {e}") from None
         except OSError as e:
@@ -123,13 +130,15 @@ def _check_shard(f: Path, present: set[str], wanted: set[str], indexed: bool, wh
 
 
 def _cast(key: str, t: torch.Tensor, dtype: torch.dtype, check_finite: bool) -> torch.Tensor:
-    if t.dtype in FP8_DTYPES:
-        raise CheckpointError(f"{key} is {torch_name(t.dtype)}: fp8 weights need their block scales "
-                              "(weight_scale_inv) to be dequantized, which this model type does not read")
+    if is_fp8(t):
+        return t  # dequantized with its block scale by load_state_dict (then checked)
+    if "float8" in str(t.dtype):
+        raise CheckpointError(f"{key} is {torch_name(t.dtype)}: dsmoe dequantizes e4m3 (float8_e4m3fn) weights "
+                              "with block scales only")
     if not t.is_floating_point():
         raise CheckpointError(f"{key} has dtype {torch_name(t.dtype)}: model weights must be floating point "
                               "(float32, float16 or bfloat16)")
-    want = torch.float32 if FP32_KEY.search(key) else dtype
+    want = torch.float32 if FP32_KEY.search(key) or is_scale_key(key) else dtype
     if t.dtype != want:
         t = t.to(want)
     if check_finite and not all_finite(t):
@@ -188,16 +197,46 @@ def read_part(path: str | Path, config: DeepseekConfig, expected: dict[str, torc
     return {k: sd[k] for k in expected}
 
 
+def mtp_layers(config: DeepseekConfig) -> range:
+    """The layer indices of V3's multi-token-prediction layers (stored after the decoder's)."""
+    L = config.num_hidden_layers
+    return range(L, L + (config.num_nextn_predict_layers if config.is_mla else 0))
+
+
 def load_state_dict(path: str | Path, config: DeepseekConfig, expected: dict[str, torch.Size],
-                    dtype: torch.dtype, *, check_finite: bool = True) -> dict[str, torch.Tensor]:
-    """Read and check a checkpoint against the model's expected ``{key: shape}``."""
+                    dtype: torch.dtype, *, check_finite: bool = True,
+                    notes: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Read and check a checkpoint against the model's expected ``{key: shape}``; what was left
+    out on purpose (multi-token-prediction layers) and dequantized is appended to ``notes``."""
     path = Path(path)
     sd: dict[str, torch.Tensor] = {}
-    for key, t in read_tensors(path, dtype, check_finite=check_finite):
+    mtp, skipped = mtp_layers(config), set()
+
+    def is_mtp(key: str) -> bool:
+        m = LAYER_KEY.match(key)
+        if m and int(m.group(1)) in mtp:
+            skipped.add(int(m.group(1)))
+            return True
+        return False
+
+    for key, t in read_tensors(path, dtype, check_finite=check_finite, skip=is_mtp):
         if HF_STACKED.match(key):
             sd.update(unstack_experts(key, t, config))
         else:
             sd[key] = t
+    quantized = sorted(k for k, t in sd.items() if is_fp8(t))
+    sd = dequantize_state_dict(sd, config.fp8_block, dtype)
+    for key in quantized if check_finite else ():
+        if not all_finite(sd[key]):
+            raise CheckpointError(f"{key} holds NaN or Inf values once dequantized: a model with them computes "
+                                  "garbage (--allow-nonfinite loads it anyway)")
+    if notes is not None:
+        if skipped:
+            notes.append(f"left out {len(skipped)} multi-token-prediction layer(s) "
+                         f"({', '.join(f'model.layers.{i}' for i in sorted(skipped))}): not used for inference")
+        if quantized:
+            notes.append(f"dequantized {len(quantized)} fp8 weights ({config.fp8_block[0]}×{config.fp8_block[1]} "
+                         f"block scales) to {torch_name(dtype)}")
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
         expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}

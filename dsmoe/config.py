@@ -3,8 +3,11 @@
 Field names are those of the DeepSeekMoE remote code (``model_type: "deepseek"``), extended with
 the routing fields of DeepSeek-V2/V3 (``topk_method``, ``n_group``, ``topk_group``,
 ``routed_scaling_factor``) so that every routing variant is an explicit field, never inferred from
-a tensor shape. Named presets (:data:`PRESETS`) give the test model, the demo default and the real
-16B dimensions; any field can be overridden (``--set num_hidden_layers=2``).
+a tensor shape, and with DeepSeek-V2/V3's MLA fields (``model_type`` ``deepseek_v2`` /
+``deepseek_v3``; their reading and checks live in :mod:`dsmoe.mla_config`, YaRN in
+:mod:`dsmoe.rope`). Named presets (:data:`PRESETS`) give the test models, the demo defaults and the
+real DeepSeekMoE-16B and DeepSeek-V2-Lite dimensions; any field can be overridden
+(``--set num_hidden_layers=2``).
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from typing import Any
 
 from dsmoe.errors import ConfigError, DsmoeWarning
 from dsmoe.functional import ACTIVATIONS
+from dsmoe.mla_config import (MLA_MODEL_TYPES, MLA_ONLY_FIELDS, mla_from_dict, validate_mha_only,
+                              validate_mla, yarn)
 from dsmoe.routing import SCORING_FUNCS, TOPK_METHODS, RoutingSpec
 
 TOPK_METHOD_ALIASES = {"gready": "greedy"}  # some DeepSeek code spells it so
-MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2")
+MODEL_TYPES = ("deepseek", *MLA_MODEL_TYPES)
 
 
 @dataclass
@@ -60,6 +65,15 @@ class DeepseekConfig:
     torch_dtype: str = "bfloat16"
     model_type: str = "deepseek"
     architectures: list[str] = field(default_factory=lambda: ["DeepseekForCausalLM"])
+    # ---- MLA (deepseek_v2 / deepseek_v3 only; null for model_type "deepseek") ----------------
+    q_lora_rank: int | None = None          # null: one q_proj (V2-Lite); else q_a_proj → norm → q_b_proj
+    kv_lora_rank: int | None = None         # R: width of the compressed latent c_KV
+    qk_nope_head_dim: int | None = None     # per-head query/key part without RoPE
+    qk_rope_head_dim: int | None = None     # per-head query part with RoPE; the key part is shared
+    v_head_dim: int | None = None
+    rope_interleave: bool = True            # RoPE pairs adjacent dims (DeepSeek's layout)
+    num_nextn_predict_layers: int = 0       # V3 multi-token-prediction layers (skipped for inference)
+    quantization_config: dict | None = None  # fp8 e4m3 with 128×128 block scales (dequantized on load)
     # Keys of config.json this dataclass does not model; written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -73,6 +87,27 @@ class DeepseekConfig:
         """The stop ids: ``eos_token_id`` as a tuple (it may be one id, a list, or absent)."""
         e = self.eos_token_id
         return () if e is None else tuple(e) if isinstance(e, list) else (e,)
+
+    @property
+    def is_mla(self) -> bool:
+        """Multi-head Latent Attention (DeepSeek-V2/V3), from the model type (an explicit field)."""
+        return self.model_type in MLA_MODEL_TYPES
+
+    @property
+    def qk_head_dim(self) -> int:
+        """MLA query/key head width: ``qk_nope_head_dim + qk_rope_head_dim``."""
+        return (self.qk_nope_head_dim or 0) + (self.qk_rope_head_dim or 0)
+
+    @property
+    def rotary_dim(self) -> int:
+        """The width RoPE rotates: the whole head (MHA) or the rope part (MLA)."""
+        return self.qk_rope_head_dim if self.is_mla else self.head_dim
+
+    @property
+    def fp8_block(self) -> tuple[int, int] | None:
+        """``(rows, cols)`` of an fp8 checkpoint's weight-scale blocks, or None."""
+        q = self.quantization_config
+        return tuple(q["weight_block_size"]) if q else None
 
     @property
     def has_moe(self) -> bool:
@@ -109,14 +144,9 @@ class DeepseekConfig:
     # ---- validation ----------------------------------------------------------------------
     def validate(self) -> DeepseekConfig:
         """Raise :class:`ConfigError` (one line, names the field) unless the config is usable."""
-        if self.model_type in MLA_MODEL_TYPES:
-            raise ConfigError(
-                f"model_type {self.model_type!r} uses MLA attention, which dsmoe does not support yet "
-                "(its routing variants are supported: use model_type 'deepseek' with topk_method/"
-                "scoring_func set)",
-            )
-        if self.model_type != "deepseek":
-            raise ConfigError(f"unsupported model_type {self.model_type!r} (supported: 'deepseek')")
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"unsupported model_type {self.model_type!r} "
+                              f"(supported: {', '.join(repr(t) for t in MODEL_TYPES)})")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "intermediate_size", "max_position_embeddings"):
             _positive_int(self, name)
@@ -128,16 +158,17 @@ class DeepseekConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
                               f"num_key_value_heads {self.num_key_value_heads}")
+        if self.is_mla:
+            validate_mla(self)
+        else:
+            validate_mha_only(self)
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"unsupported hidden_act {self.hidden_act!r} (supported: {', '.join(ACTIVATIONS)})")
-        if self.rope_scaling not in (None, {}):
-            raise ConfigError(f"unsupported feature rope_scaling={json.dumps(self.rope_scaling)} "
-                              "(only plain RoPE is supported)")
         theta = self.rope_theta
         if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
             raise ConfigError(f"rope_theta must be a positive number, got {theta!r}")
         head_dim = self.extra.get("head_dim")
-        if head_dim is not None and head_dim != self.head_dim:
+        if not self.is_mla and head_dim is not None and head_dim != self.head_dim:  # MLA: validate_mla
             raise ConfigError(f"head_dim {head_dim!r} disagrees with hidden_size {self.hidden_size} / "
                               f"num_attention_heads {self.num_attention_heads} = {self.head_dim} (multi-head "
                               "attention of model_type 'deepseek' has head_dim = hidden_size / heads)")
@@ -198,12 +229,11 @@ class DeepseekConfig:
         d = dict(d)
         if d.get("topk_method") in TOPK_METHOD_ALIASES:
             d["topk_method"] = TOPK_METHOD_ALIASES[d["topk_method"]]
-        if "rope_parameters" in d:  # transformers v5 writes RoPE there
-            _read_rope_parameters(d)
+        _read_rope_parameters(d)  # transformers v5 writes RoPE there
         if "dtype" in d and "torch_dtype" not in d:  # transformers v5 writes "dtype"
             d["torch_dtype"] = d.pop("dtype")
-        if d.get("model_type") not in (None, "deepseek") and d.get("model_type") in MLA_MODEL_TYPES:
-            cls(model_type=d["model_type"]).validate()  # raises the MLA message
+        if d.get("model_type") in MLA_MODEL_TYPES:
+            mla_from_dict(d)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: _coerce(cls, k, v) for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known}
@@ -211,6 +241,10 @@ class DeepseekConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if not self.is_mla:  # MHA configs keep the DeepSeekMoE-16B key set
+            for name in MLA_ONLY_FIELDS:
+                if d[name] == _DEFAULTS[name]:
+                    del d[name]
         return {**self.extra, **d}
 
     @classmethod
@@ -248,6 +282,9 @@ class DeepseekConfig:
         return cls(**PRESETS[name]).override(overrides)
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DeepseekConfig) if f.default is not dataclasses.MISSING}
+
+
 ROPE_TYPES_WITH_SCALING = ("linear", "dynamic", "yarn", "longrope", "llama3")
 
 
@@ -255,37 +292,37 @@ def _read_rope_parameters(d: dict[str, Any]) -> None:
     """transformers-v5 ``rope_parameters`` → the ``rope_theta`` / ``rope_scaling`` fields (in place).
 
     ``{"rope_theta": θ, "rope_type": "default"}`` is plain RoPE; any other ``rope_type`` becomes
-    ``rope_scaling`` (which :meth:`DeepseekConfig.validate` accepts or refuses by type). A field
-    it does not know, or a value that disagrees with a legacy ``rope_theta``/``rope_scaling`` in
-    the same file, is a :class:`ConfigError` — never a silent default.
+    ``rope_scaling`` as written (which :meth:`DeepseekConfig.validate` accepts — YaRN for MLA
+    models — or refuses by type). A field it does not know, or a value that disagrees with a
+    legacy ``rope_theta``/``rope_scaling`` in the same file, is a :class:`ConfigError` — never a
+    silent default.
     """
-    rp = d.pop("rope_parameters")
+    rp = d.pop("rope_parameters", None)
     if rp is None:
         return
     if not isinstance(rp, dict):
         raise ConfigError(f"rope_parameters must be an object, got {rp!r}")
     if any(isinstance(v, dict) for v in rp.values()):
         raise ConfigError(f"per-layer-type rope_parameters ({', '.join(rp)}) are not supported")
-    rp = dict(rp)
-    theta = rp.pop("rope_theta", None)
+    params = dict(rp)
+    theta = params.pop("rope_theta", None)
     if theta is not None:
         if d.get("rope_theta") not in (None, theta):
-            raise ConfigError(f"rope_parameters.rope_theta {theta!r} disagrees with rope_theta {d['rope_theta']!r}")
+            raise ConfigError(f"rope_theta {d['rope_theta']!r} disagrees with rope_parameters.rope_theta {theta!r}")
         d["rope_theta"] = theta
-    kind = rp.pop("rope_type", rp.pop("type", "default"))
+    kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
-        if rp:
-            raise ConfigError(f"rope_parameters field {sorted(rp)[0]!r} is not understood for rope_type 'default'")
+        unknown = sorted(k for k in params if k not in ("rope_type", "type"))
+        if unknown:
+            raise ConfigError(f"rope_parameters field {unknown[0]!r} is not understood for rope_type 'default'")
         if d.get("rope_scaling") not in (None, {}):
             raise ConfigError("rope_parameters says rope_type 'default' but rope_scaling is set")
         return
     if kind not in ROPE_TYPES_WITH_SCALING:
         raise ConfigError(f"unknown rope_parameters.rope_type {kind!r}")
-    scaling = {"type": kind, **rp}
-    legacy = d.get("rope_scaling")
-    if legacy not in (None, {}) and {k: v for k, v in legacy.items() if k not in ("type", "rope_type")} != rp:
-        raise ConfigError("rope_parameters and rope_scaling disagree")
-    d["rope_scaling"] = scaling
+    if d.get("rope_scaling") not in (None, {}) and d["rope_scaling"] != params:
+        raise ConfigError("rope_scaling disagrees with rope_parameters")
+    d["rope_scaling"] = params
 
 
 def _positive_int(cfg: DeepseekConfig, name: str) -> None:
@@ -340,6 +377,8 @@ def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return out
 
 
+_MLA_V2: dict[str, Any] = dict(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], q_lora_rank=None)
+
 # Named presets. `tiny` is for tests (a dense layer, then MoE layers; 8 routed experts, 2 shared),
 # `small` is the demo default (the real structure at a size this 2-core machine runs comfortably),
 # `deepseek-moe-16b` has the real dimensions of deepseek-ai/deepseek-moe-16b-base.
@@ -357,4 +396,43 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, torch_dtype="float32",
     ),
     "deepseek-moe-16b": dict(),  # the dataclass defaults are the real 16B config
+    # ---- MLA (DeepSeek-V2/V3 attention) ----
+    # `mla-tiny`: tests (q_lora set, YaRN factor 4 over 64 positions so tests run past it);
+    # `mla-small`: the MLA demo (V2-Lite's structure: q_proj, YaRN, softmax greedy);
+    # `v3-small`: V3-style (q_lora, sigmoid + bias noaux_tc routing in groups, 1 shared expert);
+    # `deepseek-v2-lite`: the published dimensions of deepseek-ai/DeepSeek-V2-Lite.
+    "mla-tiny": dict(
+        _MLA_V2, vocab_size=256, hidden_size=64, intermediate_size=160, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+        n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=2,
+        q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        max_position_embeddings=256, rope_scaling=yarn(4.0, 64, mscale=0.707, mscale_all_dim=0.707),
+        bos_token_id=1, eos_token_id=2, torch_dtype="float32",
+    ),
+    "mla-small": dict(
+        _MLA_V2, vocab_size=16384, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+        n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
+        kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+        max_position_embeddings=8192, rope_scaling=yarn(4.0, 2048, mscale=0.707, mscale_all_dim=0.707),
+        bos_token_id=1, eos_token_id=2, torch_dtype="float32",
+    ),
+    "v3-small": dict(
+        _MLA_V2, model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
+        vocab_size=16384, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+        n_shared_experts=1, n_routed_experts=32, num_experts_per_tok=4,
+        scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2, norm_topk_prob=True,
+        routed_scaling_factor=2.5, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, max_position_embeddings=8192, rope_scaling=yarn(4.0, 2048, mscale=1.0, mscale_all_dim=1.0),
+        bos_token_id=0, eos_token_id=1, torch_dtype="float32",
+    ),
+    "deepseek-v2-lite": dict(
+        _MLA_V2, vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+        n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6, first_k_dense_replace=1,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        max_position_embeddings=163840, rope_scaling=yarn(40.0, 4096, mscale=0.707, mscale_all_dim=0.707),
+        torch_dtype="bfloat16",
+    ),
 }

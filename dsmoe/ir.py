@@ -3,8 +3,11 @@
 The captured graph has the decoder signature every backend uses (ONNX Runtime GenAI's)::
 
     gm(input_ids [B,S] int64, attention_mask [B,P+S] int64, position_ids [B,S] int64,
-       past_key_values: list of (key, value) [B, kv_heads, P, head_dim])
-       -> (logits [B,S,V], present: list of (key, value) [B, kv_heads, P+S, head_dim])
+       past_key_values: one tuple per layer in the cache layout, each [B, heads, P, dim])
+       -> (logits [B,S,V], present: the same with P+S slots)
+
+(:mod:`dsmoe.cache`: ``(key, value) [B, kv_heads, P, head_dim]`` for multi-head attention,
+``(latent,) [B, 1, P, kv_lora_rank + qk_rope_head_dim]`` for MLA)
 
 with batch, sequence and past length dynamic (past may be 0, sequence may be 1). ATen ops are
 kept as exported (``aten.linear`` is not decomposed) and every node keeps its ``nn_module_stack``
@@ -23,6 +26,7 @@ from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
 
+from dsmoe.cache import cache_layout
 from dsmoe.config import DeepseekConfig
 
 MAX_BATCH, MAX_SEQ = 1024, 1 << 16
@@ -49,11 +53,9 @@ def sample_inputs(config: DeepseekConfig, *, batch: int = 2, seq: int = 3, past:
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-    shape = (batch, config.num_key_value_heads, past, config.head_dim)
-    cache = [(torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype))
-             for _ in range(config.num_hidden_layers)]
+    cache = cache_layout(config).random(batch, past, g, dtype, device)
     to = lambda t: t.to(device)  # noqa: E731
-    return to(ids), to(mask), to(pos), [(to(k), to(v)) for k, v in cache]
+    return to(ids), to(mask), to(pos), cache
 
 
 def capture(model: nn.Module) -> GraphModule:
@@ -65,7 +67,7 @@ def capture(model: nn.Module) -> GraphModule:
     B = Dim("batch", min=1, max=MAX_BATCH)
     S = Dim("seq", min=1, max=MAX_SEQ)
     P = Dim("past", min=0, max=MAX_SEQ)
-    kv = [({0: B, 2: P}, {0: B, 2: P})] * config.num_hidden_layers
+    kv = cache_layout(config).dynamic_shapes(B, P)
     # attention_mask's length is past+seq: AUTO lets export derive that relation.
     dynamic = ({0: B, 1: S}, {0: B, 1: Dim.AUTO}, {0: B, 1: S}, kv)
     with torch.no_grad():

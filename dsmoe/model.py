@@ -7,9 +7,15 @@ experts + always-on shared experts). This is also the *eager baseline* every art
 against, so its MoE dispatch is the standard one (per hit expert: gather tokens, run the expert,
 scatter-add the weighted output), as fast as transformers' own eager path.
 
-KV cache: a list with one ``(key, value)`` pair per layer, each ``[B, kv_heads, L, head_dim]``;
-``forward(..., past_key_values=cache, use_cache=True)`` returns ``(logits, present)`` where
-``present`` is the cache with this step's keys/values appended (the ONNX Runtime GenAI layout).
+Attention is multi-head (``model_type: deepseek``, DeepSeekMoE 16B) or Multi-head Latent Attention
+(``deepseek_v2`` / ``deepseek_v3``: :class:`MultiHeadLatentAttention`, numerically what
+transformers' DeepseekV2/V3 attention computes, YaRN RoPE from :mod:`dsmoe.rope`).
+
+KV cache: a list with one tuple per layer in the layout of :func:`dsmoe.cache.cache_layout` —
+``(key, value)`` ``[B, kv_heads, L, head_dim]`` for MHA, ``(latent,)`` ``[B, 1, L, kv_lora_rank +
+qk_rope_head_dim]`` for MLA; ``forward(..., past_key_values=cache, use_cache=True)`` returns
+``(logits, present)`` where ``present`` is the cache with this step's entries appended (the ONNX
+Runtime GenAI layout).
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsmoe import rope
 from dsmoe.config import DeepseekConfig
+from dsmoe.mla_config import LATENT_NORM_EPS
 from dsmoe.routing import RoutingSpec, route
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+KVCache = list[tuple[torch.Tensor, ...]]
 
 
 class DeepseekForCausalLM(nn.Module):
@@ -60,7 +68,7 @@ class DeepseekModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = DeepseekRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = DeepseekRotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary_emb = DeepseekRotaryEmbedding(config)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
         B, S = input_ids.shape
@@ -80,7 +88,7 @@ class DeepseekModel(nn.Module):
 class DeepseekDecoderLayer(nn.Module):
     def __init__(self, config: DeepseekConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = DeepseekAttention(config)
+        self.self_attn = MultiHeadLatentAttention(config) if config.is_mla else DeepseekAttention(config)
         self.mlp = DeepseekMoE(config) if config.is_moe_layer(layer_idx) else DeepseekMLP(config)
         self.input_layernorm = DeepseekRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = DeepseekRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -120,6 +128,75 @@ class DeepseekAttention(nn.Module):
         probs = torch.softmax(scores + mask, dim=-1).to(q.dtype)
         out = torch.matmul(probs, vr).transpose(1, 2).reshape(B, S, -1)
         return self.o_proj(out), (k, v)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2/V3) with the compressed-latent KV cache.
+
+    Queries: ``q_proj`` (``q_lora_rank`` null, V2-Lite) or ``q_b_proj(q_a_layernorm(q_a_proj(x)))``,
+    per head ``[q_nope (d_nope) ‖ q_rope (d_rope)]``. Keys and values come from one latent per
+    token: ``kv_a_proj_with_mqa(x) = [c_KV (R) ‖ k_rope (d_rope)]``, ``c_KV`` normalized by
+    ``kv_a_layernorm``, ``k_rope`` rotated and shared by every head; the cache keeps ``[c_KV ‖
+    k_rope]`` (``[B, 1, L, R + d_rope]``, :mod:`dsmoe.cache`). :meth:`attend` expands it at every
+    step, as transformers does: ``kv_b_proj(c_KV)`` gives each head's ``k_nope (d_nope)`` and ``v
+    (d_v)``, key = ``[k_nope ‖ k_rope]``; softmax scale ``(d_nope + d_rope)^-0.5`` times the YaRN
+    correction (:func:`dsmoe.rope.softmax_scale`). ``passes/absorb_mla.py`` rewrites :meth:`attend`
+    into the weight-absorbed form (``dsmoe::mla_attention``), which reads the latent directly.
+    """
+
+    def __init__(self, config: DeepseekConfig):
+        super().__init__()
+        H, nh = config.hidden_size, config.num_attention_heads
+        self.num_heads, self.q_lora_rank, self.kv_lora_rank = nh, config.q_lora_rank, config.kv_lora_rank
+        self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.interleaved = config.rope_interleave
+        self.softmax_scale = rope.softmax_scale(config.qk_head_dim, config.rope_scaling, config.max_position_embeddings)
+        bias, dq = config.attention_bias, self.nope + self.rope
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, nh * dq, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(H, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = DeepseekRMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, nh * dq, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_lora_rank + self.rope, bias=bias)
+        self.kv_a_layernorm = DeepseekRMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, nh * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(nh * self.v_dim, H, bias=bias)
+
+    def forward(self, x, cos, sin, mask, past):
+        B, S, _ = x.shape
+        nh, R, dr = self.num_heads, self.kv_lora_rank, self.rope
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = torch.split(q.view(B, S, nh, self.nope + dr).transpose(1, 2), [self.nope, dr], dim=-1)
+        c_kv, k_rope = torch.split(self.kv_a_proj_with_mqa(x), [R, dr], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv).view(B, 1, S, R)
+        q_rope = self._rotary(q_rope, cos, sin)
+        k_rope = self._rotary(k_rope.view(B, 1, S, dr), cos, sin)
+        latent = torch.cat([c_kv, k_rope], dim=-1)  # [B, 1, S, R + d_rope]
+        if past is not None:
+            latent = torch.cat([past[0], latent], dim=2)
+        return self.o_proj(self.attend(q_nope, q_rope, latent, mask)), (latent,)
+
+    def attend(self, q_nope, q_rope, latent, mask):
+        """Expanded attention over the latent cache: ``q_nope [B,nh,S,d_nope], q_rope [B,nh,S,d_rope],
+        latent [B,1,T,R+d_rope], mask [B,1,S,T]`` → ``[B, S, nh·d_v]``."""
+        B, _, T, _ = latent.shape
+        S, nh = q_nope.shape[2], self.num_heads
+        c_kv, k_rope = torch.split(latent, [self.kv_lora_rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(B, T, nh, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = torch.split(kv, [self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(B, nh, T, self.rope)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        scores = torch.matmul(q, k.transpose(2, 3)).float() * self.softmax_scale
+        probs = torch.softmax(scores + mask, dim=-1).to(q.dtype)
+        return torch.matmul(probs, v).transpose(1, 2).reshape(B, S, nh * self.v_dim)
+
+    def _rotary(self, x, cos, sin):
+        """RoPE on the rope part; interleaved checkpoints pair dims (2i, 2i+1): de-interleave to
+        rotate-half order first (DeepSeek's own code; transformers' V3 interleaved RoPE)."""
+        if self.interleaved:
+            x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+        return apply_rotary(x, cos, sin)
 
 
 class DeepseekMoE(nn.Module):
@@ -213,16 +290,26 @@ class DeepseekRMSNorm(nn.Module):
 
 
 class DeepseekRotaryEmbedding(nn.Module):
-    def __init__(self, dim: int, theta: float):
+    """``position_ids [B,S]`` → ``(cos, sin) [B,1,S,d]`` over the rotary width (whole head for MHA,
+    the rope part for MLA), YaRN-scaled when ``rope_scaling`` says so (:func:`dsmoe.rope.inv_freq`)."""
+
+    def __init__(self, config: DeepseekConfig):
         super().__init__()
-        self.theta = theta
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        self.dim, self.theta = config.rotary_dim, config.rope_theta
+        self.rope_scaling, self.max_positions = config.rope_scaling, config.max_position_embeddings
+        inv_freq, self.attention_factor = rope.inv_freq(self.dim, self.theta, self.rope_scaling, self.max_positions)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids, dtype):
         freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # [B,S,d/2]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)  # [B,1,S,d]
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:  # YaRN's mscale ratio multiplies cos and sin
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)  # [B,1,S,d]
+
+    def rebuild(self, device) -> None:
+        self.inv_freq = rope.inv_freq(self.dim, self.theta, self.rope_scaling, self.max_positions, device=device)[0]
 
 
 def rotate_half(x):
@@ -285,6 +372,4 @@ def rebuild_rotary(model: nn.Module) -> None:
     """Recompute the non-persistent rotary buffers (absent from checkpoints and meta-built models)."""
     for mod in model.modules():
         if isinstance(mod, DeepseekRotaryEmbedding):
-            d = mod.inv_freq.shape[0] * 2
-            device = mod.inv_freq.device if mod.inv_freq.device.type != "meta" else "cpu"
-            mod.inv_freq = 1.0 / (mod.theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+            mod.rebuild(mod.inv_freq.device if mod.inv_freq.device.type != "meta" else "cpu")

@@ -8,7 +8,9 @@ tolerance; the unquantized model is what the accuracy report compares both again
 
 Scopes: ``all`` quantizes every linear — attention projections, ``lm_head``, and the linears of
 every SwiGLU MLP (routed experts, shared experts, dense MLPs); ``experts`` only the MLPs. The
-router (``mlp.gate``, not an ``nn.Linear``) and the embeddings stay in full precision.
+router (``mlp.gate``, not an ``nn.Linear``) and the embeddings stay in full precision, and so does
+MLA's ``kv_b_proj``: the fused graph never runs it as a linear (``absorb_mla`` splits it into the
+per-head matrices of ``dsmoe::mla_attention``).
 """
 
 from __future__ import annotations
@@ -46,13 +48,17 @@ class QuantLinear(nn.Module):
                 f"block {self.block_size}, act_quant={self.act_quant}")
 
 
+# linears that stay in full precision in every scope (see the module docstring)
+FULL_PRECISION = ("kv_b_proj",)
+
+
 def linears_in_scope(model: nn.Module, scope: str) -> list[tuple[nn.Module, str, nn.Linear]]:
     """``(parent, attribute, linear)`` for every ``nn.Linear`` the scope quantizes."""
     out = []
     for parent in model.modules():
         in_mlp = type(parent).__name__ == GATED_MLP
         for name, child in parent.named_children():
-            if isinstance(child, nn.Linear) and (scope == "all" or in_mlp):
+            if isinstance(child, nn.Linear) and (scope == "all" or in_mlp) and name not in FULL_PRECISION:
                 out.append((parent, name, child))
     return out
 
@@ -85,6 +91,10 @@ def quantized_dims(config, scope: str) -> dict[str, int]:
             dims["shared experts' width"] = config.shared_intermediate_size
     if any(not config.is_moe_layer(i) for i in range(config.num_hidden_layers)):
         dims["intermediate_size"] = config.intermediate_size
-    if scope == "all":
+    if scope == "all" and config.is_mla:  # q_a/kv_a take hidden_size; q_b, kv_b and o_proj these
+        if config.q_lora_rank:
+            dims["q_lora_rank"] = config.q_lora_rank
+        dims["attention width (num_attention_heads × v_head_dim)"] = config.num_attention_heads * config.v_head_dim
+    elif scope == "all":
         dims["attention width (num_attention_heads × head_dim)"] = config.num_attention_heads * config.head_dim
     return dims

@@ -32,6 +32,21 @@ Targets:
   dispatch (work ∝ routed tokens) was tried and made export time grow with E (67 s for the tiny
   preset's 8 experts vs 16 s dense, on 2 cores). Gated MLPs as above.
 
+- ``tensorrt``: ``dsmoe::route`` → one ``DsRoute`` and ``dsmoe::moe`` → one ``DsMoE`` plugin node
+  (:mod:`dsmoe.plugins.trt`): op type = plugin name in domain ``trt.plugins``, attributes
+  ``plugin_version``, ``plugin_namespace`` and one per plugin field, weights as initializer inputs
+  in the canonical layout (``w13 [E,2I,H]`` gate rows first, ``w2 [E,H,I]``, the router's bias in
+  fp32). TensorRT's ONNX parser imports an op type it does not know through its plugin fallback,
+  whatever the domain. Gated MLPs as above (TensorRT's own MatMuls). Shapes the plugins' AOT
+  kernels cannot take (H or I not divisible by 16, too many experts) are refused here.
+
+Every target: ``dsmoe::mla_attention`` → the absorbed form in standard ops
+(:func:`dsmoe.ops.mla_absorbed`: MatMul of q's nope part into the latent space, one batched
+MatMul of all heads against the single-head latent cache for the scores, Softmax, one for the
+weighted sum, MatMul by the value half). One graph serves prefill and decode, so it takes the
+absorbed form for both (the CPU kernel's per-call choice would need an ``If``); that is the form
+decode wants, and the one a prefill pays for in FLOPs (measured in ``benchmarks/mla_decode.py``).
+
 A node a target cannot take raises :class:`LoweringError` naming the node and the reason.
 """
 
@@ -48,11 +63,16 @@ from torch.fx import GraphModule, Node
 
 from dsmoe.errors import DsmoeError
 from dsmoe.functional import ACTIVATIONS, gated_mlp, glu
-from dsmoe.ops import FUSED_OPS, GATED_MLP, MOE, ROUTE, route_reference
+from dsmoe.ops import FUSED_OPS, GATED_MLP, MLA_ATTENTION, MOE, ROUTE, mla_absorbed, route_reference
 from dsmoe.passes.graph import add_buffer_beside, attr, drop_unused_attrs
+from dsmoe.plugins.moe.config import validate_moe
+from dsmoe.plugins.route.config import validate_route
+from dsmoe.plugins.trt.spec import ALIGN_BYTES, ONNX_DOMAIN
+from dsmoe.plugins.trt.spec import MOE as TRT_MOE
+from dsmoe.plugins.trt.spec import ROUTE as TRT_ROUTE
 from dsmoe.routing import RoutingSpec
 
-TARGETS = ("ort", "portable")
+TARGETS = ("ort", "portable", "tensorrt")
 ORT_DOMAIN = "com.microsoft"
 
 
@@ -119,6 +139,23 @@ def interleave_gate_up(w13: torch.Tensor) -> torch.Tensor:
     return w13.reshape(*lead, 2, twoI // 2, K).transpose(-3, -2).reshape(*lead, twoI, K).contiguous()
 
 
+def trt_route(x, w_gate, bias, *, attrs: dict):
+    """One ``DsRoute`` plugin node: ``(weights [T,K] fp32, ids [T,K] int32)``."""
+    T, K = x.shape[0], attrs["top_k"]
+    inputs = (x, w_gate) if bias is None else (x, w_gate, bias.float())
+    weights, ids = torch.onnx.ops.symbolic_multi_out(
+        f"{ONNX_DOMAIN}::{TRT_ROUTE.name}", inputs, attrs, dtypes=(torch.float32, torch.int32),
+        shapes=((T, K), (T, K)), version=1)
+    return weights, ids
+
+
+def trt_moe(x, weights, ids, w13, w2, *, attrs: dict):
+    """One ``DsMoE`` plugin node: ``y [T,H]`` in x's dtype."""
+    return torch.onnx.ops.symbolic(f"{ONNX_DOMAIN}::{TRT_MOE.name}",
+                                   (x, weights.float(), ids.to(torch.int32), w13, w2), attrs,
+                                   dtype=x.dtype, shape=x.shape, version=1)
+
+
 # ---- per-op lowerings: (gm, node, report) → replaces the node ----------------------------------
 
 def _check_activation(node: Node, activation: str) -> None:
@@ -136,6 +173,11 @@ def _lower_gated_mlp_std(gm: GraphModule, node: Node, report: LowerReport) -> No
     _check_activation(node, node.args[3])
     node.target = gated_mlp
     report.count("dsmoe::gated_mlp", "standard ops (MatMul gate|up, MatMul down)")
+
+
+def _lower_mla_std(gm: GraphModule, node: Node, report: LowerReport) -> None:
+    node.target = mla_absorbed
+    report.count("dsmoe::mla_attention", "standard ops (absorbed: latent cache, MatMul per head group)")
 
 
 def _route_of(node: Node) -> Node | None:
@@ -185,11 +227,57 @@ def _lower_moe_portable(gm: GraphModule, node: Node, report: LowerReport) -> Non
     report.count("dsmoe::moe", "standard ops (dense experts, masked mixing)")
 
 
+def _lower_route_trt(gm: GraphModule, node: Node, report: LowerReport) -> None:
+    spec = RoutingSpec.from_node(node)
+    x, w_gate, bias = node.args[:3]
+    if w_gate.op != "get_attr":
+        raise LoweringError(f"{node.name} (dsmoe::route): the router weight must be a parameter (a plugin initializer)")
+    E, H = attr(gm, w_gate).shape
+    try:
+        validate_route(1, H, E, **spec.as_kwargs())
+    except ValueError as e:
+        raise LoweringError(f"{node.name} (dsmoe::route) cannot be a {TRT_ROUTE.name} plugin: {e}") from None
+    if H % ALIGN_BYTES:
+        raise LoweringError(f"{node.name} (dsmoe::route): H={H} is not divisible by {ALIGN_BYTES}, which the "
+                            f"{TRT_ROUTE.name} plugin's kernels assume")
+    node.target = trt_route
+    node.args = (x, w_gate, bias)
+    node.kwargs = dict(attrs=TRT_ROUTE.node_attributes({**spec.as_kwargs(),
+                                                       "norm_topk_prob": int(spec.norm_topk_prob)}))
+    report.count("dsmoe::route", f"{TRT_ROUTE.name} plugin")
+
+
+def _lower_moe_trt(gm: GraphModule, node: Node, report: LowerReport) -> None:
+    x, weights, ids, w13_n, w2_n, activation = node.args
+    _check_activation(node, activation)
+    if activation not in TRT_MOE.field("activation").choices:
+        raise LoweringError(f"{node.name} (dsmoe::moe): the {TRT_MOE.name} plugin has no activation {activation!r}")
+    if w13_n.op != "get_attr" or w2_n.op != "get_attr":
+        raise LoweringError(f"{node.name} (dsmoe::moe): expert weights must be parameters (plugin initializers)")
+    w13, w2 = attr(gm, w13_n), attr(gm, w2_n)
+    try:  # the shapes of the weights (T and K are the runtime's)
+        _, H, _, _, I = validate_moe((1, w13.shape[-1]), (1, 1), (1, 1), tuple(w13.shape), tuple(w2.shape), w13.dtype,
+                                     activation)
+    except ValueError as e:
+        raise LoweringError(f"{node.name} (dsmoe::moe) cannot be a {TRT_MOE.name} plugin: {e}") from None
+    if H % ALIGN_BYTES or I % ALIGN_BYTES or not I:
+        raise LoweringError(f"{node.name} (dsmoe::moe): H={H} and I={I} must be multiples of {ALIGN_BYTES}, which "
+                            f"the {TRT_MOE.name} plugin's kernels assume")
+    node.target = trt_moe
+    node.args = (x, weights, ids, w13_n, w2_n)
+    node.kwargs = dict(attrs=TRT_MOE.node_attributes({"activation": activation}))
+    report.count("dsmoe::moe", f"{TRT_MOE.name} plugin")
+
+
 # Lowerings that need another node lowered first list it here: ort's softmax-greedy MoE consumes
 # the route's inputs (so the route is lowered after the moe, and dies if nothing else uses it).
 LOWERINGS: dict[str, dict[object, Callable[[GraphModule, Node, LowerReport], None]]] = {
-    "ort": {MOE: _lower_moe_ort, GATED_MLP: _lower_gated_mlp_std, ROUTE: _lower_route_std},
-    "portable": {MOE: _lower_moe_portable, GATED_MLP: _lower_gated_mlp_std, ROUTE: _lower_route_std},
+    "ort": {MOE: _lower_moe_ort, GATED_MLP: _lower_gated_mlp_std, ROUTE: _lower_route_std,
+            MLA_ATTENTION: _lower_mla_std},
+    "portable": {MOE: _lower_moe_portable, GATED_MLP: _lower_gated_mlp_std, ROUTE: _lower_route_std,
+                 MLA_ATTENTION: _lower_mla_std},
+    "tensorrt": {MOE: _lower_moe_trt, GATED_MLP: _lower_gated_mlp_std, ROUTE: _lower_route_trt,
+                 MLA_ATTENTION: _lower_mla_std},
 }
 
 

@@ -49,10 +49,11 @@ from torch.fx import GraphModule, Node
 
 from dsmoe.contract import GATED_MLP as MLP_CLASS
 from dsmoe.contract import ROUTER
-from dsmoe.export.lower import (ORT_DOMAIN, LoweringError, LowerReport, _check_activation, _lower_route_std, _route_of,
+from dsmoe.export.lower import (ORT_DOMAIN, LoweringError, LowerReport, _check_activation, _lower_mla_std, _lower_route_std,
+                                _route_of,
                                 apply_lowerings, interleave_gate_up, moe_dense_std)
 from dsmoe.functional import glu
-from dsmoe.ops import GATED_MLP, MOE, ROUTE
+from dsmoe.ops import GATED_MLP, MLA_ATTENTION, MOE, ROUTE
 from dsmoe.passes.graph import add_buffer_beside, attr
 from dsmoe.export.quant_options import ACCURACY_LEVEL, check_quant_target
 from dsmoe.quant import QuantizedTensor, QuantScheme, quantize
@@ -287,9 +288,9 @@ def _linear(gm: GraphModule, node: Node, report: LowerReport, scheme: QuantSchem
 
 QUANT_LOWERINGS = {
     "ort": {MOE: _lower_moe_qmoe, GATED_MLP: _lower_gated_mlp_nbits, ROUTE: _lower_route_std,
-            LINEAR: functools.partial(_linear, ort=True)},
+            LINEAR: functools.partial(_linear, ort=True), MLA_ATTENTION: _lower_mla_std},
     "portable": {MOE: _lower_moe_dq, GATED_MLP: _lower_gated_mlp_dq, ROUTE: _lower_route_std,
-                 LINEAR: functools.partial(_linear, ort=False)},
+                 LINEAR: functools.partial(_linear, ort=False), MLA_ATTENTION: _lower_mla_std},
 }
 
 
@@ -298,7 +299,7 @@ def lower_quantized(gm: GraphModule, *, target: str, scheme: QuantScheme) -> Low
     check_quant_target(target)
     table = {}
     for op, fn in QUANT_LOWERINGS[target].items():
-        table[op] = fn if fn is _lower_route_std else functools.partial(fn, scheme=scheme)
+        table[op] = fn if fn in (_lower_route_std, _lower_mla_std) else functools.partial(fn, scheme=scheme)
     return apply_lowerings(gm, table, LowerReport(target))
 
 

@@ -4,10 +4,18 @@ exporter options, ORT fusions, external data, the checker), used for whole decod
 
 The decoder is one model for prefill and decode, with ONNX Runtime GenAI names:
 
-Inputs ``input_ids [B,S] int64``, ``attention_mask [B,P+S] int64``, ``position_ids [B,S] int64``,
-``past_key_values.{i}.key/.value [B, kv_heads, P, head_dim]``; outputs ``logits [B,S,V]``,
-``present.{i}.key/.value [B, kv_heads, P+S, head_dim]``. Batch, sequence and past are dynamic.
-External data is used once the model passes 2 GB; ``onnx.checker`` runs its full check.
+Inputs ``input_ids [B,S] int64``, ``attention_mask [B,P+S] int64``, ``position_ids [B,S] int64``
+and the cache ``past_key_values.{i}.<entry>``; outputs ``logits [B,S,V]`` and
+``present.{i}.<entry>`` with P+S slots. The entries are the model's cache layout
+(:mod:`dsmoe.cache`): ``key``/``value [B, kv_heads, P, head_dim]`` for multi-head attention,
+``latent [B, 1, P, kv_lora_rank + qk_rope_head_dim]`` for MLA. Batch, sequence and past are dynamic.
+With ``kv_cache="static"`` past and present are buffers of a dynamic maximum length
+``max_sequence`` instead (:mod:`dsmoe.export.static_cache`).
+A graph from the ``expose_router`` pass (``dsmoe-export --router-stats``) has more outputs after
+those, per MoE layer ``router.{layer}.ids [B·S, K] int32``, ``router.{layer}.weights [B·S, K]
+fp32`` and, where the shared experts are separate, ``router.{layer}.routed_norm`` /
+``router.{layer}.shared_norm [B·S] fp32``; without it the graph and its outputs are the plain
+decoder's. External data is used once the model passes 2 GB; ``onnx.checker`` runs its full check.
 """
 
 from __future__ import annotations
@@ -29,7 +37,11 @@ from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
 
+from dsmoe.cache import CacheLayout, cache_layout
+from dsmoe.config import DeepseekConfig
+from dsmoe.export.static_cache import PAST_AXIS, PRESENT_AXIS, decoder_module
 from dsmoe.ir import MAX_BATCH, MAX_SEQ, sample_inputs
+from dsmoe.passes.expose_router import ROUTER_META, ROUTER_PREFIX, router_output_name
 
 OPSET = 21
 # the export directory: the model, its external data past 2 GB, the model's config, the report
@@ -40,43 +52,61 @@ REPORT_FILE = "export_report.json"
 TWO_GB = 2**31
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "attention_mask", "position_ids"]
-    outputs = ["logits"]
-    for i in range(num_layers):
-        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outputs += [f"present.{i}.key", f"present.{i}.value"]
-    return inputs, outputs
+def io_names(config: DeepseekConfig | CacheLayout | int,
+             router: dict[int, list[str]] | None = None) -> tuple[list[str], list[str]]:
+    """The decoder's input and output names for a config or cache layout (an ``int``: the layer
+    count of a multi-head-attention model, whose cache is ``key``/``value``); ``router``
+    (``{layer: [field, ...]}``, as ``expose_router`` records it) appends the router outputs."""
+    if isinstance(config, int):
+        layout = CacheLayout(config, (("key", 0, 0), ("value", 0, 0)))
+    else:
+        layout = config if isinstance(config, CacheLayout) else cache_layout(config)
+    outputs = ["logits", *layout.output_names()]
+    outputs += [router_output_name(layer, f) for layer, fields in (router or {}).items() for f in fields]
+    return ["input_ids", "attention_mask", "position_ids", *layout.input_names()], outputs
 
 
-class _Decoder(nn.Module):
-    """The lowered graph with a flat ``(logits, k0, v0, k1, ...)`` output."""
+def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype, ort_fusions: bool = False,
+            kv_cache: str = "dynamic", edit: Callable | None = None,
+            **export_kw) -> tuple[onnx.ModelProto | None, dict[str, int]]:
+    """Export the lowered decoder ``gm`` to ``path`` through :func:`export_module`, in the KV-cache
+    mode ``kv_cache`` (``dynamic`` or ``static``, see :mod:`dsmoe.export.static_cache`); ``edit``:
+    one more edit of the ONNX IR before it is saved (the quantized lowering's int4 tensors),
+    ``export_kw``: the streaming exporter's ``should_fold`` and ``save``."""
+    module = decoder_module(gm, kv_cache)
+    ids, mask, pos, past = sample_inputs(config, batch=2, seq=3, past=5, dtype=dtype)
+    B = Dim("batch", min=1, max=MAX_BATCH)
+    S = Dim("seq", min=1, max=MAX_SEQ)
+    layout = cache_layout(config)
+    if kv_cache == "static":  # buffers longer than the filled part (8 of 11 slots)
+        past = [tuple(torch.cat([t, t[:, :, :6]], dim=2) for t in entry) for entry in past]
+        P = Dim(PAST_AXIS["static"], min=1, max=MAX_SEQ)
+    else:
+        P = Dim("past", min=0, max=MAX_SEQ)
+    dynamic = ({0: B, 1: S}, {0: B, 1: Dim.AUTO}, {0: B, 1: S}, layout.dynamic_shapes(B, P))
+    names_in, names_out = io_names(layout, gm.meta.get(ROUTER_META))
+    return export_module(module, (ids, mask, pos, past), path, dynamic_shapes=dynamic, input_names=names_in,
+                         output_names=names_out, ort_fusions=ort_fusions, **export_kw,
+                         edit=lambda model: (_name_dynamic_axes(model, layout, kv_cache),
+                                             edit(model) if edit else None))
+
+
+class _Layer(nn.Module):
+    """A lowered one-input graph (a MoE layer: ``x [T, H] -> y [T, H]``) as a module to export."""
 
     def __init__(self, gm: GraphModule):
         super().__init__()
         self.gm = gm
 
-    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
-        logits, present = self.gm(input_ids, attention_mask, position_ids, past_key_values)
-        return (logits, *[t for kv in present for t in kv])
+    def forward(self, x):
+        return self.gm(x)
 
 
-def to_onnx(gm: GraphModule, path: Path, *, config, dtype: torch.dtype, ort_fusions: bool = False,
-            edit: Callable | None = None, **export_kw) -> tuple[onnx.ModelProto | None, dict[str, int]]:
-    """Export the lowered decoder ``gm`` to ``path`` through :func:`export_module` (``edit``: one
-    more edit of the ONNX IR before it is saved, e.g. the quantized lowering's int4 tensors;
-    ``export_kw``: the streaming exporter's ``should_fold`` and ``save``)."""
-    args = sample_inputs(config, batch=2, seq=3, past=5, dtype=dtype)
-    B = Dim("batch", min=1, max=MAX_BATCH)
-    S = Dim("seq", min=1, max=MAX_SEQ)
-    P = Dim("past", min=0, max=MAX_SEQ)
-    kv = [({0: B, 2: P}, {0: B, 2: P})] * config.num_hidden_layers
-    dynamic = ({0: B, 1: S}, {0: B, 1: Dim.AUTO}, {0: B, 1: S}, kv)
-    names_in, names_out = io_names(config.num_hidden_layers)
-    return export_module(_Decoder(gm), tuple(args), path, dynamic_shapes=dynamic, input_names=names_in,
-                         output_names=names_out, ort_fusions=ort_fusions, **export_kw,
-                         edit=lambda model: (_name_dynamic_axes(model, config.num_hidden_layers),
-                                             edit(model) if edit else None))
+def export_layer(gm: GraphModule, x: torch.Tensor, path: Path, *, ort_fusions: bool = False):
+    """A lowered single-layer graph ``x [T, H] -> y [T, H]`` through :func:`export_module`, the token
+    axis dynamic; inputs ``x``, outputs ``y`` (the benchmarks' and the tests' layer exports)."""
+    return export_module(_Layer(gm), (x,), path, dynamic_shapes=({0: Dim("T", min=1, max=MAX_SEQ)},),
+                         input_names=["x"], output_names=["y"], ort_fusions=ort_fusions)
 
 
 def export_module(module: nn.Module, args: tuple, path: Path, *, dynamic_shapes, input_names: list[str],
@@ -169,8 +199,9 @@ def _expand_unregistered_norms(path: Path) -> None:
         onnx.save(model, str(path))
 
 
-def _name_dynamic_axes(model, num_layers: int) -> None:
-    """Give the dynamic axes readable names (batch, sequence, past_sequence, total_sequence)."""
+def _name_dynamic_axes(model, layout: CacheLayout, kv_cache: str = "dynamic") -> None:
+    """Give the dynamic axes readable names (batch, sequence, past_sequence, total_sequence;
+    max_sequence for the static cache's buffers)."""
     def set_dims(value, dims):
         shape = value.shape
         if shape is None:
@@ -184,10 +215,13 @@ def _name_dynamic_axes(model, num_layers: int) -> None:
     set_dims(ins["position_ids"], ["batch", "sequence"])
     set_dims(ins["attention_mask"], ["batch", "total_sequence"])
     set_dims(outs["logits"], ["batch", "sequence", None])
-    for i in range(num_layers):
-        for kind in ("key", "value"):
-            set_dims(ins[f"past_key_values.{i}.{kind}"], ["batch", None, "past_sequence", None])
-            set_dims(outs[f"present.{i}.{kind}"], ["batch", None, "total_sequence", None])
+    for name in layout.input_names():
+        set_dims(ins[name], ["batch", None, PAST_AXIS[kv_cache], None])
+    for name in layout.output_names():
+        set_dims(outs[name], ["batch", None, PRESENT_AXIS[kv_cache], None])
+    for name, value in outs.items():
+        if name.startswith(ROUTER_PREFIX):
+            set_dims(value, ["batch_x_sequence", None])  # router outputs: one row per token, b·S + s
 
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dsmoe.cache import cache_layout
 from dsmoe.errors import NonFiniteError
 from dsmoe.export.runner import OrtDecoder
 from dsmoe.model import MoEGate
@@ -79,7 +80,7 @@ def prompts(config, n: int = PROMPTS, length: int = PROMPT_LEN, seed: int = 1234
     g = torch.Generator().manual_seed(seed)
     S = min(length, config.max_position_embeddings)
     ids = torch.randint(0, config.vocab_size, (n, S), generator=g)
-    empty = [(torch.zeros(n, config.num_key_value_heads, 0, config.head_dim),) * 2 for _ in range(config.num_hidden_layers)]
+    empty = cache_layout(config).empty(n)
     return ids, torch.ones(n, S, dtype=torch.int64), torch.arange(S).expand(n, S).contiguous(), empty
 
 

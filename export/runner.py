@@ -1,5 +1,11 @@
 """Run an exported directory in ONNX Runtime: a decoder step with the KV cache (the step function
-:func:`dsmoe.app.generate.greedy_generate` drives), and the polygraphy command line."""
+:func:`dsmoe.app.generate.greedy_generate` drives) for both cache modes of an export, the session
+options (one home, also written into ``genai_config.json``), and the polygraphy command line.
+
+An export made with ``--router-stats`` also returns the routers' choices: ``OrtDecoder(d,
+router_stats=True)`` steps return ``(logits, present, router)`` with ``router`` ``{layer:
+{field: tensor}}`` read from the ``router.{layer}.{field}`` outputs (the fused graph's shape).
+"""
 
 from __future__ import annotations
 
@@ -8,24 +14,51 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
 from dsmoe import load_config
+from dsmoe.cache import cache_layout
 from dsmoe.errors import DsmoeError
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, REPORT_FILE, io_names
+from dsmoe.export.static_cache import PAST_AXIS
+from dsmoe.passes.expose_router import parse_router_output_name
 
 _NP_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
+# Session options, chosen by measurement on this project's machines (2 cores, shared by several
+# engineers; /proc/cpuinfo: "Intel(R) Xeon(R) Processor", AVX-512/AMX). `small` preset, fp32,
+# greedy decode of 32 tokens after a 128-token prompt, ms per decoded token, medians of 3-4
+# interleaved runs; "+busy": one more process spinning on a core during the run:
+#
+#   load average                        ~1.5    ~2    ~2.5 +busy    ~4    ~7 +busy
+#   2 threads, spinning (ORT default)    3.8   15.1      8.7       40.7     72.4
+#   2 threads, no spinning               5.0    6.0      6.0       20.6     44.0
+#   1 thread                             5.8    6.5      5.9       16.6     58.3
+#   GenAI 0.18 as is (1 thread here)     5.6    6.2      6.0       15.2     51.5
+#
+# Spinning threads win only on an idle machine; once other processes want the cores, a spinning
+# worker and the waiting main thread take turns on them and a decode step takes 2-3× longer. Two
+# threads without spinning are never far from one and faster when the machine is quiet or very
+# busy (prefill of 128 tokens, quiet: 43-53 ms vs 66-70 ms), so: intra-op threads = ORT's
+# default (the cores), spinning off. IO binding of the KV cache did not pay in the dynamic mode at
+# these sizes (5.1 vs 5.0 ms, quiet); the static mode binds it because that is the mode (one
+# buffer as past and present).
+SPINNING = False
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "1" if SPINNING else "0"}
+
 
 def session(path: str | Path, *, threads: int | None = None, optimize: bool = True,
-            providers: list[str] | None = None):
-    """An ``InferenceSession`` (CPU unless ``providers``); ``optimize=False`` turns ORT's graph
-    rewrites off (numerics tests)."""
+            providers: list[str] | None = None, spinning: bool = SPINNING):
+    """An ``InferenceSession`` (CPU unless ``providers``) with :data:`SESSION_CONFIG`;
+    ``optimize=False`` turns ORT's graph rewrites off (numerics tests), ``spinning=True`` lets the
+    intra-op threads spin (faster on an idle machine only)."""
     so = ort.SessionOptions()
+    so.inter_op_num_threads = 1
     if threads:
         so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     # ORT fuses a blocked DequantizeLinear + MatMul (a portable quantized export) into MatMulNBits,
@@ -39,36 +72,123 @@ def session(path: str | Path, *, threads: int | None = None, optimize: bool = Tr
 
 class OrtDecoder:
     """One decoder step of an exported model: ``(input_ids, attention_mask, position_ids, past)
-    -> (logits, present)`` with ``past``/``present`` lists of ``(key, value)`` — the same
-    signature as the eager model and the fused graph. Takes torch tensors or numpy arrays and
-    returns torch tensors."""
+    -> (logits, present)`` with ``past``/``present`` one tuple per layer in the model's cache
+    layout (``(key, value)`` or ``(latent,)``, :mod:`dsmoe.cache`) — the same signature as the
+    eager model and the fused graph. Takes torch tensors or numpy arrays and returns torch
+    tensors. ``router_stats=True`` (an export with router outputs) adds a third value,
+    ``router`` (see the module docstring).
 
-    def __init__(self, export_dir: str | Path, threads: int | None = None, *, optimize: bool = True):
+    Either cache mode of an export runs behind this signature (``kv_cache``, read from the
+    model's past axis). A ``static`` export keeps its buffers here: numpy arrays of a capacity
+    that grows by doubling, bound with IO binding as both the past inputs and the present outputs,
+    so ONNX Runtime writes each step's keys/values into them in place. A call whose ``past`` is not
+    the present this decoder returned last is copied in first; the returned present is a view of
+    the buffers (valid until a call with another history overwrites them).
+    """
+
+    def __init__(self, export_dir: str | Path, threads: int | None = None, *, optimize: bool = True,
+                 spinning: bool = SPINNING, router_stats: bool = False):
         d = self.dir = Path(export_dir)
         if not (d / MODEL_FILE).is_file():
             raise DsmoeError(f"{d} holds no {MODEL_FILE} (export it with: dsmoe-export SOURCE --out {d})")
         self.config = load_config(d)
-        _check_config_unchanged(d)
-        self.sess = _open_session(d, threads=threads, optimize=optimize)
-        self.input_names, self.output_names = io_names(self.config.num_hidden_layers)
-        _check_io(d, self.sess, self.config, self.input_names, self.output_names)
-        types = {i.name: i.type for i in self.sess.get_inputs()}
-        self.dtype = _NP_TO_TORCH[types["past_key_values.0.key"]]
+        check_config_unchanged(d)
+        if export_target(d) == "tensorrt":
+            raise DsmoeError(f"{d} is a TensorRT export: its DsRoute/DsMoE plugin nodes run in TensorRT, not ONNX "
+                             "Runtime (use --backend tensorrt, or export with --target ort)")
+        self.sess = _open_session(d, threads=threads, optimize=optimize, spinning=spinning)
+        self.layout = cache_layout(self.config)
+        self.input_names, self.output_names = io_names(self.layout)
+        _check_io(d, self.sess, self.config, self.layout, self.input_names, self.output_names)
+        inputs = {i.name: i for i in self.sess.get_inputs()}
+        first = inputs[self.layout.input_names()[0]]
+        self.dtype = _NP_TO_TORCH[first.type]
+        self.np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
+        self.kv_cache = "static" if first.shape[2] == PAST_AXIS["static"] else "dynamic"
+        self._bufs: list[np.ndarray] = []   # static mode: the cache's tensors in ONNX order, [B, heads, M, dim]
+        self._views: list[torch.Tensor] = []
+        self._fill = -1                      # slots of the present returned last (-1: none)
+        self.router_outputs = {o.name: parsed for o in self.sess.get_outputs()
+                               if (parsed := parse_router_output_name(o.name)) is not None}
+        self.router_stats = router_stats
+        if router_stats and not self.router_outputs:
+            raise DsmoeError(f"{d / MODEL_FILE} has no router outputs (export it with: dsmoe-export SOURCE "
+                             f"--out {d} --router-stats)")
+        if router_stats and self.kv_cache == "static":
+            raise DsmoeError(f"{d}: router statistics are read from dynamic-cache exports only "
+                             "(export with --router-stats and --kv-cache dynamic)")
+        self._fetch = self.output_names + (list(self.router_outputs) if router_stats else [])
 
     def __call__(self, input_ids, attention_mask, position_ids, past):
         feed = {"input_ids": _np(input_ids, np.int64), "attention_mask": _np(attention_mask, np.int64),
                 "position_ids": _np(position_ids, np.int64)}
-        np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
-        for i, (k, v) in enumerate(past):
-            feed[f"past_key_values.{i}.key"] = _np(k, np_dtype)
-            feed[f"past_key_values.{i}.value"] = _np(v, np_dtype)
+        flat = [t for layer in past for t in layer]
+        if len(flat) != len(self.layout.input_names()):
+            raise DsmoeError(f"the cache has {len(flat)} tensors; this export takes {len(self.layout.input_names())} "
+                             f"({', '.join(self.layout.names)} per layer)")
+        if self.kv_cache == "static":
+            return self._static_step(feed, past, flat)
+        for name, t in zip(self.layout.input_names(), flat):
+            feed[name] = _np(t, self.np_dtype)
+        outs = [torch.from_numpy(o) for o in self._run(lambda: self.sess.run(self._fetch, feed))]
+        n = len(flat)
+        present = self.layout.unflatten(outs[1:1 + n])
+        if not self.router_stats:
+            return outs[0], present
+        router: dict[int, dict[str, torch.Tensor]] = {}
+        for (layer, field), t in zip(self.router_outputs.values(), outs[1 + n:]):
+            router.setdefault(layer, {})[field] = t
+        return outs[0], present, router
+
+    def _static_step(self, feed: dict, past, flat: list):
+        B, S = feed["input_ids"].shape
+        P = past[0][0].shape[2] if past else 0
+        if feed["attention_mask"].shape[1] != P + S:
+            raise DsmoeError(f"attention_mask covers {feed['attention_mask'].shape[1]} slots, past + new tokens are {P + S}")
+        own = self._is_own(past, P)
+        if not self._bufs or self._bufs[0].shape[0] != B or self._bufs[0].shape[2] < P + S:
+            self._allocate(B, P + S, past if own else None)
+        if not own:
+            for buf, t in zip(self._bufs, flat):
+                buf[:, :, :P] = _np(t, self.np_dtype)
+        for name, a in feed.items():
+            self._binding.bind_cpu_input(name, a)
+        self._binding.bind_output("logits", "cpu")
+        self._run(lambda: self.sess.run_with_iobinding(self._binding))
+        logits = torch.from_numpy(self._binding.get_outputs()[0].numpy())
+        self._fill = P + S
+        n = P + S
+        return logits, self.layout.unflatten([v[:, :, :n] for v in self._views])
+
+    def _run(self, fn):
         try:
-            outs = [torch.from_numpy(o) for o in self.sess.run(self.output_names, feed)]
+            return fn()
         except Exception as e:  # onnxruntime's errors are plain RuntimeError-like classes
             raise ExportRunError(f"ONNX Runtime failed running {self.dir / MODEL_FILE}: "
                                  f"{str(e).strip().splitlines()[0][:300]}") from None
-        present = [(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.config.num_hidden_layers)]
-        return outs[0], present
+
+    def _is_own(self, past, P: int) -> bool:
+        return (bool(self._bufs) and self._fill == P and P > 0 and isinstance(past[0][0], torch.Tensor)
+                and all(t.data_ptr() == v.data_ptr() for t, v in zip([t for layer in past for t in layer], self._views)))
+
+    def _allocate(self, B: int, need: int, keep) -> None:
+        """Buffers of at least ``need`` slots (doubling, multiples of 64); ``keep``: the present this
+        decoder returned last, carried over."""
+        old = self._bufs[0].shape[2] if self._bufs and self._bufs[0].shape[0] == B else 0
+        M = max(need, 2 * old, 64)
+        M = -(-M // 64) * 64
+        bufs = [np.zeros(shape, self.np_dtype) for _ in range(self.layout.layers) for shape in self.layout.shapes(B, M)]
+        if keep is not None:
+            for buf, t in zip(bufs, [t for layer in keep for t in layer]):
+                buf[:, :, :t.shape[2]] = t.numpy()
+        self._bufs, self._views = bufs, [torch.from_numpy(b) for b in bufs]
+        self._values = [ort.OrtValue.ortvalue_from_numpy(b) for b in bufs]
+        self._binding = self.sess.io_binding()
+        self._binding.bind_output("logits", "cpu")  # first: get_outputs()[0] is the logits
+        for name, value in zip(self.input_names[3:], self._values):
+            self._binding.bind_ortvalue_input(name, value)
+        for name, value in zip(self.output_names[1:], self._values):
+            self._binding.bind_ortvalue_output(name, value)
 
 
 class ExportRunError(DsmoeError):
@@ -77,7 +197,16 @@ class ExportRunError(DsmoeError):
     exit_code = 1
 
 
-def _check_config_unchanged(d: Path) -> None:
+def export_target(d: str | Path) -> str:
+    """The ``--target`` an export directory was written for (``ort`` when its report does not say)."""
+    try:
+        target = json.loads((Path(d) / REPORT_FILE).read_text()).get("target", "ort")
+    except (OSError, ValueError, AttributeError):
+        return "ort"
+    return target if isinstance(target, str) else "ort"
+
+
+def check_config_unchanged(d: Path) -> None:
     """The export's ``config.json`` is the one it was made with (its hash is in the report)."""
     try:
         want = json.loads((d / REPORT_FILE).read_text()).get("config_sha256")
@@ -103,17 +232,30 @@ def _open_session(d: Path, **kw):
         raise DsmoeError(f"{model} is damaged or not an ONNX model ({text.strip().splitlines()[0][:160]})") from None
 
 
-def _check_io(d: Path, sess, config, inputs: list[str], outputs: list[str]) -> None:
-    """The graph's inputs and outputs agree with ``config.json`` (layers, KV heads, head size, vocabulary)."""
+# what a cache entry's heads and width are, in the words of the config
+_ENTRY_LABELS = {"key": ("KV heads (num_key_value_heads)", "head size (hidden_size / num_attention_heads)"),
+                 "latent": ("latent heads (one per layer)", "latent width (kv_lora_rank + qk_rope_head_dim)")}
+
+
+def _check_io(d: Path, sess, config, layout, inputs: list[str], outputs: list[str]) -> None:
+    """The graph's inputs and outputs agree with ``config.json`` (layers, the cache entries'
+    heads and widths, vocabulary)."""
     got_in = {i.name: i.shape for i in sess.get_inputs()}
     got_out = {o.name: o.shape for o in sess.get_outputs()}
     if set(got_in) != set(inputs) or not set(outputs) <= set(got_out):
-        n = sum(1 for k in got_in if k.startswith("past_key_values.")) // 2
-        raise DsmoeError(f"{d / MODEL_FILE} and {CONFIG_FILE} disagree: the graph has {n} layers' cache inputs, "
-                         f"the config says num_hidden_layers {config.num_hidden_layers}")
-    want = {"KV heads (num_key_value_heads)": (got_in["past_key_values.0.key"][1], config.num_key_value_heads),
-            "head size (hidden_size / num_attention_heads)": (got_in["past_key_values.0.key"][3], config.head_dim),
-            "vocabulary (vocab_size)": (got_out["logits"][-1], config.vocab_size)}
+        cache = [k for k in got_in if k.startswith("past_key_values.")]
+        names = sorted({k.rsplit(".", 1)[1] for k in cache})
+        if names != sorted(layout.names):
+            raise DsmoeError(f"{d / MODEL_FILE} and {CONFIG_FILE} disagree: the graph caches {', '.join(names)}, "
+                             f"the config ({config.model_type}) {', '.join(layout.names)}")
+        raise DsmoeError(f"{d / MODEL_FILE} and {CONFIG_FILE} disagree: the graph has {len(cache) // len(names)} layers' "
+                         f"cache inputs, the config says num_hidden_layers {config.num_hidden_layers}")
+    want = {"vocabulary (vocab_size)": (got_out["logits"][-1], config.vocab_size)}
+    for name, heads, dim in layout.entries:
+        if name in _ENTRY_LABELS:
+            shape = got_in[f"past_key_values.0.{name}"]
+            want[_ENTRY_LABELS[name][0]] = (shape[1], heads)
+            want[_ENTRY_LABELS[name][1]] = (shape[3], dim)
     for what, (graph, cfg) in want.items():
         if isinstance(graph, int) and graph != cfg:
             raise DsmoeError(f"{d / MODEL_FILE} and {CONFIG_FILE} disagree on the {what}: graph {graph}, config {cfg}")
@@ -128,13 +270,18 @@ def polygraphy_command(export_dir: str | Path, *, batch: int = 1, seq: int = 4, 
     """The ``polygraphy run MODEL --onnxrt`` command line for an exported directory.
 
     The decoder's axes are dynamic and tied together (``attention_mask`` is past + sequence long),
-    so polygraphy needs explicit shapes; ``input_ids`` values must lie in the vocabulary.
+    so polygraphy needs explicit shapes; ``input_ids`` values must lie in the vocabulary. A
+    static-cache export gets buffers of exactly past + sequence slots.
     """
     d = Path(export_dir)
     c = load_config(d)
-    kv = f"[{batch},{c.num_key_value_heads},{past},{c.head_dim}]"
+    layout = cache_layout(c)
+    graph = onnx.load(str(d / MODEL_FILE), load_external_data=False).graph
+    first = layout.input_names()[0]
+    past_axis = next(v for v in graph.input if v.name == first).type.tensor_type.shape.dim[2].dim_param
+    slots = past + seq if past_axis == PAST_AXIS["static"] else past
     shapes = [f"input_ids:[{batch},{seq}]", f"attention_mask:[{batch},{past + seq}]", f"position_ids:[{batch},{seq}]"]
-    for i in range(c.num_hidden_layers):
-        shapes += [f"past_key_values.{i}.key:{kv}", f"past_key_values.{i}.value:{kv}"]
+    dims = [",".join(map(str, s)) for s in layout.shapes(batch, slots)] * c.num_hidden_layers
+    shapes += [f"{name}:[{d}]" for name, d in zip(layout.input_names(), dims)]
     return ["polygraphy", "run", str(d / MODEL_FILE), "--onnxrt", "--input-shapes", *shapes,
             "--val-range", f"input_ids:[0,{c.vocab_size - 1}]", "attention_mask:[1,1]", f"position_ids:[0,{seq - 1}]"]

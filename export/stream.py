@@ -73,7 +73,11 @@ def lowered_graph(model: torch.nn.Module, *, target: str, scheme: QuantScheme):
 
 def meta_model(config: DeepseekConfig) -> DeepseekForCausalLM:
     with torch.device("meta"):
-        return DeepseekForCausalLM(config).eval().requires_grad_(False)
+        model = DeepseekForCausalLM(config).eval().requires_grad_(False)
+    for mod in model.modules():  # the rotary tables are computed on the CPU whatever the device
+        if isinstance(mod, DeepseekRotaryEmbedding):
+            mod.inv_freq = mod.inv_freq.to("meta")
+    return model
 
 
 def template(config: DeepseekConfig, *, target: str, scheme: QuantScheme):
@@ -93,7 +97,7 @@ def swap_in_placeholders(gm: torch.fx.GraphModule, config: DeepseekConfig) -> se
     """Replace every meta parameter/buffer of ``gm`` by a placeholder; returns their ONNX names.
     The rotary ``inv_freq`` (computed, not a weight) gets its real value."""
     g = torch.Generator().manual_seed(0)
-    inv_freq = DeepseekRotaryEmbedding(config.head_dim, config.rope_theta).inv_freq
+    inv_freq = DeepseekRotaryEmbedding(config).inv_freq  # computed on the CPU
     names = set()
     for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
         owner, _, leaf = name.rpartition(".")
@@ -267,7 +271,7 @@ def streamed_checks(source, config: DeepseekConfig, scheme: QuantScheme, export_
     ids, mask, pos, _ = args
     say("verify: ONNX Runtime")
     got, present = OrtDecoder(export_dir)(*args)
-    cos, sin = DeepseekRotaryEmbedding(config.head_dim, config.rope_theta)(pos, torch.float32)
+    cos, sin = DeepseekRotaryEmbedding(config)(pos, torch.float32)
     amask = causal_mask(*ids.shape, 0, mask, ids.device)
     tol, worst = VERIFY_RTOL[torch.float32], 0.0
     fp_ids, q_ids = {}, {}

@@ -30,6 +30,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from dsmoe.cache import cache_layout
 from dsmoe.dtypes import VERIFY_RTOL
 from dsmoe.export.quant_options import ACCURACY_LEVEL
 from dsmoe.export.onnx_writer import MODEL_FILE
@@ -194,16 +195,15 @@ def with_end_to_end(ops: dict, end_to_end: dict) -> dict:
 
 def op_check_feeds(config) -> list[dict]:
     """A prefill (2 × 16 tokens) and a decode step (2 × 1 token after 6 cached): both kernel paths."""
-    return [feeds_of(sample_inputs(config, batch=2, seq=16, past=0, seed=7)),
-            feeds_of(sample_inputs(config, batch=2, seq=1, past=6, seed=8))]
+    return [feeds_of(sample_inputs(config, batch=2, seq=16, past=0, seed=7), config),
+            feeds_of(sample_inputs(config, batch=2, seq=1, past=6, seed=8), config)]
 
 
-def feeds_of(args, *, dtype=np.float32) -> dict:
-    """Decoder inputs (torch) → an ONNX Runtime feed."""
+def feeds_of(args, config, *, dtype=np.float32) -> dict:
+    """Decoder inputs (torch) → an ONNX Runtime feed (the cache named as ``config``'s layout)."""
     ids, mask, pos, past = args
     feed = {"input_ids": ids.numpy().astype(np.int64), "attention_mask": mask.numpy().astype(np.int64),
             "position_ids": pos.numpy().astype(np.int64)}
-    for i, (k, v) in enumerate(past):
-        feed[f"past_key_values.{i}.key"] = k.numpy().astype(dtype)
-        feed[f"past_key_values.{i}.value"] = v.numpy().astype(dtype)
+    names = cache_layout(config).input_names()
+    feed.update(zip(names, (t.numpy().astype(dtype) for entry in past for t in entry), strict=True))
     return feed

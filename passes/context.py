@@ -15,11 +15,16 @@ class PassContext:
 
     ``config`` defaults to the one :func:`dsmoe.ir.capture` stored on the graph.
     ``fold_shared_experts`` turns on the optional pass that folds shared experts into
-    ``dsmoe::moe``. ``verify`` runs the graph before and after every pass on seeded inputs.
+    ``dsmoe::moe``; ``absorb_mla`` (on by default) rewrites MLA attention into the absorbed
+    ``dsmoe::mla_attention``. ``router_stats`` turns on ``expose_router``, which adds the routers'
+    choices to the graph's outputs (``(logits, present, router)``). ``verify`` runs the graph
+    before and after every pass on seeded inputs.
     """
 
     config: DeepseekConfig | None = None
     fold_shared_experts: bool = False
+    router_stats: bool = False
+    absorb_mla: bool = True
     verify: bool = False
     verify_seed: int = 0
 

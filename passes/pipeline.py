@@ -7,8 +7,14 @@ Order, and why:
 2. ``outline_moe`` before ``fuse_gated_mlp``: the routed experts are SwiGLU MLPs too;
    ``fuse_gated_mlp`` skips them by path, but outlining first leaves it nothing to skip.
 3. ``fuse_gated_mlp``: shared experts and dense MLPs.
-4. ``fold_shared_experts`` (optional, ``PassContext.fold_shared_experts``) last: it needs both
+4. ``absorb_mla`` (MLA models; on unless ``PassContext.absorb_mla`` is False): attention
+   scopes only, independent of the MoE passes; listed after them so that an MHA model's
+   report is the three MoE passes.
+5. ``fold_shared_experts`` (optional, ``PassContext.fold_shared_experts``): it needs both
    the ``dsmoe::moe`` of step 2 and the shared ``dsmoe::gated_mlp`` of step 3.
+6. ``expose_router`` (optional, ``PassContext.router_stats``) last: it exposes the final graph's
+   ``dsmoe::route`` outputs (and the moe / shared outputs' norms where they are still separate);
+   it adds outputs and changes nothing else, so every pass before it sees the plain decoder.
 
 With ``ctx.verify`` the graph runs on seeded prefill and single-token decode inputs before the
 first pass and after every pass; an output beyond the dtype's tolerance raises
@@ -27,7 +33,9 @@ from torch.fx import GraphModule
 from dsmoe.dtypes import VERIFY_RTOL
 from dsmoe.errors import DsmoeError
 from dsmoe.ir import node_count, op_histogram, param_bytes, sample_inputs
+from dsmoe.passes.absorb_mla import absorb_mla
 from dsmoe.passes.context import PassContext, PassResult
+from dsmoe.passes.expose_router import expose_router
 from dsmoe.passes.fold_shared_experts import fold_shared_experts
 from dsmoe.passes.fuse_gated_mlp import fuse_gated_mlp
 from dsmoe.passes.fuse_router import fuse_router
@@ -39,9 +47,14 @@ PASSES: list[tuple[str, Pass]] = [
     ("fuse_router", fuse_router),
     ("outline_moe", outline_moe),  # consumes route's ids (1)
     ("fuse_gated_mlp", fuse_gated_mlp),  # after outline_moe (2)
-    ("fold_shared_experts", fold_shared_experts),  # optional; needs moe + gated_mlp (4)
+    ("absorb_mla", absorb_mla),  # MLA attention only, independent of the MoE passes (4)
+    ("fold_shared_experts", fold_shared_experts),  # optional; needs moe + gated_mlp (5)
+    ("expose_router", expose_router),  # optional; last, it adds graph outputs (6)
 ]
-OPTIONAL = {"fold_shared_experts": "fold_shared_experts"}  # pass name -> PassContext flag
+OPTIONAL = {"fold_shared_experts": "fold_shared_experts", "absorb_mla": "absorb_mla",
+            "expose_router": "router_stats"}  # pass -> PassContext flag
+# passes that apply only to some models (not run, nor reported, for the others)
+APPLIES = {"absorb_mla": lambda config: config.is_mla}
 
 
 
@@ -62,16 +75,19 @@ class PassReport:
     skipped: list[str]
 
 
-def pass_names(ctx: PassContext | None = None) -> list[str]:
+def pass_names(ctx: PassContext | None = None, config=None) -> list[str]:
+    """The passes a pipeline with ``ctx`` runs (on a model with ``config``, when given)."""
     ctx = ctx or PassContext()
-    return [name for name, _ in PASSES if name not in OPTIONAL or getattr(ctx, OPTIONAL[name])]
+    return [name for name, _ in PASSES if (name not in OPTIONAL or getattr(ctx, OPTIONAL[name]))
+            and (config is None or name not in APPLIES or APPLIES[name](config))]
 
 
 def run_pipeline(gm: GraphModule, ctx: PassContext | None = None,
                  on_pass: Callable[[PassReport, GraphModule], None] | None = None) -> tuple[GraphModule, list[PassReport]]:
     """Run the enabled passes in order; returns the (in-place rewritten) graph and one report per pass."""
     ctx = ctx or PassContext()
-    enabled = pass_names(ctx)
+    config = ctx.config or gm.meta.get("dsmoe_config")
+    enabled = pass_names(ctx, config)
     checker = _Verifier(gm, ctx) if ctx.verify else None
     reports = []
     for name, fn in PASSES:

@@ -120,6 +120,17 @@ def dot_in_fp32(dtype: torch.dtype, interpreted: bool) -> bool:
 
 
 @dataclass(frozen=True)
+class Buffer:
+    """A workspace buffer: element type (``i32``, ``fp32``, ``{x}`` = the input dtype), element count
+    as a formula of the sizes, zeroed before the first launch or not."""
+
+    name: str
+    type: str
+    numel: str
+    zeroed: bool = False
+
+
+@dataclass(frozen=True)
 class Launch:
     """One kernel launch: what the PyTorch launcher runs and what the AOT manifest records.
 

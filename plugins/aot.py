@@ -79,9 +79,9 @@ def build_kernels(archs=ARCHS, out_dir: str | Path = "kernels") -> dict:
                 ids = [_compile(manifest["kernels"], op, launch, dtype, arch, cc, out) for launch in cfg.launches]
                 entry = {"arch": arch, "dtype": _triton.TYPE_OF_DTYPE[dtype], "path": cfg.path, "when": when,
                          "launches": ids}
+                entry["buffers"] = [{"name": b.name, "type": b.type.replace("{x}", entry["dtype"]),
+                                     "numel": b.numel, "zeroed": b.zeroed} for b in cfg.buffers]
                 if op == "moe":
-                    entry["buffers"] = [{"name": b.name, "type": b.type.replace("{x}", entry["dtype"]),
-                                         "numel": b.numel, "zeroed": b.zeroed} for b in cfg.buffers]
                     entry["sizes"] = {"P": "T*K", "MB": cfg.mb}
                 rules["configs"].append(entry)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -105,7 +105,7 @@ def _op_info(op: str) -> dict:
         return {"configs": [], "codes": {"scoring": route_cfg.SCORINGS, "method": route_cfg.TOPK_METHODS},
                 "notes": ["x and w_gate in one dtype (the op upcasts both to fp32 when they differ)",
                           "bias: fp32 [E], zeros when the op has none",
-                          "buffers: logits fp32 [T*E]; scale = 1 if scale_when == 'always' or not normalize",
+                          "scale = 1 if scale_when == 'always' or not normalize",
                           "method 0 (greedy) also when n_group == 1; then n_group = topk_group = 1"]}
     return {"configs": [], "notes": ["zero the buffers marked zeroed, then launch in order",
                                      "ids int32, weights fp32 [T,K]; y in x's dtype"]}

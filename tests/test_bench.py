@@ -22,9 +22,9 @@ from dsmoe.errors import DsmoeError
 LIMITS = Limits(bandwidth_gbs=10.0, gemm_gflops=100.0, bandwidth_bytes=0, gemm_n=0)
 
 
-def _run(tmp_path, suite, backends=None, **kw):
+def _run(tmp_path, suite, backends=None, method=ONCE, **kw):
     return bench.run_bench(suites=[suite], backends=backends, quick=True, out_dir=tmp_path, threads=1,
-                           progress=False, preset="tiny", method=ONCE, limits=LIMITS, **kw)
+                           progress=False, preset="tiny", method=method, limits=LIMITS, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +91,22 @@ def test_wrong_backend_is_rejected_and_not_timed(tmp_path):
 
 @pytest.mark.slow
 def test_model_suite_runs(tmp_path):
-    r = _run(tmp_path, "model", ["eager", "fused", "ort"], overrides={"num_hidden_layers": 2}, tokens=[4], write=False)
+    """Every model backend, GenAI included, on one export per cache mode; GenAI's decode case
+    continues from the prompt it was primed with (run twice: the warm-up and the timed call)."""
+    backends = ["eager", "fused", "ort", "genai", "ort-static", "genai-static"]
+    r = _run(tmp_path, "model", backends, overrides={"num_hidden_layers": 2}, tokens=[4],
+             write=False, method=Method(warmup=1, min_iters=1, max_iters=1, budget_s=0.0))
     doc = r["suites"]["model"]
     assert [c["case"].split()[0] for c in doc["cases"]] == ["prefill", "decode"]
     for case in doc["cases"]:
-        assert case["results"]["eager"]["status"] == "ok"
-        assert case["results"]["fused"]["status"] == "ok", case["results"]["fused"]
-        assert case["results"]["ort"]["status"] == "ok", case["results"]["ort"]
+        for name in backends:
+            assert case["results"][name]["status"] == "ok", (name, case["results"][name])
     assert doc["cases"][1]["per"] == doc["shapes"]["decode_steps"]
     assert doc["backends"]["ort"]["notes"]["onnx_ops"].get("com.microsoft::MoE") == 1  # what dsmoe-export writes
+    assert doc["backends"]["ort-static"]["notes"]["kv_cache"] == "static"
+    assert doc["backends"]["genai-static"]["notes"]["past_present_share_buffer"] is True
+    peer = [g for g in doc["goals"] if "genai" in g["goal"]]
+    assert len(peer) == 1 and peer[0]["met"] in (True, False) and peer[0]["value"] > 0
 
 
 def test_a_backend_that_fails_is_reported_failed_not_skipped(tmp_path, monkeypatch):
@@ -107,10 +114,10 @@ def test_a_backend_that_fails_is_reported_failed_not_skipped(tmp_path, monkeypat
     visible in the results, never a skip."""
     from dsmoe.bench import backends
 
-    def broken(w, tmp, threads):
+    def broken(w, kv_cache="dynamic"):
         raise backends.ExportFailed("dsmoe-export exited 1: error: boom")
 
-    monkeypatch.setattr(backends, "_ort_decoder", broken)
+    monkeypatch.setattr(backends, "model_export", broken)
     r = _run(tmp_path, "model", ["eager", "ort"], overrides={"num_hidden_layers": 2}, tokens=[4], write=False)
     doc = r["suites"]["model"]
     assert doc["backends"]["ort"]["status"] == "failed" and "boom" in doc["backends"]["ort"]["reason"]

@@ -62,9 +62,16 @@ def test_validation_errors(overrides, message):
 
 
 @pytest.mark.parametrize("mt", ["deepseek_v2", "deepseek_v3"])
-def test_mla_model_types_refused(tmp_path, mt):
+def test_mla_config_without_its_fields_is_refused(tmp_path, mt):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": mt}))
-    with pytest.raises(ConfigError, match="MLA attention"):
+    with pytest.raises(ConfigError, match=f"{mt} config is missing MLA field 'q_lora_rank'"):
+        DeepseekConfig.from_json(tmp_path)
+
+
+@pytest.mark.parametrize("mt", ["deepseek_v32", "kimi_k2", "llama"])
+def test_other_model_types_refused(tmp_path, mt):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": mt}))
+    with pytest.raises(ConfigError, match=f"unsupported model_type '{mt}'.*'deepseek_v3'"):
         DeepseekConfig.from_json(tmp_path)
 
 

@@ -60,7 +60,7 @@ def test_export_dir_and_report(exported):
     out, report, stages = exported
     assert stages == ["load", "capture", "passes", "lower", "write", "verify"]
     assert sorted(p.name for p in out.iterdir()) == [".dsmoe-output.json", "config.json", "export_report.json",
-                                                     "model.onnx"]  # the marker: what --force may replace
+                                                     "genai_config.json", "model.onnx"]  # the marker: what --force may replace
     on_disk = json.loads((out / "export_report.json").read_text())
     assert on_disk["target"] == report["target"] and on_disk["dtype"] == "fp32"
     assert set(on_disk["versions"]) >= {"torch", "onnx", "onnxruntime"}

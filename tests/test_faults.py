@@ -94,7 +94,7 @@ def test_rope_parameters_dsmoe_cannot_honour_are_refused(rope, match):
 
 def test_rope_parameters_that_disagree_with_rope_theta_are_refused():
     d = {**DeepseekConfig.from_name("tiny").to_dict(), "rope_theta": 10000.0, "rope_parameters": {"rope_theta": 5e4}}
-    with pytest.raises(ConfigError, match="disagrees with rope_theta"):
+    with pytest.raises(ConfigError, match=r"rope_theta 10000\.0 disagrees with rope_parameters\.rope_theta 50000\.0"):
         DeepseekConfig.from_dict(d)
 
 
@@ -166,6 +166,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(nan_ckpt, run):
         one_line(code, err, 2, "model.layers.1.mlp.experts.3.down_proj.weight holds NaN or Inf", "--allow-nonfinite")
 
 
+@pytest.mark.slow
 def test_allowed_non_finite_weights_never_pass_as_results(nan_ckpt, run):
     # expert 3 of layer 1 is NaN: a prompt that routes to it gives NaN logits
     code, out, err = run("generate", nan_ckpt, "--prompt-ids", " ".join(map(str, range(40))), "--allow-nonfinite")
@@ -205,6 +206,7 @@ def test_export_verification_fails_when_only_decode_is_nan(tmp_path, monkeypatch
 
     class HalfBroken:
         calls = 0
+        kv_cache = "dynamic"
 
         def __init__(self, _dir):
             pass
@@ -217,7 +219,7 @@ def test_export_verification_fails_when_only_decode_is_nan(tmp_path, monkeypatch
     monkeypatch.setattr(api, "OrtDecoder", HalfBroken)
     v = api.verify_export(model, tmp_path, dtype=torch.float32)
     assert not v["passed"] and v["cases"]["prefill"]["finite"] and not v["cases"]["decode"]["finite"]
-    assert v["summary"] == "non-finite outputs (NaN/Inf) in decode"
+    assert v["summary"].startswith("non-finite outputs (NaN/Inf) in decode")
 
 
 # ---- checkpoints that were read wrongly ----------------------------------------------------------
@@ -327,6 +329,7 @@ def _damaged(export_dir, tmp_path, edit) -> Path:
     return d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, needle", [
     (lambda d: (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes()[:5000]), "model.onnx is damaged"),
     (lambda d: (d / "model.onnx").write_bytes(b""), "model.onnx is empty"),
@@ -370,6 +373,7 @@ def test_missing_or_truncated_external_data(ckpt, tmp_path, run, monkeypatch, da
     one_line(code, err, 2, "model.onnx.data is missing or damaged")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, needle", [
     (["--set", "num_hidden_layers=1"], "--set"), (["--dtype", "bogus"], "--dtype"),
     (["--allow-nonfinite"], "--allow-nonfinite"), (["--kernels", "triton-interpret"], "--kernels"),
@@ -425,6 +429,7 @@ def test_outputs_follow_the_umask(tmp_path, run):
     assert {p.stat().st_mode & 0o777 for p in (tmp_path / "c").iterdir()} == {0o644}
 
 
+@pytest.mark.slow
 def test_a_failed_verification_leaves_the_previous_export_untouched(ckpt, nan_ckpt, tmp_path, run, export_dir):
     out = tmp_path / "good"
     for f in export_dir.iterdir():
@@ -444,6 +449,7 @@ def test_a_failed_command_removes_the_directories_it_made(nan_ckpt, tmp_path, ru
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_two_writers_of_one_output_one_refuses(tmp_path, run):
     out = tmp_path / "c"
     child = _paused_init(out, "before-commit")
@@ -473,6 +479,7 @@ def _paused(out: Path, argv: list[str], point: str) -> subprocess.Popen:
     return child
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_cleans_up_before_exiting(tmp_path, sig):
     out = tmp_path / "c"
@@ -483,6 +490,7 @@ def test_a_signal_cleans_up_before_exiting(tmp_path, sig):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".{out.name}.paused"]  # the test hook's own flag
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_temps_the_next_run_removes(tmp_path, run):
     out = tmp_path / "c"
     child = _paused_init(out, "before-commit")
@@ -493,6 +501,7 @@ def test_sigkill_leaves_temps_the_next_run_removes(tmp_path, run):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exchange", [True, False])
 def test_sigkill_during_a_forced_replace_never_loses_the_output(tmp_path, run, exchange):
     """Killed between the steps of --force's replacement, the target names a complete output (the
@@ -535,6 +544,7 @@ def test_sigkill_of_an_export_at_a_controlled_point(ckpt, tmp_path, run):
 
 # ---- full disks and file-size limits --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_file_size_limit_is_one_line_and_leaves_nothing(tmp_path):
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG
@@ -557,6 +567,7 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", str(mnt)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_disk, ckpt, run):
     code, _, err = run("init", tiny_disk / "c", *TINY2)
     one_line(code, err, 2, "no space left on the device", "nothing was written")
@@ -565,6 +576,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_disk, ckpt, run):
     assert list(tiny_disk.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_read_only_filesystem_is_one_line(tiny_disk, run):
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
     code, _, err = run("init", tiny_disk / "c", *TINY2)

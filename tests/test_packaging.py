@@ -32,7 +32,9 @@ def test_regular_wheel_has_subpackages_and_no_top_level_passes(tmp_path):
     names = zipfile.ZipFile(whl).namelist()
     for must in ("dsmoe/passes/pipeline.py", "dsmoe/export/__init__.py", "dsmoe/plugins/moe/kernels.py",
                  "dsmoe/plugins/route/kernels.py", "dsmoe/plugins/route/README.md", "dsmoe/app/cli.py",
-                 "dsmoe/bench/harness.py"):
+                 "dsmoe/bench/harness.py", "dsmoe/plugins/trt/spec.py", "dsmoe/plugins/trt/dsPluginCommon.cpp",
+                 "dsmoe/plugins/trt/dsPluginTypes.h", "dsmoe/plugins/route/dsRoutePlugin.cpp",
+                 "dsmoe/plugins/moe/dsMoePlugin.h", "dsmoe/plugins/trt/harness.cpp", "dsmoe/export/tensorrt.py"):
         assert must in names, must
     assert not any(n.startswith(("passes/", "export/", "plugins/", "benchmarks/")) for n in names)
     # the installed layout imports: unpack and import from it alone

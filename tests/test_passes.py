@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import ROUTING_VARIANTS, tiny
 
+import dsmoe
 from dsmoe.app.generate import eager_step, fused_step, greedy_generate
 from dsmoe.dtypes import VERIFY_RTOL
 from dsmoe.ir import capture, op_histogram, param_bytes, sample_inputs
@@ -29,6 +30,12 @@ def _fresh(variant="v1-softmax-greedy"):
     return capture(_model(variant))
 
 
+@functools.cache
+def _captured(variant):
+    """A capture to read, not to rewrite (shared between the tests that only look)."""
+    return capture(_model(variant))
+
+
 def _max_rel(gm, model):
     worst = 0.0
     for args in (sample_inputs(model.config, batch=2, seq=7, past=0, seed=4),
@@ -45,9 +52,15 @@ def _expert_linears(gm):
 
 
 def test_pass_order_is_pinned():
-    assert [n for n, _ in pipeline.PASSES] == ["fuse_router", "outline_moe", "fuse_gated_mlp", "fold_shared_experts"]
-    assert pass_names() == ["fuse_router", "outline_moe", "fuse_gated_mlp"]
+    assert [n for n, _ in pipeline.PASSES] == ["fuse_router", "outline_moe", "fuse_gated_mlp", "absorb_mla",
+                                               "fold_shared_experts", "expose_router"]
+    mha, mla = _model("v1-softmax-greedy").config, dsmoe.load_config("preset:mla-tiny")
+    assert pass_names(config=mha) == ["fuse_router", "outline_moe", "fuse_gated_mlp"]
+    assert pass_names(config=mla) == ["fuse_router", "outline_moe", "fuse_gated_mlp", "absorb_mla"]
+    assert pass_names(PassContext(absorb_mla=False), config=mla) == pass_names(config=mha)
     assert pass_names(PassContext(fold_shared_experts=True))[-1] == "fold_shared_experts"
+    assert pass_names(PassContext(fold_shared_experts=True, router_stats=True))[-2:] == ["fold_shared_experts",
+                                                                                         "expose_router"]
 
 
 @pytest.mark.parametrize("variant", list(ROUTING_VARIANTS))
@@ -121,7 +134,7 @@ def test_region_that_does_not_check_out_is_reported_and_untouched():
 def test_router_whose_graph_disagrees_with_the_config_is_left_alone(variant, change, feature):
     """fuse_router reads the routing off the graph (groups, normalization, scaling, bias) and
     refuses to fuse a router whose graph computes something else than the config says."""
-    gm = _fresh(variant)
+    gm = _captured(variant)  # left as it is: the pass rewrites nothing here
     cfg = dataclasses.replace(_model(variant).config, **change)
     n = len(gm.graph.nodes)
     result = fuse_router(gm, PassContext(config=cfg))
@@ -134,7 +147,7 @@ def test_graph_routing_reads_every_variant(variant):
     """What fuse_router reads off each captured router is the config's routing."""
     from dsmoe.passes.fuse_router import _region, expected_routing, graph_routing
 
-    gm = _fresh(variant)
+    gm = _captured(variant)
     got = graph_routing(_region(gm, "model.layers.1.mlp.gate"))
     assert got == expected_routing(_model(variant).config.routing)
 

@@ -26,7 +26,7 @@ from dsmoe.export import OrtDecoder, export_model
 from dsmoe.export.api import verify_export
 from dsmoe.export.lower_quant import lower_quantized
 from dsmoe.export.onnx_writer import op_histogram, to_onnx
-from dsmoe.export.quant_report import quality
+from dsmoe.export.quant_report import prompts, quality
 from dsmoe.export.verify_quant import check_quantized_ops, op_check_feeds, with_end_to_end
 from dsmoe.ir import capture
 from dsmoe.passes.pipeline import run_pipeline
@@ -179,9 +179,19 @@ def test_streamed_export_equals_the_in_memory_one(tmp_path):
     (["--asymmetric"], "--asymmetric applies only with --quant"),
     (["--stream"], "--stream applies only with --quant"),
     (["--quant", "int4", "--quant-scope", "attention"], "unsupported --quant-scope 'attention'"),
+    (["--quant", "int4", "--kv-cache", "static"], "--quant takes --kv-cache dynamic only"),
+    (["--quant", "int4", "--target", "tensorrt"], "--quant does not apply to target 'tensorrt'"),
+    (["--quant", "int4", "--stream", "--router-stats"], "--router-stats does not apply to a streamed export"),
+    (["--quant", "int4", "--source", "preset:mla-tiny"], "no block size of 32, 64, 128 divides q_lora_rank 24"),
+    (["--quant", "int4", "--stream", "--source", "preset:mla-tiny", "--quant-scope", "experts"],
+     "streaming an MLA model (DeepSeek-V2/V3 attention) is not supported"),
 ])
 def test_bad_quant_options_are_one_line_exit_2(tmp_path, capsys, argv, msg):
-    code, _, err = run_cli(capsys, "preset:tiny", "--out", tmp_path / "x", *argv, entry=export_main)
+    source = "preset:tiny"
+    if "--source" in argv:
+        i = argv.index("--source")
+        source, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    code, _, err = run_cli(capsys, source, "--out", tmp_path / "x", *argv, entry=export_main)
     assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
 
@@ -191,6 +201,33 @@ def test_quant_on_a_target_that_cannot_take_it():
 
     with pytest.raises(dsmoe.DsmoeError, match="--quant does not apply to target 'tensorrt'"):
         check_quant_target("tensorrt")
+
+
+@pytest.mark.parametrize("target", ["ort", "portable"])
+def test_mla_models_quantize_exactly(tmp_path, target):
+    """MLA attention (DeepSeek-V2/V3): q_a/q_b/kv_a/o_proj quantized, kv_b_proj in full precision
+    (the absorbed dsmoe::mla_attention uses it as per-head matrices), the latent cache; exact."""
+    report = export_model("preset:mla-tiny", out=str(tmp_path / "x"), target=target, quant="int4", verify=True,
+                          overrides={"num_hidden_layers": LAYERS, "q_lora_rank": 32})
+    q = report["quant"]
+    assert q["exactness"]["passed"], q["exactness"]["summary"]
+    assert report["kv_cache_layout"]["entries"] == ["latent"]
+    ops = report["onnx_ops"]
+    if target == "ort":
+        # the dense MLP (gate|up, down), q_a/q_b/kv_a/o_proj per layer, the shared experts, lm_head
+        assert q["exactness"]["nodes_checked"] == {"QMoE": 1, "MatMulNBits": 2 + 4 * LAYERS + 2 + 1}
+        assert ops["com.microsoft::QMoE"] == 1
+    else:
+        assert not any(op.startswith("com.microsoft::") for op in ops) and ops["DequantizeLinear"] > 0
+    assert 0 <= q["quality"]["top1_agreement"] <= 1
+
+
+def test_quant_with_router_stats(tmp_path):
+    report = export_model("preset:tiny", out=str(tmp_path / "x"), quant="int8", router_stats=True,
+                          overrides={"num_hidden_layers": LAYERS})
+    assert report["quant"]["exactness"]["passed"] and "router.1.ids" in report["outputs"]
+    _, _, router = OrtDecoder(tmp_path / "x", router_stats=True)(*prompts(tiny(num_hidden_layers=LAYERS).config, 2, 8))
+    assert set(router) == {1} and router[1]["ids"].shape == (16, 2)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ with code 2 (verification failures: 1); ``--debug`` (on both entry points) shows
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from contextlib import contextmanager
@@ -18,9 +19,12 @@ from rich.table import Table
 
 from dsmoe import load_config
 from dsmoe.app.device import KERNELS
+from dsmoe.app.experts import generate_with_stats, run_experts
+from dsmoe.app.experts_view import render as render_experts
 from dsmoe.app.generate import run_generate
 from dsmoe.app.inspection import run_inspect
-from dsmoe.architecture import architecture
+from dsmoe.app.router_trace import BACKENDS
+from dsmoe.architecture import architecture, attention_summary, kv_cache_report, notes
 from dsmoe.bench import SUITES, run_bench
 from dsmoe.bench.quant_full import run_quant_full
 from dsmoe.config import DeepseekConfig, parse_overrides
@@ -30,6 +34,7 @@ from dsmoe.export import export_model
 from dsmoe.outputs import OutputDir, check_target
 from dsmoe.plugins import build_kernels
 from dsmoe.streaming import write_random_checkpoint
+from dsmoe.plugins.trt.build import write_plugin_library
 
 out = Console()
 err = Console(stderr=True)
@@ -62,6 +67,8 @@ debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eage
                             help="show tracebacks for errors")
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                           help="override a config field (repeatable), e.g. --set num_hidden_layers=2")
+absorb_option = click.option("--no-absorb-mla", is_flag=True,
+                             help="MLA models: keep the expanded attention (skip absorb_mla; the cache is the latent either way)")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,7 +80,8 @@ def cli():
 
 @cli.command()
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--preset", default="small", show_default=True, help="tiny | small | deepseek-moe-16b")
+@click.option("--preset", default="small", show_default=True,
+              help="tiny | small | deepseek-moe-16b | mla-tiny | mla-small | v3-small | deepseek-v2-lite")
 @set_option
 @click.option("--seed", default=0, show_default=True, help="random seed (same seed, same weights)")
 @click.option("--dtype", default="float32", show_default=True, help="float32 | float16 | bfloat16")
@@ -96,12 +104,20 @@ def info(source, overrides, as_json):
     """Print the architecture: layers, experts, parameters total/active per token, bytes."""
     config = load_config(source, _overrides(overrides))
     a = architecture(config)
+    kv = kv_cache_report(config, parse_dtype(config.torch_dtype))
     if as_json:
-        click.echo(json.dumps({**a.__dict__, "routing": config.routing.as_kwargs()}, indent=2))
+        click.echo(json.dumps({**a.__dict__, "routing": config.routing.as_kwargs(), "model_type": config.model_type,
+                               "attention": attention_summary(config), "kv_cache": kv, "notes": notes(config)}, indent=2))
         return
     t = Table(title=f"{source}", show_header=False)
     t.add_row("layers", f"{a.layers} ({len(a.dense_layers)} dense: {a.dense_layers}, {len(a.moe_layers)} MoE)")
-    t.add_row("hidden / heads / head_dim", f"{config.hidden_size} / {config.num_attention_heads} / {config.head_dim}")
+    t.add_row("model_type / hidden", f"{config.model_type} / {config.hidden_size}")
+    t.add_row("attention", attention_summary(config))
+    t.add_row(f"KV cache / token ({kv['dtype']})",
+              f"{kv['bytes_per_token'] / 1024:,.1f} KiB {'/'.join(kv['entries'])} ({kv['values_per_token_per_layer']} "
+              f"values × {config.num_hidden_layers} layers)" + (
+                  f"; expanded per-head K/V would be {kv['expanded_bytes_per_token'] / 1024:,.1f} KiB "
+                  f"({kv['expanded_over_kept']:.1f}×)" if config.is_mla else ""))
     t.add_row("experts", f"{a.routed_experts} routed (top-{a.experts_per_token}) + {a.shared_experts} shared, "
                          f"width {config.moe_intermediate_size}")
     r = config.routing
@@ -112,50 +128,109 @@ def info(source, overrides, as_json):
     t.add_row("one expert", f"{a.params_per_expert:,}")
     for name, b in a.bytes(a.params_total).items():
         t.add_row(f"bytes {name}", f"{b / 2**30:.2f} GiB")
+    for note in notes(config):
+        t.add_row("note", note)
     out.print(t)
 
 
 @cli.command()
 @click.argument("source")
-@click.option("--prompt-ids", default=None, help='space-separated token ids, e.g. "1 2 3"')
+@click.option("--prompt-ids", multiple=True, help='space-separated token ids, e.g. "1 2 3" (repeat for a batch)')
 @click.option("--prompt", default=None, help="text (needs tokenizer.json in SOURCE)")
 @click.option("--max-new-tokens", default=16, show_default=True)
-@click.option("--backend", type=click.Choice(["eager", "fused", "ort"]), default="eager", show_default=True)
+@click.option("--backend", type=click.Choice(["eager", "fused", "ort", "genai", "tensorrt"]), default="eager",
+              show_default=True, help="ort: an export in dsmoe's loop; genai: an export in onnxruntime-genai; "
+                                      "tensorrt: the engine of a --target tensorrt export (needs TensorRT and a GPU)")
 @click.option("--dtype", default=None, help="float32 | float16 | bfloat16 (default: checkpoint's)")
 @click.option("--fold-shared-experts", is_flag=True, help="fused backend: fold shared experts into dsmoe::moe")
+@absorb_option
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N (eager and fused backends)")
 @click.option("--cuda-graph/--no-cuda-graph", default=None,
               help="fused on cuda: replay decode steps from a CUDA graph over a static KV cache [default: on]")
 @kernels_option
 @nonfinite_option
+@click.option("--router-stats", is_flag=True,
+              help="record the routers' choices over the generation; print the expert-load report (stderr)")
+@click.option("--router-stats-out", default=None, metavar="FILE.json", help="write that report as JSON")
 @set_option
-@click.option("--json", "as_json", is_flag=True, help='print {"ids": [...]}')
-def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, device, cuda_graph,
-             kernels, allow_nonfinite, overrides, as_json):
-    """Greedy decoding with the KV cache (eager, fused graph, or an exported model in ORT)."""
-    ids, text = run_generate(source=source, prompt_ids=prompt_ids, prompt=prompt, max_new_tokens=max_new_tokens,
-                             backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts,
-                             overrides=_overrides(overrides), device=device, cuda_graph=cuda_graph, kernels=kernels,
-                             allow_nonfinite=allow_nonfinite)
-    if as_json:
-        click.echo(json.dumps({"ids": ids} | ({"text": text} if text is not None else {})))
+@click.option("--json", "as_json", is_flag=True,
+              help='print {"ids": [...]} ([[...], ...] for a batch; with "router_stats" if recorded)')
+def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, no_absorb_mla, device,
+             cuda_graph, kernels, allow_nonfinite, router_stats, router_stats_out, overrides, as_json):
+    """Greedy decoding with the KV cache (eager, fused graph, or an export in ORT, GenAI or TensorRT)."""
+    kwargs = dict(source=source, prompt_ids=list(prompt_ids), prompt=prompt, max_new_tokens=max_new_tokens,
+                  backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts, absorb_mla=not no_absorb_mla,
+                  overrides=_overrides(overrides), device=device, cuda_graph=cuda_graph, kernels=kernels,
+                  allow_nonfinite=allow_nonfinite)
+    report = None
+    if router_stats or router_stats_out:
+        ids, text, report = generate_with_stats(**kwargs)
     else:
-        click.echo(" ".join(map(str, ids)) if text is None else text)
+        ids, text = run_generate(**kwargs)
+    if router_stats_out:
+        Path(router_stats_out).write_text(json.dumps(report, indent=2) + "\n")
+    if as_json:
+        click.echo(json.dumps({"ids": ids if len(ids) > 1 else ids[0]} | ({"text": text} if text is not None else {})
+                              | ({"router_stats": report} if router_stats else {})))
+    else:
+        if text is not None:
+            click.echo(text)
+        else:
+            for row in ids:
+                click.echo(" ".join(map(str, row)))
+        if router_stats:
+            render_experts(report, err)
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--prompt-ids", default=None, help='one prompt of space-separated token ids, e.g. "1 2 3"')
+@click.option("--prompt-file", default=None, metavar="FILE",
+              help="one prompt per line: text when SOURCE has tokenizer.json, else token ids")
+@click.option("--random", "random_prompts", default=None, type=int, metavar="N", help="N random prompts (seeded)")
+@click.option("--seq-len", default=64, show_default=True, help="tokens per --random prompt")
+@click.option("--seed", default=0, show_default=True, help="seed of the --random prompts")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="eager | fused | ort [default: ort for an export directory, else eager]")
+@click.option("--dtype", default=None, help="float32 | float16 | bfloat16 (checkpoints and presets)")
+@click.option("--compare", default=None, metavar="OTHER", help="run the same prompts through OTHER; report the drift")
+@click.option("--compare-backend", type=click.Choice(BACKENDS), default=None, help="backend of OTHER")
+@click.option("--compare-dtype", default=None, help="dtype of OTHER")
+@click.option("--place", default=None, type=int, metavar="N", help="propose a placement of the experts on N devices")
+@click.option("--top-pairs", default=5, show_default=True, help="co-chosen expert pairs per layer")
+@click.option("--plot", default=None, metavar="FILE.png", help="write a load heatmap and imbalance chart")
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def experts(source, prompt_ids, prompt_file, random_prompts, seq_len, seed, backend, dtype, compare, compare_backend,
+            compare_dtype, place, top_pairs, plot, overrides, as_json):
+    """Where the tokens go: expert load per MoE layer, routing drift against another source, placement."""
+    with stage(f"routing prompts through {source}"):
+        doc = run_experts(source=source, prompt_ids=prompt_ids, prompt_file=prompt_file, random=random_prompts,
+                          seq_len=seq_len, seed=seed, backend=backend, dtype=dtype, overrides=_overrides(overrides),
+                          compare=compare, compare_backend=compare_backend, compare_dtype=compare_dtype, place=place,
+                          top_pairs=top_pairs, plot=plot)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        render_experts(doc, out)
 
 
 @cli.command()
 @click.argument("source")
 @click.option("--dump-after", default=None, metavar="PASS", help="print the graph after this pass")
 @click.option("--fold-shared-experts", is_flag=True, help="also run fold_shared_experts")
+@absorb_option
 @click.option("--no-verify", is_flag=True, help="skip the per-pass numerical check")
 @click.option("--dtype", default=None, help="float32 | float16 | bfloat16")
 @kernels_option
 @nonfinite_option
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def inspect(source, dump_after, fold_shared_experts, no_verify, dtype, kernels, allow_nonfinite, overrides, as_json):
+def inspect(source, dump_after, fold_shared_experts, no_absorb_mla, no_verify, dtype, kernels, allow_nonfinite, overrides,
+            as_json):
     """Capture the model, run the passes with verification, print what each pass did."""
     doc = run_inspect(source=source, dump_after=dump_after, fold_shared_experts=fold_shared_experts,
+                      absorb_mla=not no_absorb_mla,
                       verify=not no_verify, dtype=dtype, overrides=_overrides(overrides),
                       dump=lambda text: click.echo(text, err=as_json), status=stage, kernels=kernels,
                       allow_nonfinite=allow_nonfinite)
@@ -192,11 +267,22 @@ def _export_options(f):
     for opt in reversed([
         click.argument("source"),
         click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="output directory"),
-        click.option("--target", default="ort", show_default=True, help="ort | portable"),
-        click.option("--dtype", default="fp32", show_default=True, help="fp32 | fp16"),
-        click.option("--verify", is_flag=True, help="compare ONNX Runtime with eager; exit 1 beyond tolerance"),
+        click.option("--target", default="ort", show_default=True, help="ort | portable | tensorrt"),
+        click.option("--dtype", default="fp32", show_default=True, help="fp32 | fp16 (tensorrt: also bf16)"),
+        click.option("--kv-cache", default="dynamic", show_default=True,
+                     help="dynamic | static (past = a preallocated buffer, GenAI's past_present_share_buffer)"),
+        click.option("--verify", is_flag=True, help="compare ONNX Runtime (tensorrt: the engine) with eager; "
+                                                    "exit 1 beyond tolerance"),
+        click.option("--router-stats", is_flag=True,
+                     help="add the routers' choices as outputs (router.{layer}.ids, .weights, …)"),
+        click.option("--arch", "archs", default=None, help="tensorrt: GPU architectures of the plugin library "
+                                                           "[default: sm_80,sm_90]"),
+        click.option("--engine", is_flag=True, help="tensorrt: also build model.engine (needs TensorRT and a GPU)"),
+        click.option("--max-batch", type=int, default=None, help="tensorrt: the engine profile's largest batch [4]"),
+        click.option("--max-length", type=int, default=None,
+                     help="tensorrt: the profile's largest past + sequence [min(2048, max_position_embeddings)]"),
         click.option("--quant", default=None, metavar="int8|int4",
-                     help="weight-only block quantization (router and embeddings stay fp32)"),
+                     help="ort | portable: weight-only block quantization (router and embeddings stay fp32)"),
         click.option("--block-size", default=None, type=int, metavar="32|64|128",
                      help="weights per quantization block along the input dimension [default: auto, per weight the "
                           "largest of 128, 64, 32 that divides its input dimension]"),
@@ -209,6 +295,7 @@ def _export_options(f):
                           "would not fit in memory]"),
         click.option("--force", is_flag=True, help="replace --out if it exists and dsmoe wrote it"),
         nonfinite_option,
+        absorb_option,
         set_option,
         debug_option,
     ]):
@@ -216,9 +303,11 @@ def _export_options(f):
     return f
 
 
-def _export(source, out_dir, target, dtype, verify, quant, block_size, quant_scope, asymmetric, stream, force,
-            allow_nonfinite, overrides):
-    """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime."""
+def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, archs, engine, max_batch, max_length, quant,
+            block_size, quant_scope, asymmetric, stream, force, allow_nonfinite, no_absorb_mla, overrides):
+    """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime
+    (--target tensorrt: plugin nodes, the plugin library and the engine command lines; --quant:
+    weight-only int8/int4 weights, their exactness and accuracy measured and reported)."""
     current = {"s": None}
 
     def progress(name: str) -> None:
@@ -230,7 +319,9 @@ def _export(source, out_dir, target, dtype, verify, quant, block_size, quant_sco
 
     try:
         report = export_model(source, out=str(out_dir), target=target, dtype=dtype, verify=verify, force=force,
-                              overrides=_overrides(overrides), progress=progress, allow_nonfinite=allow_nonfinite,
+                              overrides=_overrides(overrides), kv_cache=kv_cache, router_stats=router_stats,
+                              absorb_mla=not no_absorb_mla, progress=progress, allow_nonfinite=allow_nonfinite,
+                              archs=_archs(archs), engine=engine, max_batch=max_batch, max_length=max_length,
                               quant=quant, block_size=block_size, quant_scope=quant_scope, asymmetric=asymmetric,
                               stream=stream)
     finally:
@@ -240,7 +331,8 @@ def _export(source, out_dir, target, dtype, verify, quant, block_size, quant_sco
     v = report.get("verification")
     q = report.get("quant")
     what = f"{dtype}" if not q else f"{q['scheme']['type']}, blocks {q['scheme']['block_size']}, scope {q['scheme']['scope']}"
-    err.print(f"wrote {out_dir} (target {target}, {what})" + (f"; verified: {v.get('summary', v)}" if v else ""))
+    err.print(f"wrote {out_dir} (target {target}, {what}, {kv_cache} KV cache)"
+              + (f"; verified: {v.get('summary', v)}" if v else ""))
     if q:
         a = q["quality"]
         if q["streamed"]:
@@ -278,6 +370,22 @@ def bench(suite, backends, quick, out_dir, threads, preset, device, dtype, overr
               device=device, dtype=dtype)
 
 
+def _archs(text: str | None) -> list[str] | None:
+    return None if text is None else [a.strip() for a in text.split(",") if a.strip()]
+
+
+@cli.command("build-plugins")
+@click.option("--arch", "archs", default="sm_80,sm_90", show_default=True, help="comma-separated GPU architectures")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="output directory")
+@click.option("--force", is_flag=True, help="replace --out if dsmoe wrote it")
+@click.option("--no-cache", is_flag=True, help="build from scratch even when an identical build is cached")
+def build_plugins_cmd(archs, out_dir, force, no_cache):
+    """Build the TensorRT plugin library (libdsmoe_trt_plugins.so: DsRoute, DsMoE) with nvcc, no GPU needed."""
+    b = write_plugin_library(archs=_archs(archs), out=out_dir, force=force, cache=not no_cache)
+    err.print(f"wrote {out_dir}: {b.library.name} ({len(b.manifest['kernels'])} kernels for {archs}"
+              f"{', cached build' if b.cached else ''})")
+
+
 @cli.command("build-kernels")
 @click.option("--arch", "archs", default="sm_80,sm_90", show_default=True, help="comma-separated GPU architectures")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="output directory")
@@ -309,9 +417,23 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _python_showwarning = warnings.showwarning
 
 
+class _Notes(logging.Handler):
+    """The library's notes (``logging.getLogger("dsmoe")``: e.g. skipped MTP layers) as ``note: …`` on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"note: {record.getMessage()}", err=True)
+
+
+_NOTES = _Notes(logging.INFO)
+
+
 def _run(command: click.Command, argv=None) -> None:
     _state["debug"] = False
     warnings.showwarning = _show_warning
+    log = logging.getLogger("dsmoe")
+    if _NOTES not in log.handlers:
+        log.addHandler(_NOTES)
+        log.setLevel(logging.INFO)
     try:
         command.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from dsmoe.cache import cache_layout
 from dsmoe.config import DeepseekConfig
 from dsmoe.errors import DsmoeError
 
@@ -23,11 +24,12 @@ class StaticDecoder:
     from a CUDA graph on a GPU.
 
     The wrapped ``step`` (the fused graph) is called with the whole static cache as its past:
-    ``past [B, kv_heads, max_len, head_dim]`` per layer and ``attention_mask [B, max_len + 1]``
-    that marks the filled slots and the new token; the step's own ``present`` (the cache with the
-    new token's key/value concatenated at index ``max_len``) is then written into slot ``P`` with
-    ``index_copy_``. Every decode step therefore has the same shapes and tensor addresses, which
-    is what CUDA-graph replay needs; attention scores over unfilled slots are masked out exactly
+    ``[B, heads, max_len, dim]`` per layer and cache entry (``key``/``value`` or the MLA
+    ``latent``, :mod:`dsmoe.cache`) and ``attention_mask [B, max_len + 1]`` that marks the filled
+    slots and the new token; the step's own ``present`` (the cache with the new token's entries
+    concatenated at index ``max_len``) is then written into slot ``P`` with ``index_copy_``.
+    Every decode step therefore has the same shapes and tensor addresses, which is what
+    CUDA-graph replay needs; attention scores over unfilled slots are masked out exactly
     as padding is. Cost: the step reads (and its concatenation copies) ``max_len`` cache slots,
     not ``P``; size ``max_len`` to the sequence (:func:`static_length`).
 
@@ -45,9 +47,7 @@ class StaticDecoder:
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise DsmoeError("CUDA-graph decode needs a CUDA device")
-        shape = (self.B, config.num_key_value_heads, self.L, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(config.num_hidden_layers)]
+        self.cache = cache_layout(config).empty(self.B, dtype, self.device, length=self.L)  # one tuple per layer
         self.ids = torch.zeros(self.B, 1, dtype=torch.int64, device=self.device)
         self.pos = torch.zeros(self.B, 1, dtype=torch.int64, device=self.device)
         self.mask = torch.zeros(self.B, self.L + 1, dtype=torch.int64, device=self.device)
@@ -89,10 +89,10 @@ class StaticDecoder:
         return logits, self._views(P + 1)
 
     def _decode(self):
-        logits, present = self.step(self.ids, self.mask, self.pos, list(zip(self.k, self.v)))
-        for k, v, (pk, pv) in zip(self.k, self.v, present):
-            k.index_copy_(2, self.slot, pk[:, :, self.L:])
-            v.index_copy_(2, self.slot, pv[:, :, self.L:])
+        logits, present = self.step(self.ids, self.mask, self.pos, list(self.cache))
+        for layer, new in zip(self.cache, present):
+            for t, p in zip(layer, new):
+                t.index_copy_(2, self.slot, p[:, :, self.L:])
         return logits
 
     def _capture(self):
@@ -101,18 +101,17 @@ class StaticDecoder:
         self.graph, self.logits = capture_cuda_graph(self._decode, self.device)
 
     def _is_own(self, past, P: int) -> bool:
-        return self.fill == P and all(pk.data_ptr() == k.data_ptr() for (pk, _), k in zip(past, self.k))
+        return self.fill == P and all(p[0].data_ptr() == layer[0].data_ptr() for p, layer in zip(past, self.cache))
 
     def _load(self, past) -> None:
-        for k, v, (pk, pv) in zip(self.k, self.v, past):
-            n = pk.shape[2]
-            if pk.data_ptr() != k.data_ptr():
-                k[:, :, :n].copy_(pk)
-                v[:, :, :n].copy_(pv)
+        for layer, given in zip(self.cache, past):
+            for t, p in zip(layer, given):
+                if p.data_ptr() != t.data_ptr():
+                    t[:, :, :p.shape[2]].copy_(p)
         self.fill = past[0][0].shape[2] if past else 0
 
     def _views(self, n: int) -> list:
-        return [(k[:, :, :n], v[:, :, :n]) for k, v in zip(self.k, self.v)]
+        return [tuple(t[:, :, :n] for t in layer) for layer in self.cache]
 
 
 def static_length(tokens: int, multiple: int = 64) -> int:

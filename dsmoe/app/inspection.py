@@ -13,7 +13,8 @@ from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import PASSES, report_json, run_pipeline
 
 
-def run_inspect(*, source: str, dump_after: str | None = None, fold_shared_experts: bool = False, verify: bool = True,
+def run_inspect(*, source: str, dump_after: str | None = None, fold_shared_experts: bool = False,
+                absorb_mla: bool = True, verify: bool = True,
                 dtype: str | None = None, overrides: dict | None = None, dump: Callable[[str], None] = print,
                 status: Callable = lambda text: nullcontext(), kernels: str = "reference",
                 allow_nonfinite: bool = False) -> dict:
@@ -21,12 +22,14 @@ def run_inspect(*, source: str, dump_after: str | None = None, fold_shared_exper
     "captured_nodes_per_layer", "capture_seconds", "kernels"}``. With ``kernels="triton-interpret"``
     the per-pass verification runs the fused ops through the interpreted Triton kernels."""
     with cpu_kernels(kernels):
-        doc = _inspect(source, dump_after, fold_shared_experts, verify, dtype, overrides, dump, status, allow_nonfinite)
+        doc = _inspect(source, dump_after, fold_shared_experts, absorb_mla, verify, dtype, overrides, dump, status,
+                       allow_nonfinite)
     doc["kernels"] = kernels
     return doc
 
 
-def _inspect(source, dump_after, fold_shared_experts, verify, dtype, overrides, dump, status, allow_nonfinite) -> dict:
+def _inspect(source, dump_after, fold_shared_experts, absorb_mla, verify, dtype, overrides, dump, status,
+             allow_nonfinite) -> dict:
     names = [n for n, _ in PASSES]
     if dump_after is not None and dump_after not in names:
         raise DsmoeError(f"unknown pass {dump_after!r} for --dump-after (passes: {', '.join(names)})")
@@ -43,7 +46,8 @@ def _inspect(source, dump_after, fold_shared_experts, verify, dtype, overrides, 
         if rep.name == dump_after:
             dump(g.print_readable(print_output=False))
 
-    ctx = PassContext(fold_shared_experts=fold_shared_experts or dump_after == "fold_shared_experts", verify=verify)
+    ctx = PassContext(fold_shared_experts=fold_shared_experts or dump_after == "fold_shared_experts",
+                      absorb_mla=absorb_mla, verify=verify)
     with status("running passes" + (" with verification" if verify else "")):
         gm, reports = run_pipeline(gm, ctx, on_pass=on_pass)
     doc = report_json(reports, gm)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsmoe.plugins._triton import TYPE_OF_DTYPE, Launch
+from dsmoe.plugins._triton import TYPE_OF_DTYPE, Buffer, Launch
 
 MAX_E = 512                # the offsets kernel holds all experts in one program
 SMALL_PAIRS_PER_EXPERT = 16
@@ -43,16 +43,6 @@ DOWN_ARGS = (("act", "*{x}"), ("w2", "*{x}"), *ROWS_ARGS, ("weights", "*fp32"), 
              ("I", "i32"))
 COMBINE_ARGS = (("out", "*fp32"), ("ids", "*i32"), ("y", "*{x}"), ("T", "i32"), ("H", "i32"), ("K", "i32"),
                 ("E", "i32"))
-
-
-@dataclass(frozen=True)
-class Buffer:
-    """A workspace buffer: element type, element count as a formula of the sizes, zeroed or not."""
-
-    name: str
-    type: str
-    numel: str
-    zeroed: bool = False
 
 
 @dataclass(frozen=True)

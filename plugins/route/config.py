@@ -6,11 +6,12 @@ Shape letters: T tokens, H hidden, E experts, K experts per token, G groups.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from dsmoe.plugins._triton import TYPE_OF_DTYPE, Launch
+from dsmoe.plugins._triton import TYPE_OF_DTYPE, Buffer, Launch
 
 SCORINGS = {"softmax": 0, "sigmoid": 1}
 TOPK_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}  # config.py resolves aliases
@@ -51,6 +52,11 @@ class RouteConfig:
     @property
     def launches(self) -> tuple[Launch, ...]:
         return (self.logits, self.select)
+
+    @property
+    def buffers(self) -> tuple[Buffer, ...]:
+        """The workspace between the two launches (the launcher and the TensorRT plugin size it here)."""
+        return (Buffer("logits", "fp32", "T*E"),)
 
 
 def route_config(T: int, E: int, K: int, H: int, dtype: torch.dtype, arch: int) -> RouteConfig:
@@ -100,6 +106,10 @@ def validate_route(T: int, H: int, E: int, *, scoring: str, topk_method: str, to
         raise ValueError(f"dsmoe::route: unknown scale_when {scale_when!r} (supported: {', '.join(SCALE_WHEN)})")
     if not 1 <= E <= MAX_E or H < 1 or T < 0:
         raise ValueError(f"dsmoe::route: need 1 <= E <= {MAX_E} and H >= 1, got E={E}, H={H}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"dsmoe::route: scaling must be a finite number, got {scaling}")
+    if n_group < 1 or topk_group < 1:
+        raise ValueError(f"dsmoe::route: n_group and topk_group must be >= 1, got {n_group}, {topk_group}")
     if not 1 <= top_k <= min(E, MAX_K):
         raise ValueError(f"dsmoe::route: top_k must lie in [1, min(E, {MAX_K})], got {top_k} with E={E}")
     method = TOPK_METHODS[topk_method]

@@ -46,8 +46,9 @@ def route_triton(x: Tensor, w_gate: Tensor, bias: Tensor | None, scoring: str, t
     cfg = route_config(T, E, top_k, H, x.dtype, arch)
     mod = _triton.kernels("route")
     sizes = dict(T=T, H=H, E=E, K=top_k)
-    # 3. logits [T,E] fp32
-    logits = torch.empty((T, E), dtype=torch.float32, device=x.device)
+    # 3. logits [T,E] fp32 (the workspace the configuration lists)
+    (buf,) = cfg.buffers
+    logits = torch.empty(_triton.evaluate(buf.numel, T=T, E=E), dtype=torch.float32, device=x.device)
     cfg.logits.run(mod, sizes, dict(x=x, w=w_gate, logits=logits, T=T, H=H, E=E),
                    dict(F32_DOT=_triton.dot_in_fp32(x.dtype, interpreted)))
     # 4. scores, group limit, top-K, normalize, scale
