@@ -37,6 +37,9 @@ demo: $(STAMP)
 	$(VENV)/bin/dsmoe generate $(MODEL) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend fused
 	$(VENV)/bin/dsmoe generate $(OUT) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend ort
 	$(VENV)/bin/dsmoe generate $(OUT) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend genai
+	@echo "--- int4 weights (QMoE + MatMulNBits): exactness checked, accuracy vs fp32 reported, then its tokens"
+	$(VENV)/bin/dsmoe-export $(MODEL) --out $(OUT)-int4 --quant int4 --verify --force
+	$(VENV)/bin/dsmoe generate $(OUT)-int4 --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend ort
 	@echo "--- where the tokens go: expert load per layer, placement on 8 devices, plot"
 	$(VENV)/bin/dsmoe experts $(MODEL) --random 8 --seq-len 64 --place 8 --plot out/experts-small.png
 	$(VENV)/bin/dsmoe bench --quick --suite model --preset small --out out/bench

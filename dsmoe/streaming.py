@@ -107,24 +107,33 @@ def _nbytes(shapes: dict[str, torch.Size], dtype: torch.dtype) -> int:
     return sum(s.numel() * (4 if FP32_KEY.search(k) else dtype.itemsize) for k, s in shapes.items())
 
 
-def _check_room(config: DeepseekConfig, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
-    """Refuse (one line, with the numbers) what cannot be written: memory for one shard plus the
-    largest part drawn in fp32, and disk for the whole checkpoint."""
+def _size(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def _check_memory(config: DeepseekConfig, dtype: torch.dtype, max_shard_bytes: int) -> None:
+    """Refuse (one line, with the numbers) what cannot be drawn: memory for one shard plus the
+    largest part drawn in fp32."""
     sizes = {p: part_shapes(config, p) for p in part_names(config)}
     largest = max(sizes, key=lambda p: _nbytes(sizes[p], torch.float32))
     part_fp32 = _nbytes(sizes[largest], torch.float32)
     total = sum(_nbytes(v, dtype) for v in sizes.values())
     need = min(max_shard_bytes, total) + part_fp32 + _nbytes(sizes[largest], dtype)
     have = available_memory(torch.device("cpu"))
-    gib = lambda n: f"{n / 2**30:,.1f} GiB"  # noqa: E731
+    gib = _size
     if need > have:
         raise DsmoeError(f"writing this checkpoint needs {gib(need)} of memory (a shard of up to {gib(min(max_shard_bytes, total))} "
                          f"plus its largest part, {largest}, drawn in float32: {gib(part_fp32)}), but only {gib(have)} "
                          "are available (try a smaller preset or --set num_hidden_layers=N)")
-    parent = out.parent if out.parent.exists() else Path.cwd()
-    free = shutil.disk_usage(parent).free
+
+
+def _check_disk(config: DeepseekConfig, staging: Path, out: Path, dtype: torch.dtype) -> None:
+    """Refuse a checkpoint larger than the free space where it is being written (one line)."""
+    total = sum(_nbytes(part_shapes(config, p), dtype) for p in part_names(config))
+    free = shutil.disk_usage(staging).free
     if total > free:
-        raise DsmoeError(f"the checkpoint is {gib(total)} in {torch_name(dtype)}, but {parent} has {gib(free)} free")
+        raise DsmoeError(f"no space left on the device for {out}: the checkpoint is {_size(total)} in {torch_name(dtype)}, "
+                         f"{_size(free)} are free; nothing was written")
 
 
 def write_random_checkpoint(config: DeepseekConfig, out_dir: str | Path, *, seed: int = 0,
@@ -135,7 +144,7 @@ def write_random_checkpoint(config: DeepseekConfig, out_dir: str | Path, *, seed
     :class:`dsmoe.outputs.OutputDir`; equal to ``init_model(config, seed=seed, dtype=dtype)``."""
     config.validate()
     check_seed(seed)
-    _check_room(config, Path(out_dir), dtype, max_shard_bytes)
+    _check_memory(config, dtype, max_shard_bytes)
     plan: list[list[str]] = [[]]
     size = 0
     for part in part_names(config):  # shards by part, in order, each under max_shard_bytes if it can be
@@ -149,6 +158,7 @@ def write_random_checkpoint(config: DeepseekConfig, out_dir: str | Path, *, seed
     shard_of = {part: names[i] for i, parts in enumerate(plan) for part in parts}
     with OutputDir(out_dir, force=force, kind="checkpoint") as staging:
         tmp = staging.path
+        _check_disk(config, tmp, Path(out_dir), dtype)
         cfg = config.to_dict()
         cfg["torch_dtype"] = torch_name(dtype)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -22,6 +22,7 @@ from conftest import ROUTING_VARIANTS, run_cli, tiny
 
 import dsmoe
 from dsmoe.app.cli import export_main
+from dsmoe.cache import cache_layout
 from dsmoe.export import OrtDecoder, export_model
 from dsmoe.export.api import verify_export
 from dsmoe.export.lower_quant import lower_quantized
@@ -241,3 +242,34 @@ def test_a_failed_exactness_check_exits_1(tmp_path, capsys, monkeypatch):
                            f"num_hidden_layers={LAYERS}", entry=export_main)
     assert code == 1 and "differs from the quantized reference" in err and "QMoE off by 50%" in err
     assert not (tmp_path / "x").exists() and (tmp_path / "x.failed").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_small_preset_quantized_export_generates(tmp_path, capsys, quant):
+    """The demo's model: `dsmoe-export preset:small --quant … --verify`, then `dsmoe generate --backend
+    ort` decodes from the export (the same tokens as OrtDecoder's greedy loop over its logits)."""
+    from dsmoe.app.cli import main
+
+    out = tmp_path / quant
+    code, _, err = run_cli(capsys, "preset:small", "--out", out, "--quant", quant, "--verify", entry=export_main)
+    assert code == 0, err
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["quant"]["exactness"]["passed"] and report["quant"]["scheme"]["type"] == quant
+    code, text, err = run_cli(capsys, "generate", out, "--backend", "ort", "--prompt-ids", "1 17 42 7",
+                              "--max-new-tokens", "6", "--json", entry=main)
+    assert code == 0, err
+    ids = json.loads(text)["ids"]
+    # the same greedy loop by hand on the export's logits
+    dec, config = OrtDecoder(out), dsmoe.load_config(str(out))
+    seq, past, want = [1, 17, 42, 7], cache_layout(config).empty(1), []
+    x = torch.tensor([seq])
+    for _ in range(6):
+        L = len(seq)
+        pos = torch.arange(L - x.shape[1], L).unsqueeze(0)
+        logits, past = dec(x, torch.ones(1, L, dtype=torch.int64), pos, past)
+        nxt = int(logits[0, -1].argmax())
+        want.append(nxt)
+        seq.append(nxt)
+        x = torch.tensor([[nxt]])
+    assert ids[-6:] == want, (ids, want)
