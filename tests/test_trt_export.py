@@ -312,7 +312,7 @@ def test_more_decoders(trt_plugins, tmp_path, variant, dtype):
 
 
 @pytest.mark.slow
-def test_an_mla_model_exports_for_tensorrt_with_its_latent_cache(tmp_path, capsys):
+def test_an_mla_model_exports_for_tensorrt_with_its_latent_cache(trt_plugins, tmp_path, capsys):
     """MLA models take the tensorrt target too: plugin nodes for the MoE, the absorbed attention in
     standard ops, the latent cache (``dsmoe.cache``) as the inputs and in the engine's profile."""
     out = tmp_path / "mla-trt"
