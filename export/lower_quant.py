@@ -207,25 +207,27 @@ def _lower_moe_qmoe(gm: GraphModule, node: Node, report: LowerReport, scheme: Qu
         report.count("dsmoe::moe", f"com.microsoft.QMoE int{scheme.bits} (one-hot selection + router_weights)")
 
 
-def _lower_gated_mlp_nbits(gm: GraphModule, node: Node, report: LowerReport, scheme: QuantScheme) -> None:
+def _gated_mlp_codes(gm: GraphModule, node: Node, scheme: QuantScheme):
+    """A ``dsmoe::gated_mlp`` node's input, weight nodes, activation and quantized weights."""
     x, w13_n, w2_n, activation = node.args
     _check_activation(node, activation)
     w13, w2 = _weight_attr(gm, node, w13_n, "dsmoe::gated_mlp"), _weight_attr(gm, node, w2_n, "dsmoe::gated_mlp")
-    qt1, qt2 = _quantize(w13, scheme, node.name), _quantize(w2, scheme, node.name)
+    return x, w13_n, w2_n, activation, _quantize(w13, scheme, node.name), _quantize(w2, scheme, node.name)
+
+
+def _lower_gated_mlp_nbits(gm: GraphModule, node: Node, report: LowerReport, scheme: QuantScheme) -> None:
+    x, w13_n, w2_n, activation, qt1, qt2 = _gated_mlp_codes(gm, node, scheme)
     q1 = _ort_buffers(gm, w13_n, "w13", qt1, blocks=True)
     q2 = _ort_buffers(gm, w2_n, "w2", qt2, blocks=True)
     node.target = ort_gated_mlp_nbits
     node.args = (x, *q1, *q2)
-    node.kwargs = dict(n1=w13.shape[0], n2=w2.shape[0], activation=activation, bits=scheme.bits,
+    node.kwargs = dict(n1=qt1.shape[0], n2=qt2.shape[0], activation=activation, bits=scheme.bits,
                        blocks=(qt1.block_size, qt2.block_size))
     report.count("dsmoe::gated_mlp", f"MatMulNBits int{scheme.bits} (gate|up, down)")
 
 
 def _lower_gated_mlp_dq(gm: GraphModule, node: Node, report: LowerReport, scheme: QuantScheme) -> None:
-    x, w13_n, w2_n, activation = node.args
-    _check_activation(node, activation)
-    w13, w2 = _weight_attr(gm, node, w13_n, "dsmoe::gated_mlp"), _weight_attr(gm, node, w2_n, "dsmoe::gated_mlp")
-    qt1, qt2 = _quantize(w13, scheme, node.name), _quantize(w2, scheme, node.name)
+    x, w13_n, w2_n, activation, qt1, qt2 = _gated_mlp_codes(gm, node, scheme)
     q1 = _portable_buffers(gm, w13_n, "w13", qt1)
     q2 = _portable_buffers(gm, w2_n, "w2", qt2)
     node.target = portable_gated_mlp_dq
