@@ -19,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dsmoe.bench.backends import REGISTRY, _scratch, layer_onnx
+from dsmoe.bench.ort_profile import kernel_times
 from dsmoe.bench.suites import moe_layer_workload
 
 
@@ -43,11 +44,9 @@ def ort_nodes(w, x_by_t: dict[int, torch.Tensor], iters: int, threads: int) -> d
             sess = ort.InferenceSession(str(tmp / "layer.onnx"), so, providers=["CPUExecutionProvider"])
             for _ in range(iters + 1):
                 sess.run(None, {"x": x.numpy()})
-            events = json.loads(Path(sess.end_profiling()).read_text())
             per = Counter()
-            for e in events:
-                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-                    per[e["args"]["op_name"]] += e["dur"] / 1e3 / (iters + 1)
+            for op, ms in kernel_times(json.loads(Path(sess.end_profiling()).read_text()), iters + 1).values():
+                per[op] += ms
             out[T] = dict(per.most_common())
         return out
     finally:

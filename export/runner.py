@@ -50,11 +50,14 @@ SESSION_CONFIG = {"session.intra_op.allow_spinning": "1" if SPINNING else "0"}
 
 
 def session(path: str | Path, *, threads: int | None = None, optimize: bool = True,
-            providers: list[str] | None = None, spinning: bool = SPINNING):
+            providers: list[str] | None = None, spinning: bool = SPINNING, profile_prefix: str | None = None):
     """An ``InferenceSession`` (CPU unless ``providers``) with :data:`SESSION_CONFIG`;
     ``optimize=False`` turns ORT's graph rewrites off (numerics tests), ``spinning=True`` lets the
-    intra-op threads spin (faster on an idle machine only)."""
+    intra-op threads spin (faster on an idle machine only), ``profile_prefix`` turns ONNX Runtime's
+    per-node profiler on (``sess.end_profiling()`` writes it; :mod:`dsmoe.bench.ort_profile`)."""
     so = ort.SessionOptions()
+    if profile_prefix:
+        so.enable_profiling, so.profile_file_prefix = True, profile_prefix
     so.inter_op_num_threads = 1
     if threads:
         so.intra_op_num_threads = threads

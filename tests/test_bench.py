@@ -265,3 +265,53 @@ def test_floor_counts_quantized_weight_bytes():
     linears = (3 * (4 * H * H) + 3 * H * cfg.intermediate_size + 2 * (2 * 3 * H * 32 + 3 * H * 64) + H * V)
     assert fp.bytes - q.bytes == pytest.approx(linears * (4 - 0.625))
     assert q.flops == fp.flops
+
+
+def test_ort_profile_sums_kernel_time_per_node():
+    from dsmoe.bench.ort_profile import kernel_times
+
+    events = [{"cat": "Node", "name": "a_kernel_time", "dur": 3000, "args": {"op_name": "MatMulNBits"}},
+              {"cat": "Node", "name": "a_kernel_time", "dur": 1000, "args": {"op_name": "MatMulNBits"}},
+              {"cat": "Node", "name": "b_kernel_time", "dur": 500, "args": {"op_name": "QMoE"}},
+              {"cat": "Node", "name": "a_fence_before", "dur": 9000, "args": {"op_name": "MatMulNBits"}},
+              {"cat": "Session", "name": "model_run", "dur": 99000}]
+    assert kernel_times(events, calls=2) == {"a": ("MatMulNBits", 2.0), "b": ("QMoE", 0.25)}
+
+
+@pytest.mark.slow
+def test_ort_profile_of_a_quantized_export(tmp_path):
+    """On a tiny int4 export, the decode profiler counts K/E of QMoE's expert weights and all of
+    MatMulNBits' own, and the op table's kernel time adds up to at most the step's wall time."""
+    import onnx
+
+    from dsmoe.bench.ort_profile import accuracy_sweep, markdown, node_weight_bytes, profile_export, with_accuracy_level
+    from dsmoe.export import export_model
+
+    d = tmp_path / "int4"
+    export_model("preset:tiny", out=str(d), quant="int4")
+    cfg = json.loads((d / "config.json").read_text())
+    k_over_e = cfg["num_experts_per_tok"] / cfg["n_routed_experts"]
+    m = onnx.load(str(d / "model.onnx"))  # with the weights: their bytes as numpy counts them
+    nbytes = {t.name: int(onnx.numpy_helper.to_array(t).nbytes) for t in m.graph.initializer}
+    weights = node_weight_bytes(d / "model.onnx", k_over_e)
+    qmoe = [n for n in m.graph.node if n.op_type == "QMoE"]
+    nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert qmoe and nbits
+    for n in qmoe:
+        assert weights[n.name] == int(sum(nbytes.get(i, 0) for i in n.input) * k_over_e) > 0
+    for n in nbits:
+        assert weights[n.name] == sum(nbytes.get(i, 0) for i in n.input) > 0
+
+    run = profile_export(d, past=8, steps=2, threads=1)
+    assert {"QMoE", "MatMulNBits"} <= set(run["ops"]) and run["quant"] == "int4"
+    assert 0 < run["kernels_ms"] <= run["wall_ms"]
+    assert run["weight_bytes"] == sum(r["bytes"] for r in run["ops"].values()) > 0
+    run["accuracy_levels"] = accuracy_sweep(d, [0, 4], past=8, steps=1, threads=1)
+    assert [a["accuracy_level"] for a in run["accuracy_levels"]] == [0, 4]
+    text = markdown([run], bandwidth_gbs=10.0, machine={"cpu": "x", "cores": 2}, past=8, steps=2, threads=1)
+    assert "| QMoE |" in text and "| MatMulNBits |" in text and "| 0 |" in text
+
+    lvl0 = with_accuracy_level(d, 0, tmp_path / "level0")
+    levels = {a.i for n in onnx.load(str(lvl0 / "model.onnx"), load_external_data=False).graph.node
+              if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {0} and (lvl0 / "config.json").read_text() == (d / "config.json").read_text()
