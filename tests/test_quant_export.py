@@ -204,6 +204,7 @@ def test_quant_on_a_target_that_cannot_take_it():
         check_quant_target("tensorrt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["ort", "portable"])
 def test_mla_models_quantize_exactly(tmp_path, target):
     """MLA attention (DeepSeek-V2/V3): q_a/q_b/kv_a/o_proj quantized, kv_b_proj in full precision
@@ -223,6 +224,7 @@ def test_mla_models_quantize_exactly(tmp_path, target):
     assert 0 <= q["quality"]["top1_agreement"] <= 1
 
 
+@pytest.mark.slow
 def test_quant_with_router_stats(tmp_path):
     report = export_model("preset:tiny", out=str(tmp_path / "x"), quant="int8", router_stats=True,
                           overrides={"num_hidden_layers": LAYERS})
