@@ -36,35 +36,19 @@ from dsmoe.contract import ABSORBED_W_UK, ABSORBED_W_UV, KV_B_PROJ, MLA_ATTENTIO
 from dsmoe.ir import module_path
 from dsmoe.ops import MLA_ATTENTION as MLA_OP
 from dsmoe.passes.context import PassContext, PassResult
-from dsmoe.passes.graph import (CHECKS, add_param, attr, cleanup, erase_region, in_scope, is_call, modules_of_class,
-                                new_node, scope_nodes, strip_casts)
+from dsmoe.passes.graph import (CHECKS, NoMatch, add_param, attr, erase_region, in_scope, is_call, new_node,
+                                rewrite_modules, scope_nodes, strip_casts)
 
 aten = torch.ops.aten
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
-class NoMatch(Exception):
-    """The region does not check out; the message is the reason."""
-
-
 def absorb_mla(gm: GraphModule, ctx: PassContext) -> PassResult:
-    result = PassResult()
     config = ctx.config_of(gm)
     if not config.is_mla:
-        return result
-    for path in modules_of_class(gm, MLA_ATTENTION):
-        if any(n.target == MLA_OP for n in scope_nodes(gm, path)):
-            continue  # already absorbed (idempotence)
-        try:
-            m = _match(gm, path, config)
-        except NoMatch as e:
-            result.skip(path, str(e))
-            continue
-        _rewrite(gm, path, m, config)
-        result.rewrites += 1
-    if result.rewrites:
-        cleanup(gm)
-    return result
+        return PassResult()
+    return rewrite_modules(gm, MLA_ATTENTION, MLA_OP, lambda path: _match(gm, path, config),
+                           lambda path, m: _rewrite(gm, path, m, config))
 
 
 def _one_linear(nodes: list[Node], path: str) -> Node:

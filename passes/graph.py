@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from dsmoe.ir import CAPTURE_PREFIX, module_path
+from dsmoe.passes.context import PassResult
 
 aten = torch.ops.aten
 # Nodes that only check or describe values: they die with the values they talk about.
@@ -29,6 +30,32 @@ def modules_of_class(gm: GraphModule, cls_name: str) -> list[str]:
             if name.split(".")[-1] == cls_name:
                 seen.setdefault(path.removeprefix(CAPTURE_PREFIX), None)
     return list(seen)
+
+
+class NoMatch(Exception):
+    """A module's region does not check out; the message is the reason it is left alone."""
+
+
+def rewrite_modules(gm: GraphModule, cls_name: str, done, match: Callable[[str], object],
+                    rewrite: Callable[[str, object], None]) -> PassResult:
+    """A match-then-rewrite pass over every module of class ``cls_name``: a module whose scope
+    already holds a ``done`` node is passed over (idempotence); ``match(path)`` returns what
+    ``rewrite(path, m)`` needs, or raises :class:`NoMatch` and the module is reported skipped with
+    the reason; :func:`cleanup` once if anything was rewritten."""
+    result = PassResult()
+    for path in modules_of_class(gm, cls_name):
+        if any(n.target == done for n in scope_nodes(gm, path)):
+            continue
+        try:
+            m = match(path)
+        except NoMatch as e:
+            result.skip(path, str(e))
+            continue
+        rewrite(path, m)
+        result.rewrites += 1
+    if result.rewrites:
+        cleanup(gm)
+    return result
 
 
 def strip_casts(n: Node, region: set[Node] | None = None) -> Node:

@@ -31,33 +31,16 @@ from dsmoe.functional import stack_gate_up
 from dsmoe.ir import module_path
 from dsmoe.ops import MOE, ROUTE
 from dsmoe.passes.context import PassContext, PassResult
-from dsmoe.passes.graph import (add_param, attr, cleanup, erase_region, in_scope, is_call, is_tensor_valued,
-                                modules_of_class, new_node, scope_nodes, strip_casts)
+from dsmoe.passes.graph import (NoMatch, add_param, attr, erase_region, in_scope, is_call, is_tensor_valued, new_node,
+                                rewrite_modules, scope_nodes, strip_casts)
 
 aten = torch.ops.aten
 ZEROS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default}
 
 
-class NoMatch(Exception):
-    """The region does not check out; the message is the reason."""
-
-
 def outline_moe(gm: GraphModule, ctx: PassContext) -> PassResult:
-    result = PassResult()
-    config = ctx.config_of(gm)
-    for path in modules_of_class(gm, MOE_BLOCK):
-        if any(n.target == MOE for n in scope_nodes(gm, path)):
-            continue  # already outlined (idempotence)
-        try:
-            m = _match(gm, path, config.n_routed_experts)
-        except NoMatch as e:
-            result.skip(path, str(e))
-            continue
-        _rewrite(gm, path, m)
-        result.rewrites += 1
-    if result.rewrites:
-        cleanup(gm)
-    return result
+    E = ctx.config_of(gm).n_routed_experts
+    return rewrite_modules(gm, MOE_BLOCK, MOE, lambda path: _match(gm, path, E), lambda path, m: _rewrite(gm, path, m))
 
 
 def _match(gm: GraphModule, path: str, E: int) -> dict:
