@@ -49,7 +49,7 @@ import dsmoe
 from dsmoe.architecture import kv_cache_report
 from dsmoe.bench.backends import share_expert_weights
 from dsmoe.bench.limits import Limits, floor_s, measure_limits, model_step_work
-from dsmoe.bench.report import machine_info, versions
+from dsmoe.bench.report import machine_info, save_plot, versions
 from dsmoe.bench.timing import FULL, QUICK, Method, cross_check, measure
 from dsmoe.cache import cache_layout
 from dsmoe.dtypes import BENCH_RTOL
@@ -307,11 +307,7 @@ def _plot(doc: dict, path: Path) -> None:
     ax.set_xlabel("context (cached tokens)")
     ax.set_ylabel("decode latency per token (ms)")
     ax.set_title(f"{SUITE}: {doc['shapes']['source']} {doc['shapes']['overrides']}, {doc['machine']['cpu']}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, path)
 
 
 def main(argv=None) -> None:

@@ -225,6 +225,13 @@ def plot(doc: dict, path: Path) -> None:
     m = doc["machine"]
     where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores"
     ax.set_title(f"{doc['suite']}: {where}, {doc['dtype']}", fontsize=10)
+    save_plot(fig, ax, path)
+
+
+def save_plot(fig, ax, path: Path) -> None:
+    """The benchmarks' figure finish: grid, legend, layout, a 110-dpi PNG, the figure closed."""
+    import matplotlib.pyplot as plt  # lazy: after the caller chose the Agg backend
+
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
