@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -43,19 +44,25 @@ from dsmoe.bench.report import machine_info
 from dsmoe.cache import cache_layout
 from dsmoe.errors import DsmoeError
 from dsmoe.export.onnx_writer import MODEL_FILE
-from dsmoe.export.runner import session
+from dsmoe.export.runner import export_target, session
 from dsmoe.export.static_cache import PAST_AXIS
 
 ROUTED_EXPERT_OPS = ("QMoE", "MoE")
+MATMUL_NBITS = "MatMulNBits"
 WARMUP = 2
 WEIGHT_OP_BYTES = 1 << 20   # an op type whose nodes read at least this per step counts as reading weights
 
 
-def kernel_times(events: list[dict], calls: int) -> dict[str, tuple[str, float]]:
-    """``node name -> (op type, ms per call)`` from an ONNX Runtime profile's events."""
+def kernel_times(events: list[dict], skip_runs: int = 0) -> dict[str, tuple[str, float]]:
+    """``node name -> (op type, ms per run)`` from an ONNX Runtime profile's events, over the runs
+    after the first ``skip_runs`` (the warm-up: the profiler is on from the session's start)."""
+    runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    if len(runs) <= skip_runs:
+        raise DsmoeError(f"the profile holds {len(runs)} runs; {skip_runs} warm-up runs leave none to count")
+    start, calls = runs[skip_runs], len(runs) - skip_runs
     per: dict[str, list] = {}
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
             name = e["name"][: -len("_kernel_time")]
             entry = per.setdefault(name, [e["args"]["op_name"], 0.0])
             entry[1] += e["dur"] / 1e3 / calls
@@ -99,6 +106,11 @@ def with_accuracy_level(src: Path, level: int, into: Path) -> Path:
     """A copy of the export ``src`` in ``into`` whose ``MatMulNBits`` nodes run at ``level`` (the
     other files are hard links to ``src``'s where the filesystem allows, else copies: ONNX Runtime
     refuses external data behind a symbolic link that leaves the model's directory)."""
+    m = onnx.load(str(src / MODEL_FILE), load_external_data=False)
+    nbits = [n for n in m.graph.node if n.op_type == MATMUL_NBITS]
+    if not nbits:
+        raise DsmoeError(f"{src / MODEL_FILE} has no {MATMUL_NBITS} nodes: there is no accuracy level to change "
+                         "(an unquantized export, or --quant-scope experts with no dense layer)")
     into.mkdir(parents=True)
     for f in src.iterdir():
         if f.name != MODEL_FILE and f.is_file():
@@ -106,12 +118,10 @@ def with_accuracy_level(src: Path, level: int, into: Path) -> Path:
                 os.link(f, into / f.name)
             except OSError:
                 shutil.copy2(f, into / f.name)
-    m = onnx.load(str(src / MODEL_FILE), load_external_data=False)
-    for n in m.graph.node:
-        if n.op_type == "MatMulNBits":
-            for a in n.attribute:
-                if a.name == "accuracy_level":
-                    a.i = level
+    for n in nbits:
+        for a in n.attribute:
+            if a.name == "accuracy_level":
+                a.i = level
     onnx.save(m, str(into / MODEL_FILE))
     return into
 
@@ -123,7 +133,7 @@ def accuracy_sweep(d: Path, levels: list[int], *, past: int, steps: int, threads
         rows = []
         for lvl in levels:
             r = profile_export(with_accuracy_level(d, lvl, tmp / f"level{lvl}"), past=past, steps=steps, threads=threads)
-            rows.append({"accuracy_level": lvl, "wall_ms": r["wall_ms"], "matmulnbits_ms": r["ops"]["MatMulNBits"]["ms"]})
+            rows.append({"accuracy_level": lvl, "wall_ms": r["wall_ms"], "matmulnbits_ms": r["ops"][MATMUL_NBITS]["ms"]})
         return rows
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -131,6 +141,12 @@ def accuracy_sweep(d: Path, levels: list[int], *, past: int, steps: int, threads
 
 def profile_export(d: Path, *, past: int, steps: int, threads: int, seed: int = 0) -> dict:
     """One export's decode step: wall time and the per-op-type kernel table."""
+    if not (d / MODEL_FILE).is_file():
+        raise DsmoeError(f"{d} holds no {MODEL_FILE} (profile a dsmoe-export directory)")
+    if export_target(d) != "ort":
+        raise DsmoeError(f"{d} is a {export_target(d)} export: profile an ort one (ONNX Runtime fuses a portable "
+                         "export's DequantizeLinear + MatMul into nodes the graph does not name, so their bytes "
+                         "could not be counted)")
     config = load_config(d)
     layout = cache_layout(config)
     tmp = Path(tempfile.mkdtemp(prefix="dsmoe-prof-"))
@@ -150,9 +166,13 @@ def profile_export(d: Path, *, past: int, steps: int, threads: int, seed: int = 
         events = json.loads(Path(sess.end_profiling()).read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    nodes = kernel_times(events, WARMUP + steps)
+    nodes = kernel_times(events, skip_runs=WARMUP)
     fraction = (config.num_experts_per_tok / config.n_routed_experts) if config.n_routed_experts else 1.0
     weights = node_weight_bytes(d / MODEL_FILE, fraction)
+    unseen = [n for n, b in weights.items() if b >= WEIGHT_OP_BYTES and n not in nodes]
+    if unseen:  # fused away by ONNX Runtime: their bytes would silently drop out of the floor
+        raise DsmoeError(f"{len(unseen)} nodes of {d / MODEL_FILE} that read weights do not appear in the profile "
+                         f"(fused by ONNX Runtime: {', '.join(unseen[:3])}); their bytes cannot be attributed")
     by_op: dict[str, dict] = defaultdict(lambda: {"nodes": 0, "ms": 0.0, "bytes": 0})
     for name, (op, ms) in nodes.items():
         row = by_op[op]
@@ -216,6 +236,16 @@ def main(argv: list[str] | None = None) -> None:
                     help="also profile each quantized export at these MatMulNBits accuracy levels")
     ap.add_argument("--md", type=Path, help="also write the tables to this markdown file (and FILE.json)")
     args = ap.parse_args(argv)
+    if args.steps < 1 or args.past < 0 or args.threads < 1:
+        ap.error("--steps and --threads take a number >= 1, --past one >= 0")
+    try:
+        _run(args)
+    except DsmoeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(args) -> None:
     runs = [profile_export(d, past=args.past, steps=args.steps, threads=args.threads) for d in args.exports]
     for r in runs:
         if args.accuracy_levels and r["quant"] != "fp32":

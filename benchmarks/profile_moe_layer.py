@@ -45,7 +45,7 @@ def ort_nodes(w, x_by_t: dict[int, torch.Tensor], iters: int, threads: int) -> d
             for _ in range(iters + 1):
                 sess.run(None, {"x": x.numpy()})
             per = Counter()
-            for op, ms in kernel_times(json.loads(Path(sess.end_profiling()).read_text()), iters + 1).values():
+            for op, ms in kernel_times(json.loads(Path(sess.end_profiling()).read_text()), skip_runs=1).values():
                 per[op] += ms
             out[T] = dict(per.most_common())
         return out

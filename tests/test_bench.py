@@ -267,15 +267,23 @@ def test_floor_counts_quantized_weight_bytes():
     assert q.flops == fp.flops
 
 
-def test_ort_profile_sums_kernel_time_per_node():
+def test_ort_profile_sums_kernel_time_per_node_after_the_warm_up():
     from dsmoe.bench.ort_profile import kernel_times
 
-    events = [{"cat": "Node", "name": "a_kernel_time", "dur": 3000, "args": {"op_name": "MatMulNBits"}},
-              {"cat": "Node", "name": "a_kernel_time", "dur": 1000, "args": {"op_name": "MatMulNBits"}},
-              {"cat": "Node", "name": "b_kernel_time", "dur": 500, "args": {"op_name": "QMoE"}},
-              {"cat": "Node", "name": "a_fence_before", "dur": 9000, "args": {"op_name": "MatMulNBits"}},
-              {"cat": "Session", "name": "model_run", "dur": 99000}]
-    assert kernel_times(events, calls=2) == {"a": ("MatMulNBits", 2.0), "b": ("QMoE", 0.25)}
+    def run(ts):
+        return {"cat": "Session", "name": "model_run", "ts": ts, "dur": 99000}
+
+    def node(name, op, ts, dur):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [run(0), node("a", "MatMulNBits", 10, 50000),                       # the warm-up run: not counted
+              run(100), node("a", "MatMulNBits", 110, 3000), node("b", "QMoE", 120, 500),
+              {"cat": "Node", "name": "a_fence_before", "ts": 130, "dur": 9000, "args": {"op_name": "MatMulNBits"}},
+              run(200), node("a", "MatMulNBits", 210, 1000)]
+    assert kernel_times(events, skip_runs=1) == {"a": ("MatMulNBits", 2.0), "b": ("QMoE", 0.25)}
+    assert kernel_times(events)["a"] == ("MatMulNBits", 18.0)
+    with pytest.raises(DsmoeError, match="leave none"):
+        kernel_times(events, skip_runs=3)
 
 
 @pytest.mark.slow
@@ -311,7 +319,26 @@ def test_ort_profile_of_a_quantized_export(tmp_path):
     text = markdown([run], bandwidth_gbs=10.0, machine={"cpu": "x", "cores": 2}, past=8, steps=2, threads=1)
     assert "| QMoE |" in text and "| MatMulNBits |" in text and "| 0 |" in text
 
+    portable = tmp_path / "portable"  # ONNX Runtime fuses its DequantizeLinear + MatMul: refused, never undercounted
+    export_model("preset:tiny", out=str(portable), target="portable", quant="int4")
+    with pytest.raises(DsmoeError, match="portable export"):
+        profile_export(portable, past=8, steps=1, threads=1)
+    with pytest.raises(DsmoeError, match="no MatMulNBits nodes"):
+        with_accuracy_level(portable, 0, tmp_path / "nothing-to-change")
+    assert not (tmp_path / "nothing-to-change").exists()
     lvl0 = with_accuracy_level(d, 0, tmp_path / "level0")
     levels = {a.i for n in onnx.load(str(lvl0 / "model.onnx"), load_external_data=False).graph.node
               if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {0} and (lvl0 / "config.json").read_text() == (d / "config.json").read_text()
+
+
+def test_ort_profile_bad_input_is_one_line(tmp_path, capsys):
+    from dsmoe.bench.ort_profile import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "holds no model.onnx" in err[0]
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), "--steps", "0"])
+    assert e.value.code == 2 and "--steps" in capsys.readouterr().err
