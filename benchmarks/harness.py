@@ -27,7 +27,7 @@ from dsmoe.app.device import resolve_device
 from dsmoe.bench import quant_backends  # noqa: F401  (registers ort-int8/int4, llama.cpp-q8_0/q4_0)
 from dsmoe.bench.backends import REGISTRY, Unsupported
 from dsmoe.bench.limits import Limits, floor_s, measure_gpu_limits, measure_limits
-from dsmoe.bench.report import SCHEMA, machine_info, print_table, versions, write_files
+from dsmoe.bench.report import SCHEMA, check_result_paths, machine_info, print_table, stem, versions, write_files
 from dsmoe.bench.suites import SEED, SUITES, Workload, model_workload, moe_layer_workload, quant_workload
 from dsmoe.bench.timing import FULL, GPU_FULL, GPU_QUICK, QUICK, Method, cross_check, measure
 from dsmoe.dtypes import BENCH_RTOL, parse_dtype, tag
@@ -73,7 +73,7 @@ def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None 
               progress: bool | Callable[[str], None] = True, preset: str | None = None,
               overrides: dict | None = None, tokens: Sequence[int] | None = None,
               method: Method | None = None, limits: Limits | None = None, write: bool = True,
-              device: str = "cpu", dtype: str | None = None) -> dict:
+              device: str = "cpu", dtype: str | None = None, force: bool = False) -> dict:
     """Run the benchmark; returns ``{"machine", "suites": {suite: document}, "files": [...]}``.
 
     ``preset``/``overrides``/``tokens``/``method``/``limits`` override the sizes, timing method and
@@ -101,6 +101,9 @@ def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None 
     else:
         meth = method or (QUICK if quick else FULL)
     result = {"machine": machine_info(threads, dev), "suites": {}, "files": []}
+    if write:  # results files that exist are refused before minutes of work (unless force)
+        for suite in suites:
+            check_result_paths(out_dir, stem({"machine": result["machine"], "suite": suite, "quick": quick}), force=force)
     for suite in suites:
         backends = list(chosen or [b for b in SUITE_BACKENDS.get(suite, DEFAULT_BACKENDS) if b in REGISTRY])
         if "eager" not in backends:
@@ -111,7 +114,7 @@ def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None 
         if progress:
             print_table(doc, console)
         if write:
-            files = write_files(doc, out_dir)
+            files = write_files(doc, out_dir, force=force)
             result["files"] += [str(p) for p in files]
             say(f"wrote {', '.join(str(p) for p in files)}")
     return result

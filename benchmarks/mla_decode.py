@@ -49,11 +49,12 @@ import dsmoe
 from dsmoe.architecture import kv_cache_report
 from dsmoe.bench.backends import share_expert_weights
 from dsmoe.bench.limits import Limits, floor_s, measure_limits, model_step_work
-from dsmoe.bench.report import machine_info, save_plot, versions
+from dsmoe.bench.report import check_result_paths, machine_info, result_paths, save_plot, versions
 from dsmoe.bench.timing import FULL, QUICK, Method, cross_check, measure
 from dsmoe.cache import cache_layout
 from dsmoe.dtypes import BENCH_RTOL
 from dsmoe.export import OrtDecoder
+from dsmoe.outputs import write_output_file
 from dsmoe.ir import capture, op_histogram
 from dsmoe.passes.absorb_mla import absorb_mla
 from dsmoe.passes.context import PassContext
@@ -70,7 +71,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 def run_mla_decode(*, quick: bool = False, backends: tuple[str, ...] | list[str] = BACKENDS, out_dir: str | Path | None = None,
                    threads: int | None = None, method: Method | None = None, limits: Limits | None = None,
                    source: str | None = None, overrides: dict | None = None, contexts: list[int] | None = None,
-                   write: bool = True, progress: Callable[[str], None] = print) -> dict:
+                   write: bool = True, progress: Callable[[str], None] = print, force: bool = False) -> dict:
     """Run the benchmark; returns the result document (and writes it unless ``write`` is False).
 
     Two phases, so that the eager model and the ONNX Runtime sessions (each about the model's size)
@@ -135,7 +136,7 @@ def run_mla_decode(*, quick: bool = False, backends: tuple[str, ...] | list[str]
            "kv_cache": {"fp32": kv_cache_report(c, torch.float32), "bf16": kv_cache_report(c, torch.bfloat16)},
            "method": meth.as_dict(), "limits": lim.as_dict(), "backends": notes, "cases": cases, "load": load}
     if write:
-        doc["files"] = [str(p) for p in write_files(doc, Path(out_dir) if out_dir else DEFAULT_OUT)]
+        doc["files"] = [str(p) for p in write_files(doc, Path(out_dir) if out_dir else DEFAULT_OUT, force=force)]
     return doc
 
 
@@ -280,13 +281,13 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_files(doc: dict, out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = out_dir / (f"{doc['machine']['name']}-{SUITE}" + ("-quick" if doc["quick"] else ""))
-    paths = [base.with_suffix(".json"), base.with_suffix(".md"), base.with_suffix(".png")]
-    paths[0].write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    paths[1].write_text(markdown(doc))
-    _plot(doc, paths[2])
+def write_files(doc: dict, out_dir: Path, *, force: bool = False) -> list[Path]:
+    name = f"{doc['machine']['name']}-{SUITE}" + ("-quick" if doc["quick"] else "")
+    paths = result_paths(out_dir, name)
+    check_result_paths(out_dir, name, force=force)
+    write_output_file(paths[0], json.dumps(doc, indent=2, default=str) + "\n", force=force, option="--out")
+    write_output_file(paths[1], markdown(doc), force=force, option="--out")
+    write_output_file(paths[2], lambda p: _plot(doc, p), force=force, option="--out")
     return paths
 
 
@@ -316,8 +317,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None, help="results directory (default: benchmarks/results)")
     p.add_argument("--backend", action="append", choices=BACKENDS, help="restrict to these backends (repeatable)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="replace results files of an earlier run")
     a = p.parse_args(argv)
-    doc = run_mla_decode(quick=a.quick, backends=a.backend or BACKENDS, out_dir=a.out, threads=a.threads)
+    doc = run_mla_decode(quick=a.quick, backends=a.backend or BACKENDS, out_dir=a.out, threads=a.threads, force=a.force)
     print(markdown(doc))
     print("wrote", ", ".join(doc["files"]))
 

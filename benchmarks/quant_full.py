@@ -36,6 +36,7 @@ from dsmoe.bench.report import SCHEMA, machine_info, versions
 from dsmoe.bench.timing import Method, measure
 from dsmoe.export import REPORT_FILE, OrtDecoder
 from dsmoe.export.quant_report import linear_bytes_per_weight
+from dsmoe.outputs import check_output_file, write_output_file
 from dsmoe.quant import GGML_BLOCK, GGML_BLOCK_BYTES
 
 CACHE = Path(__file__).resolve().parent.parent / "out" / "bench-cache"
@@ -82,8 +83,13 @@ def _time_ort(export_dir: Path, config, prefill: int, decode: int, threads: int)
 
 
 def run_quant_full(*, source: str = SOURCE, prefill: int = 128, decode: int = 32, threads: int | None = None,
-                   out_dir: str | Path | None = None, progress=print, cache: Path = CACHE, rounds: int = 3) -> dict:
+                   out_dir: str | Path | None = None, progress=print, cache: Path = CACHE, rounds: int = 3,
+                   force: bool = False) -> dict:
     threads = threads or os.cpu_count() or 1
+    out = Path(out_dir) if out_dir else Path(__file__).resolve().parent / "results"
+    stem = out / f"{machine_info(threads)['name']}-quant-full"
+    for p in (stem.with_suffix(".json"), stem.with_suffix(".md")):  # before the minutes of work
+        check_output_file(p, force=force, option="--out")
     torch.set_num_threads(threads)
     config = dsmoe.load_config(source)
     tag = source.removeprefix("preset:").replace("/", "_")
@@ -148,11 +154,8 @@ def run_quant_full(*, source: str = SOURCE, prefill: int = 128, decode: int = 32
                                                                           "prefill": prefill, "decode": decode},
            "limits": lim.as_dict(), "method": METHOD.as_dict(), "results": results, "goals": goals,
            "load": {"start": load_start, "end": os.getloadavg()[0], "rounds": loads}}
-    out = Path(out_dir) if out_dir else Path(__file__).resolve().parent / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{doc['machine']['name']}-quant-full"
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    stem.with_suffix(".md").write_text(markdown(doc))
+    write_output_file(stem.with_suffix(".json"), json.dumps(doc, indent=2, default=str) + "\n", force=force, option="--out")
+    write_output_file(stem.with_suffix(".md"), markdown(doc), force=force, option="--out")
     return doc
 
 

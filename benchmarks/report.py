@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 import dsmoe
+from dsmoe.outputs import check_output_file, write_output_file
 
 SCHEMA = 1
 
@@ -72,14 +73,25 @@ def stem(doc: dict) -> str:
     return f"{doc['machine']['name']}-{doc['suite']}" + ("-quick" if doc["quick"] else "")
 
 
-def write_files(doc: dict, out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = out_dir / stem(doc)
-    paths = [base.with_suffix(".json"), base.with_suffix(".md")]
-    paths[0].write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    paths[1].write_text(markdown(doc))
-    paths.append(base.with_suffix(".png"))
-    plot(doc, paths[-1])
+def result_paths(out_dir: Path, name: str) -> list[Path]:
+    """The results files of one suite: ``name``.json, .md and .png in ``out_dir``."""
+    base = Path(out_dir) / name
+    return [base.with_suffix(".json"), base.with_suffix(".md"), base.with_suffix(".png")]
+
+
+def check_result_paths(out_dir: Path, name: str, *, force: bool) -> None:
+    """Before a benchmark runs: its results files may be written (exist only with ``force``)."""
+    for p in result_paths(out_dir, name):
+        check_output_file(p, force=force, option="--out")
+
+
+def write_files(doc: dict, out_dir: Path, *, force: bool = False) -> list[Path]:
+    """The JSON, Markdown and PNG of a suite, each written atomically (:func:`write_output_file`)."""
+    paths = result_paths(out_dir, stem(doc))
+    check_result_paths(out_dir, stem(doc), force=force)
+    write_output_file(paths[0], json.dumps(doc, indent=2, default=str) + "\n", force=force, option="--out")
+    write_output_file(paths[1], markdown(doc), force=force, option="--out")
+    write_output_file(paths[2], lambda p: plot(doc, p), force=force, option="--out")
     return paths
 
 

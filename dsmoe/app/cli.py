@@ -31,7 +31,7 @@ from dsmoe.config import DeepseekConfig, parse_overrides
 from dsmoe.dtypes import parse_dtype
 from dsmoe.errors import DsmoeError, DsmoeWarning
 from dsmoe.export import export_model
-from dsmoe.outputs import OutputDir, check_target
+from dsmoe.outputs import OutputDir, check_output_file, check_target, write_failure, write_output_file
 from dsmoe.plugins import build_kernels
 from dsmoe.streaming import write_random_checkpoint
 from dsmoe.plugins.trt.build import write_plugin_library
@@ -152,23 +152,27 @@ def info(source, overrides, as_json):
 @click.option("--router-stats", is_flag=True,
               help="record the routers' choices over the generation; print the expert-load report (stderr)")
 @click.option("--router-stats-out", default=None, metavar="FILE.json", help="write that report as JSON")
+@click.option("--force", is_flag=True, help="replace --router-stats-out if it exists")
 @set_option
 @click.option("--json", "as_json", is_flag=True,
               help='print {"ids": [...]} ([[...], ...] for a batch; with "router_stats" if recorded)')
 def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, no_absorb_mla, device,
-             cuda_graph, kernels, allow_nonfinite, router_stats, router_stats_out, overrides, as_json):
+             cuda_graph, kernels, allow_nonfinite, router_stats, router_stats_out, force, overrides, as_json):
     """Greedy decoding with the KV cache (eager, fused graph, or an export in ORT, GenAI or TensorRT)."""
     kwargs = dict(source=source, prompt_ids=list(prompt_ids), prompt=prompt, max_new_tokens=max_new_tokens,
                   backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts, absorb_mla=not no_absorb_mla,
                   overrides=_overrides(overrides), device=device, cuda_graph=cuda_graph, kernels=kernels,
                   allow_nonfinite=allow_nonfinite)
     report = None
+    if router_stats_out:  # before the generation, not after
+        check_output_file(router_stats_out, force=force, inputs=[source], option="--router-stats-out")
     if router_stats or router_stats_out:
         ids, text, report = generate_with_stats(**kwargs)
     else:
         ids, text = run_generate(**kwargs)
     if router_stats_out:
-        Path(router_stats_out).write_text(json.dumps(report, indent=2) + "\n")
+        write_output_file(router_stats_out, json.dumps(report, indent=2) + "\n", force=force, inputs=[source],
+                          option="--router-stats-out")
     if as_json:
         click.echo(json.dumps({"ids": ids if len(ids) > 1 else ids[0]} | ({"text": text} if text is not None else {})
                               | ({"router_stats": report} if router_stats else {})))
@@ -199,16 +203,17 @@ def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_sh
 @click.option("--place", default=None, type=int, metavar="N", help="propose a placement of the experts on N devices")
 @click.option("--top-pairs", default=5, show_default=True, help="co-chosen expert pairs per layer")
 @click.option("--plot", default=None, metavar="FILE.png", help="write a load heatmap and imbalance chart")
+@click.option("--force", is_flag=True, help="replace --plot if it exists")
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def experts(source, prompt_ids, prompt_file, random_prompts, seq_len, seed, backend, dtype, compare, compare_backend,
-            compare_dtype, place, top_pairs, plot, overrides, as_json):
+            compare_dtype, place, top_pairs, plot, force, overrides, as_json):
     """Where the tokens go: expert load per MoE layer, routing drift against another source, placement."""
     with stage(f"routing prompts through {source}"):
         doc = run_experts(source=source, prompt_ids=prompt_ids, prompt_file=prompt_file, random=random_prompts,
                           seq_len=seq_len, seed=seed, backend=backend, dtype=dtype, overrides=_overrides(overrides),
                           compare=compare, compare_backend=compare_backend, compare_dtype=compare_dtype, place=place,
-                          top_pairs=top_pairs, plot=plot)
+                          top_pairs=top_pairs, plot=plot, force=force)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
@@ -358,16 +363,17 @@ export_cmd = click.command("dsmoe-export")(_export_options(_export))  # its own 
 @click.option("--preset", default=None, help="model preset instead of the suite's default (e.g. small)")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N (GPU sizes and limits)")
 @click.option("--dtype", default=None, help="float32 | bfloat16 | float16 [default: float32 on cpu, bfloat16 on cuda]")
+@click.option("--force", is_flag=True, help="replace results files of an earlier run in --out")
 @set_option
-def bench(suite, backends, quick, out_dir, threads, preset, device, dtype, overrides):
+def bench(suite, backends, quick, out_dir, threads, preset, device, dtype, force, overrides):
     """Benchmark eager vs fused vs ONNX Runtime (and the CUDA kernels) against this machine's limits."""
     if suite == "quant-full":
-        run_quant_full(threads=threads, out_dir=str(out_dir), progress=lambda s: err.print(f"[dim]· {s}[/dim]"))
+        run_quant_full(threads=threads, out_dir=str(out_dir), progress=lambda s: err.print(f"[dim]· {s}[/dim]"), force=force)
         return
     suites = list(SUITES) if suite == "all" else [suite]
     run_bench(suites=suites, backends=list(backends) or None, quick=quick, out_dir=str(out_dir), threads=threads,
               preset=preset, overrides=_overrides(overrides) or None, progress=lambda s: err.print(f"[dim]· {s}[/dim]"),
-              device=device, dtype=dtype)
+              device=device, dtype=dtype, force=force)
 
 
 def _archs(text: str | None) -> list[str] | None:
@@ -439,8 +445,12 @@ def _run(command: click.Command, argv=None) -> None:
     except click.exceptions.Abort:
         err.print("aborted")
         sys.exit(130)
+    except click.UsageError as e:  # one line like every other error
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except DsmoeError as e:
         if _state["debug"]:
@@ -451,6 +461,11 @@ def _run(command: click.Command, argv=None) -> None:
         if _state["debug"]:
             raise
         click.echo(f"error: {e.strerror or e}: {e.filename}", err=True)
+        sys.exit(2)
+    except OSError as e:
+        if _state["debug"] or not write_failure(e):
+            raise
+        click.echo(f"error: {write_failure(e)}", err=True)
         sys.exit(2)
 
 

@@ -26,6 +26,7 @@ from dsmoe.app.router_trace import BACKENDS, eager_router_step, fused_router_ste
 from dsmoe.config import DeepseekConfig
 from dsmoe.errors import DsmoeError
 from dsmoe.export import MODEL_FILE
+from dsmoe.outputs import check_output_file
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -138,13 +139,16 @@ def run_experts(*, source: str, prompt_ids: str | None = None, prompt_file: str 
                 random: int | None = None, seq_len: int = 64, seed: int = 0, backend: str | None = None,
                 dtype: str | None = None, overrides: dict | None = None, compare: str | None = None,
                 compare_backend: str | None = None, compare_dtype: str | None = None, place: int | None = None,
-                top_pairs: int = 5, plot: str | None = None) -> dict:
+                top_pairs: int = 5, plot: str | None = None, force: bool = False) -> dict:
     """The ``dsmoe experts`` document: ``{"source", "backend", "prompts", **expert report,
     "compare"?, "placement"?, "plot"?}`` (see :func:`dsmoe.app.expert_stats.expert_report`)."""
     if place is not None and place < 1:
         raise DsmoeError(f"--place needs a positive number of devices, got {place}")
     if plot is not None and not plot.lower().endswith(".png"):
         raise DsmoeError(f"--plot writes a PNG: give a FILE.png, got {plot!r}")
+    inputs = [p for p in (source, compare, prompt_file) if p is not None and not p.startswith("preset:")]
+    if plot is not None:
+        check_output_file(plot, force=force, inputs=inputs, option="--plot")
     # everything that can be checked from the configs and the prompts, before a model is loaded
     config = _config(source, overrides)
     prompts = read_prompts(source, prompt_ids=prompt_ids, prompt_file=prompt_file, random=random, seq_len=seq_len,
@@ -167,7 +171,7 @@ def run_experts(*, source: str, prompt_ids: str | None = None, prompt_file: str 
     if place is not None:
         doc["placement"] = placement_report(doc, place)
     if plot is not None:
-        doc["plot"] = plot_report(doc, plot)
+        doc["plot"] = plot_report(doc, plot, force=force, inputs=inputs)
     return doc
 
 

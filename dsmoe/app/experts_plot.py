@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dsmoe.outputs import write_output_file
 
-def plot_report(doc: dict, path: str | Path) -> dict:
+
+def plot_report(doc: dict, path: str | Path, *, force: bool = False, inputs=()) -> dict:
     """Write the figure for an expert report to ``path`` (PNG); returns ``{"path", "bytes"}``."""
     import matplotlib  # lazy: optional dependency (only --plot draws)
 
@@ -77,10 +79,11 @@ def plot_report(doc: dict, path: str | Path) -> dict:
     ax.set_xticks(list(x), names)
     ax.set_xlabel("MoE layer")
     ax.legend(loc="best", fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        path = write_output_file(path, lambda p: fig.savefig(p, dpi=110, format="png"), force=force, inputs=inputs,
+                                 option="--plot")
+    finally:
+        plt.close(fig)
     return {"path": str(path), "bytes": path.stat().st_size}
 
 
