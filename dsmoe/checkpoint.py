@@ -178,12 +178,17 @@ def read_part(path: str | Path, config: DeepseekConfig, expected: dict[str, torc
     path = Path(path)
     stacked = {m.group(1) for k in expected if (m := re.match(r"^(.*\.mlp\.experts)\.\d+\.", k))}
     sd: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
     for f, keys in shard_plan(path):
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for key in sorted(keys if keys is not None else sf.keys()):
                     hf = HF_STACKED.match(key)
                     if key in expected or (hf and hf.group(1) in stacked):
+                        if key in where:  # never "the last copy wins"
+                            raise CheckpointError(f"key {key} is in two shards, {where[key]} and {f.name}: refusing an "
+                                                  "ambiguous checkpoint")
+                        where[key] = f.name
                         t = _cast(key, sf.get_tensor(key), dtype, check_finite)
                         sd.update(unstack_experts(key, t, config) if hf else {key: t})
         except SafetensorError as e:
@@ -195,6 +200,84 @@ def read_part(path: str | Path, config: DeepseekConfig, expected: dict[str, torc
         if tuple(sd[k].shape) != tuple(shape):
             raise CheckpointError(f"wrong shape for {k}: expected {list(shape)}, found {list(sd[k].shape)}")
     return {k: sd[k] for k in expected}
+
+
+def check_checkpoint(path: str | Path, config: DeepseekConfig, expected: dict[str, torch.Size]) -> dict[str, str]:
+    """THE checkpoint contract, from the safetensors headers alone (no tensor is read): every
+    reader — :func:`load_state_dict` (the in-memory loader) and the streaming exporter — calls it
+    first, so they accept and refuse exactly the same checkpoints. Returns ``{key: shard file}``.
+
+    - a key is in exactly one shard (the index, when there is one, is the truth: see :func:`read_tensors`);
+    - every key the model expects is present with its shape (both expert layouts), and no other
+      key is (a config that says fewer ``num_hidden_layers`` than the checkpoint holds is refused);
+      multi-token-prediction layers and fp8 block scales are the only keys set aside;
+    - ``tie_word_embeddings`` with an ``lm_head.weight`` present: allowed here; the readers compare
+      it with the embedding and refuse a different one (:func:`check_tied_head`).
+
+    Errors name the key and the shard holding it."""
+    path = Path(path)
+    where: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f, keys in shard_plan(path):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                present = {k for k in sf.keys() if not NON_PERSISTENT_KEY.search(k)}  # noqa: SIM118
+                wanted = present if keys is None else {k for k in keys if not NON_PERSISTENT_KEY.search(k)}
+                _check_shard(f, present, wanted, keys is not None, where)
+                for key in wanted:
+                    where[key] = f.name
+                    shapes[key] = tuple(sf.get_slice(key).get_shape())
+        except SafetensorError as e:
+            raise CheckpointError(f"corrupt or truncated safetensors file {f.name}: {e}") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read {f}: {e}") from None
+    mtp = mtp_layers(config)
+    found: dict[str, tuple[int, ...]] = {}
+    origin: dict[str, str] = {}
+    for key, shape in shapes.items():
+        m = LAYER_KEY.match(key)
+        if (m and int(m.group(1)) in mtp) or is_scale_key(key):
+            continue
+        hf = HF_STACKED.match(key)
+        if hf:
+            E, I, H = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
+            want = (E, 2 * I, H) if hf.group(2) == "gate_up_proj" else (E, H, I)
+            if LAYER_KEY.match(key) and int(LAYER_KEY.match(key).group(1)) < config.num_hidden_layers and shape != want:
+                raise CheckpointError(f"wrong shape for {key} (in {where[key]}): expected {list(want)}, found {list(shape)}")
+            per = ({f"{hf.group(1)}.{j}.{p}.weight": (I, H) for j in range(E) for p in ("gate_proj", "up_proj")}
+                   if hf.group(2) == "gate_up_proj" else {f"{hf.group(1)}.{j}.down_proj.weight": (H, I) for j in range(E)})
+            found.update(per)
+            origin.update(dict.fromkeys(per, key))
+        else:
+            found[key] = shape
+            origin[key] = key
+    if config.tie_word_embeddings:
+        found.pop("lm_head.weight", None)
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    unexpected = sorted(set(found) - set(expected))
+    missing = sorted(set(expected) - set(found))
+    if unexpected:
+        k = origin[unexpected[0]]
+        raise CheckpointError(f"unexpected key {k} (in {where[k]})" + _more(unexpected) + mismatch_hint(unexpected))
+    if missing:
+        raise CheckpointError(f"missing key {missing[0]}" + _more(missing) + mismatch_hint(missing))
+    for k, shape in expected.items():
+        if tuple(found[k]) != tuple(shape):
+            raise CheckpointError(f"wrong shape for {k} (in {where[origin[k]]}): expected {list(shape)}, "
+                                  f"found {list(found[k])}")
+    return where
+
+
+def check_tied_head(config: DeepseekConfig, embed: torch.Tensor | None, head: torch.Tensor | None) -> None:
+    """``tie_word_embeddings`` with an ``lm_head.weight`` in the checkpoint: it must equal the
+    embedding (then it is the same tensor and is dropped); a different one would be silently
+    replaced by the embedding, so it is refused."""
+    if not config.tie_word_embeddings or head is None or embed is None:
+        return
+    if head.shape != embed.shape or not torch.equal(head, embed.to(head.dtype)):
+        raise CheckpointError("config.json says tie_word_embeddings: true, but the checkpoint's lm_head.weight differs "
+                              "from model.embed_tokens.weight (it would be ignored): set tie_word_embeddings to false "
+                              "to use it, or remove it")
 
 
 def mtp_layers(config: DeepseekConfig) -> range:
@@ -209,6 +292,7 @@ def load_state_dict(path: str | Path, config: DeepseekConfig, expected: dict[str
     """Read and check a checkpoint against the model's expected ``{key: shape}``; what was left
     out on purpose (multi-token-prediction layers) and dequantized is appended to ``notes``."""
     path = Path(path)
+    check_checkpoint(path, config, expected)  # the contract every reader shares, before any tensor is read
     sd: dict[str, torch.Tensor] = {}
     mtp, skipped = mtp_layers(config), set()
 
@@ -238,7 +322,7 @@ def load_state_dict(path: str | Path, config: DeepseekConfig, expected: dict[str
             notes.append(f"dequantized {len(quantized)} fp8 weights ({config.fp8_block[0]}×{config.fp8_block[1]} "
                          f"block scales) to {torch_name(dtype)}")
     if config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
+        check_tied_head(config, sd.get("model.embed_tokens.weight"), sd.pop("lm_head.weight", None))
         expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
     unexpected = sorted(set(sd) - set(expected))
     missing = sorted(set(expected) - set(sd))

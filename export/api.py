@@ -39,7 +39,7 @@ from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, OPSET, 
 from dsmoe.export.quant_report import module_bytes, part_bytes, quality
 from dsmoe.export.runner import OrtDecoder
 from dsmoe.export.verify_quant import check_quantized_ops, op_check_feeds, with_end_to_end
-from dsmoe.export.stream import (StreamedWeights, meta_model, must_stream, peak_rss_bytes, streamed_checks,
+from dsmoe.export.stream import (StreamedWeights, check_source, meta_model, must_stream, peak_rss_bytes, streamed_checks,
                                  swap_in_placeholders, template)
 from dsmoe.export.static_cache import check_kv_cache
 from dsmoe.export.tensorrt import (DEFAULT_MAX_BATCH, ENGINE_FILE, TrtDecoder, build_engine_from, check_parser_support,
@@ -123,6 +123,8 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
         raise DsmoeError("--quant takes --kv-cache dynamic only (the exactness check of the quantized ops runs "
                          "the dynamic cache)")
     stream = _should_stream(source, config, scheme, stream, fold_shared_experts, router_stats)
+    if stream:
+        check_source(source, config, check_finite=not allow_nonfinite)  # what the loader refuses, refused here too
     inputs = [] if dsmoe.is_preset(source) else [source]
     plugin_build = None
     if target == "tensorrt":

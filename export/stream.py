@@ -47,6 +47,8 @@ from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import run_pipeline
 from dsmoe.quant import PREFERRED_BLOCK_SIZES, QuantScheme
 from dsmoe.quantized import quantized_reference
+from dsmoe.checkpoint import check_checkpoint, check_tied_head
+from dsmoe.checkpoint import read_part as _read_keys
 from dsmoe.streaming import layer_of, part_module, part_names, part_shapes, random_parts, read_part
 
 SMALL = 4096          # placeholders up to this many elements hold distinct random values
@@ -145,6 +147,8 @@ def lowered_part(config: DeepseekConfig, part: str, weights: dict[str, torch.Ten
           if not k.endswith("inv_freq")}
     model.load_state_dict(sd, strict=False, assign=True)
     del sd, real
+    if cfg.tie_word_embeddings:  # as the loader does: one tensor, as in the whole graph
+        model.lm_head.weight = model.model.embed_tokens.weight
     rebuild_rotary(model)
     gm = lowered_graph(model.float(), target=target, scheme=scheme)[0]
     del model
@@ -173,8 +177,24 @@ def source_parts(source: str | Path, config: DeepseekConfig, *, check_finite: bo
         for part, sd in random_parts(config, seed):
             yield part, {k: v.to(torch.float32) for k, v in sd.items()}
         return
+    check_source(source, config, check_finite=check_finite)
     for part in part_names(config):
         yield part, read_part(source, config, part, check_finite=check_finite)
+
+
+def check_source(source: str | Path, config: DeepseekConfig, *, check_finite: bool = True) -> None:
+    """The loader's checkpoint contract (:func:`dsmoe.checkpoint.check_checkpoint`: keys, shards,
+    shapes, layers; a tied head equal to the embedding) for a streamed export, before any weight of
+    a layer is read. Presets have no checkpoint to check."""
+    if is_preset(source):
+        return
+    expected = {k: v for p in part_names(config) for k, v in part_shapes(config, p).items()}
+    where = check_checkpoint(source, config, expected)
+    if config.tie_word_embeddings and "lm_head.weight" in where:
+        head = _read_keys(source, config, {"lm_head.weight": expected["model.embed_tokens.weight"]}, torch.float32,
+                          check_finite=check_finite)["lm_head.weight"]
+        embed = read_part(source, config, "embed", check_finite=check_finite)["model.embed_tokens.weight"]
+        check_tied_head(config, embed, head)
 
 
 class StreamedWeights:
