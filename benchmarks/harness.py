@@ -91,6 +91,8 @@ def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None 
     for b in chosen or []:
         if b not in REGISTRY:
             raise DsmoeError(f"unknown backend {b!r} (backends: {', '.join(REGISTRY)})")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise DsmoeError(f"--threads must be at least 1, got {threads!r}")
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     console = Console(width=max(Console().width, 130))

@@ -36,6 +36,7 @@ from dsmoe.bench.report import SCHEMA, machine_info, versions
 from dsmoe.bench.timing import Method, measure
 from dsmoe.export import REPORT_FILE, OrtDecoder
 from dsmoe.export.quant_report import linear_bytes_per_weight
+from dsmoe.errors import DsmoeError
 from dsmoe.outputs import check_output_file, write_output_file
 from dsmoe.quant import GGML_BLOCK, GGML_BLOCK_BYTES
 
@@ -82,9 +83,22 @@ def _time_ort(export_dir: Path, config, prefill: int, decode: int, threads: int)
             "prefill_s": prefill_s, "rss_bytes": rss}
 
 
+def refuse_unused(*, backends=(), quick: bool = False, preset: str | None = None, device: str = "cpu",
+                  dtype: str | None = None, overrides=()) -> None:
+    """``bench --suite quant-full`` runs one fixed comparison: the options it does not use are refused."""
+    unused = [flag for flag, given in (("--backend", bool(backends)), ("--quick", quick), ("--preset", preset is not None),
+                                       ("--device", device != "cpu"), ("--dtype", dtype is not None),
+                                       ("--set", bool(overrides))) if given]
+    if unused:
+        raise DsmoeError(f"{', '.join(unused)} do(es) not apply to --suite quant-full (the whole {SOURCE} int4 model "
+                         "against llama.cpp on the CPU, as written); drop it")
+
+
 def run_quant_full(*, source: str = SOURCE, prefill: int = 128, decode: int = 32, threads: int | None = None,
                    out_dir: str | Path | None = None, progress=print, cache: Path = CACHE, rounds: int = 3,
                    force: bool = False) -> dict:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise DsmoeError(f"--threads must be at least 1, got {threads!r}")
     threads = threads or os.cpu_count() or 1
     out = Path(out_dir) if out_dir else Path(__file__).resolve().parent / "results"
     stem = out / f"{machine_info(threads)['name']}-quant-full"

@@ -94,7 +94,7 @@ def attention_summary(c: DeepseekConfig) -> str:
 
 def notes(c: DeepseekConfig) -> list[str]:
     """What a loader does that the architecture alone does not show (skipped MTP layers, fp8)."""
-    out = []
+    out = [f"{name}: {what}" for name, what in c.defaults_taken.items()]
     n, L = c.num_nextn_predict_layers, c.num_hidden_layers
     if c.is_mla and n:
         layers = ", ".join(f"model.layers.{i}" for i in range(L, L + n))

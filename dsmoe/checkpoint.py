@@ -243,7 +243,7 @@ def check_checkpoint(path: str | Path, config: DeepseekConfig, expected: dict[st
             E, I, H = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
             want = (E, 2 * I, H) if hf.group(2) == "gate_up_proj" else (E, H, I)
             if LAYER_KEY.match(key) and int(LAYER_KEY.match(key).group(1)) < config.num_hidden_layers and shape != want:
-                raise CheckpointError(f"wrong shape for {key} (in {where[key]}): expected {list(want)}, found {list(shape)}")
+                raise CheckpointError(f"wrong shape for {key}: expected {list(want)}, found {list(shape)} (in {where[key]})")
             per = ({f"{hf.group(1)}.{j}.{p}.weight": (I, H) for j in range(E) for p in ("gate_proj", "up_proj")}
                    if hf.group(2) == "gate_up_proj" else {f"{hf.group(1)}.{j}.down_proj.weight": (H, I) for j in range(E)})
             found.update(per)
@@ -258,13 +258,13 @@ def check_checkpoint(path: str | Path, config: DeepseekConfig, expected: dict[st
     missing = sorted(set(expected) - set(found))
     if unexpected:
         k = origin[unexpected[0]]
-        raise CheckpointError(f"unexpected key {k} (in {where[k]})" + _more(unexpected) + mismatch_hint(unexpected))
+        raise CheckpointError(f"unexpected key {k}" + _more(unexpected) + mismatch_hint(unexpected) + f"; it is in {where[k]}")
     if missing:
         raise CheckpointError(f"missing key {missing[0]}" + _more(missing) + mismatch_hint(missing))
     for k, shape in expected.items():
         if tuple(found[k]) != tuple(shape):
-            raise CheckpointError(f"wrong shape for {k} (in {where[origin[k]]}): expected {list(shape)}, "
-                                  f"found {list(found[k])}")
+            raise CheckpointError(f"wrong shape for {k}: expected {list(shape)}, found {list(found[k])} "
+                                  f"(in {where[origin[k]]})")
     return where
 
 

@@ -76,6 +76,8 @@ class DeepseekConfig:
     quantization_config: dict | None = None  # fp8 e4m3 with 128×128 block scales (dequantized on load)
     # Keys of config.json this dataclass does not model; written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Fields config.json left out that took transformers' default (``info`` says so); not written.
+    defaults_taken: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -178,6 +180,10 @@ class DeepseekConfig:
             if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
                 raise ConfigError(f"{name} must be a token id (an integer >= 0{', or a list of them' if name[0] == 'e' else ''}), "
                                   f"got {v!r}")
+        for name in ("rms_norm_eps", "initializer_range", "aux_loss_alpha", "routed_scaling_factor"):
+            _finite_number(self, name)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ConfigError(f"rope_scaling must be an object (or null), got {self.rope_scaling!r}")
         if not isinstance(self.rms_norm_eps, (int, float)) or self.rms_norm_eps <= 0:
             raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
         if self.has_moe:
@@ -232,15 +238,16 @@ class DeepseekConfig:
         _read_rope_parameters(d)  # transformers v5 writes RoPE there
         if "dtype" in d and "torch_dtype" not in d:  # transformers v5 writes "dtype"
             d["torch_dtype"] = d.pop("dtype")
+        taken = _transformers_defaults(d)
         if d.get("model_type") in MLA_MODEL_TYPES:
             mla_from_dict(d)
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "defaults_taken"}
         kwargs = {k: _coerce(cls, k, v) for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known}
-        return cls(**kwargs, extra=extra)
+        return cls(**kwargs, extra=extra, defaults_taken=taken)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "defaults_taken")}
         if not self.is_mla:  # MHA configs keep the DeepSeekMoE-16B key set
             for name in MLA_ONLY_FIELDS:
                 if d[name] == _DEFAULTS[name]:
@@ -267,13 +274,15 @@ class DeepseekConfig:
         """A copy with fields replaced (values coerced to the field's type) and validated."""
         if not overrides:
             return dataclasses.replace(self).validate()
-        known = {f.name for f in dataclasses.fields(self)} - {"extra"}
+        known = {f.name for f in dataclasses.fields(self)} - {"extra", "defaults_taken"}
         for k in overrides:
             if k not in known:
                 raise ConfigError(f"unknown config field {k!r} in override")
         d = self.to_dict()
         d.update(overrides)
-        return type(self).from_dict(d).validate()
+        new = type(self).from_dict(d)
+        new.defaults_taken = {k: v for k, v in self.defaults_taken.items() if k not in overrides}
+        return new.validate()
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> DeepseekConfig:
@@ -325,6 +334,26 @@ def _read_rope_parameters(d: dict[str, Any]) -> None:
     d["rope_scaling"] = params
 
 
+def _transformers_defaults(d: dict[str, Any]) -> dict[str, str]:
+    """Fields a config.json may leave out, filled as transformers fills them (in place); returns
+    ``{field: what was assumed}`` for ``info`` to show. Never dsmoe's own preset values."""
+    taken = {}
+    if d.get("torch_dtype") is None:  # transformers loads weights in float32 unless told otherwise
+        d["torch_dtype"] = "float32"
+        taken["torch_dtype"] = "float32 (transformers' default: config.json names no torch_dtype)"
+    if d.get("num_key_value_heads") is None and isinstance(d.get("num_attention_heads"), int):
+        d["num_key_value_heads"] = d["num_attention_heads"]  # transformers: one KV head per query head
+        taken["num_key_value_heads"] = (f"{d['num_attention_heads']} = num_attention_heads (transformers' default: "
+                                        "config.json names no num_key_value_heads)")
+    return taken
+
+
+def _finite_number(cfg: DeepseekConfig, name: str) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"{name} must be a finite number, got {v!r}")
+
+
 def _positive_int(cfg: DeepseekConfig, name: str) -> None:
     v = getattr(cfg, name)
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -346,19 +375,24 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 raise ValueError
             return list(value)
-        if t.startswith("int") and not isinstance(value, bool):
+        if (t.startswith("int") or t.startswith("float")) and isinstance(value, bool):
+            raise ValueError  # true/false is not a number
+        if t.startswith("int") and not isinstance(value, (list, dict)):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
-        if t.startswith("float") and not isinstance(value, bool):
-            return float(value)
+        if t.startswith("float"):
+            v = float(value)
+            if not math.isfinite(v):
+                raise ConfigError(f"config field {name!r} must be a finite number, got {value!r}")
+            return v
         if t == "bool":
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 return value.lower() in ("true", "1")
             return bool(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"config field {name!r}: expected {t}, got {value!r}") from None
     return value
 

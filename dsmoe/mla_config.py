@@ -75,6 +75,8 @@ def validate_mla(c) -> None:
                               f"and qk_rope_head_dim {c.qk_rope_head_dim} make it {want}")
     if c.extra.get("mlp_bias"):
         raise ConfigError("unsupported feature mlp_bias=true (DeepSeek MLPs have no biases)")
+    if c.rope_scaling is not None and not isinstance(c.rope_scaling, dict):
+        raise ConfigError(f"rope_scaling must be an object (or null), got {c.rope_scaling!r}")
     kind = rope.scaling_type(c.rope_scaling)
     if kind not in (None, "yarn"):
         raise ConfigError(f"unsupported rope_scaling type {kind!r} (supported: yarn, or null for plain RoPE)")

@@ -55,7 +55,7 @@ def yarn_settings(rope_scaling: dict, max_position_embeddings: int) -> dict[str,
     if factor is None:
         factor = max_position_embeddings / orig
     s = {"factor": factor, "original_max_position_embeddings": orig,
-         "beta_fast": rope_scaling.get("beta_fast") or 32, "beta_slow": rope_scaling.get("beta_slow") or 1,
+         "beta_fast": _given(rope_scaling, "beta_fast", 32), "beta_slow": _given(rope_scaling, "beta_slow", 1),
          "mscale": rope_scaling.get("mscale"), "mscale_all_dim": rope_scaling.get("mscale_all_dim"),
          "attention_factor": rope_scaling.get("attention_factor"), "truncate": rope_scaling.get("truncate", True)}
     for name in ("factor", "beta_fast", "beta_slow"):
@@ -71,6 +71,12 @@ def yarn_settings(rope_scaling: dict, max_position_embeddings: int) -> dict[str,
     if not isinstance(s["truncate"], bool):
         raise ConfigError(f"rope_scaling 'yarn' field truncate must be true or false, got {s['truncate']!r}")
     return s
+
+
+def _given(d: dict, name: str, default):
+    """``d[name]``, or ``default`` only when it is absent or null (a 0 is a value, checked, never replaced)."""
+    v = d.get(name)
+    return default if v is None else v
 
 
 def _finite(v) -> bool:

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dsmoe.architecture import available_memory
-from dsmoe.checkpoint import INDEX, SINGLE
+from dsmoe.checkpoint import INDEX, SINGLE, check_checkpoint
 from dsmoe.checkpoint import read_part as _read_keys
 from dsmoe.config import DeepseekConfig
 from dsmoe.contract import FP32_KEY
@@ -98,6 +98,16 @@ def random_parts(config: DeepseekConfig, seed: int) -> Iterator[tuple[str, dict[
         yield "biases", biases
 
 
+def check_token_ids(config: DeepseekConfig) -> None:
+    """bos/eos/pad ids inside the vocabulary (what every command reading the checkpoint checks)."""
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = getattr(config, name, config.extra.get(name))
+        for i in v if isinstance(v, list) else [v]:
+            if i is not None and not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.vocab_size):
+                raise DsmoeError(f"{name} {v!r} is not a token id of the vocabulary [0, {config.vocab_size}): "
+                                 f"set it with --set {name}=N (or null)")
+
+
 def check_seed(seed) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise DsmoeError(f"seed must be an integer in [0, 2**64), got {seed!r}")
@@ -144,6 +154,7 @@ def write_random_checkpoint(config: DeepseekConfig, out_dir: str | Path, *, seed
     :class:`dsmoe.outputs.OutputDir`; equal to ``init_model(config, seed=seed, dtype=dtype)``."""
     config.validate()
     check_seed(seed)
+    check_token_ids(config)
     _check_memory(config, dtype, max_shard_bytes)
     plan: list[list[str]] = [[]]
     size = 0
@@ -181,4 +192,7 @@ def write_random_checkpoint(config: DeepseekConfig, out_dir: str | Path, *, seed
         if len(names) > 1:
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                  "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+        # never a checkpoint dsmoe would refuse: its config and keys read back under the loader's contract
+        written = DeepseekConfig.from_json(tmp / "config.json")
+        check_checkpoint(tmp, written, {k: v for p in part_names(written) for k, v in part_shapes(written, p).items()})
         return staging.commit()

@@ -105,6 +105,10 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
     tdtype = parse_export_dtype(dtype, target)
     config = dsmoe.load_config(source, overrides)  # fails fast on a bad source/override
     tokens = special_token_ids(config, source)      # and on bad bos/eos/pad ids
+    if not absorb_mla and not config.is_mla:
+        raise DsmoeError(f"--no-absorb-mla applies to MLA models (deepseek_v2/v3) only; {source} is {config.model_type}")
+    if archs is not None and not archs:
+        raise DsmoeError("--arch names no GPU architecture (e.g. --arch sm_80,sm_90)")
     if router_stats and not config.moe_layers:
         raise DsmoeError(f"--router-stats: {source} has no MoE layers (nothing is routed)")
     if router_stats and kv_cache == "static":

@@ -26,7 +26,7 @@ from dsmoe.app.inspection import run_inspect
 from dsmoe.app.router_trace import BACKENDS
 from dsmoe.architecture import architecture, attention_summary, kv_cache_report, notes
 from dsmoe.bench import SUITES, run_bench
-from dsmoe.bench.quant_full import run_quant_full
+from dsmoe.bench.quant_full import refuse_unused, run_quant_full
 from dsmoe.config import DeepseekConfig, parse_overrides
 from dsmoe.dtypes import parse_dtype
 from dsmoe.errors import DsmoeError, DsmoeWarning
@@ -65,6 +65,7 @@ kernels_option = click.option("--kernels", type=click.Choice(list(KERNELS)), def
                                    "Triton GPU kernels under Triton's interpreter (slow; verifies the kernels)")
 debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
                             help="show tracebacks for errors")
+SEED = click.IntRange(0, 2**64 - 1)  # what torch.Generator.manual_seed takes
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                           help="override a config field (repeatable), e.g. --set num_hidden_layers=2")
 absorb_option = click.option("--no-absorb-mla", is_flag=True,
@@ -83,7 +84,7 @@ def cli():
 @click.option("--preset", default="small", show_default=True,
               help="tiny | small | deepseek-moe-16b | mla-tiny | mla-small | v3-small | deepseek-v2-lite")
 @set_option
-@click.option("--seed", default=0, show_default=True, help="random seed (same seed, same weights)")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="random seed (same seed, same weights)")
 @click.option("--dtype", default="float32", show_default=True, help="float32 | float16 | bfloat16")
 @click.option("--force", is_flag=True, help="replace OUT_DIR if it exists")
 def init(out_dir, preset, overrides, seed, dtype, force):
@@ -137,7 +138,7 @@ def info(source, overrides, as_json):
 @click.argument("source")
 @click.option("--prompt-ids", multiple=True, help='space-separated token ids, e.g. "1 2 3" (repeat for a batch)')
 @click.option("--prompt", default=None, help="text (needs tokenizer.json in SOURCE)")
-@click.option("--max-new-tokens", default=16, show_default=True)
+@click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--backend", type=click.Choice(["eager", "fused", "ort", "genai", "tensorrt"]), default="eager",
               show_default=True, help="ort: an export in dsmoe's loop; genai: an export in onnxruntime-genai; "
                                       "tensorrt: the engine of a --target tensorrt export (needs TensorRT and a GPU)")
@@ -191,17 +192,19 @@ def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_sh
 @click.option("--prompt-ids", default=None, help='one prompt of space-separated token ids, e.g. "1 2 3"')
 @click.option("--prompt-file", default=None, metavar="FILE",
               help="one prompt per line: text when SOURCE has tokenizer.json, else token ids")
-@click.option("--random", "random_prompts", default=None, type=int, metavar="N", help="N random prompts (seeded)")
-@click.option("--seq-len", default=64, show_default=True, help="tokens per --random prompt")
-@click.option("--seed", default=0, show_default=True, help="seed of the --random prompts")
+@click.option("--random", "random_prompts", default=None, type=click.IntRange(min=1), metavar="N",
+              help="N random prompts (seeded)")
+@click.option("--seq-len", default=None, type=click.IntRange(min=1), help="tokens per --random prompt [default: 64]")
+@click.option("--seed", default=None, type=SEED, help="seed of the --random prompts [default: 0]")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="eager | fused | ort [default: ort for an export directory, else eager]")
 @click.option("--dtype", default=None, help="float32 | float16 | bfloat16 (checkpoints and presets)")
 @click.option("--compare", default=None, metavar="OTHER", help="run the same prompts through OTHER; report the drift")
 @click.option("--compare-backend", type=click.Choice(BACKENDS), default=None, help="backend of OTHER")
 @click.option("--compare-dtype", default=None, help="dtype of OTHER")
-@click.option("--place", default=None, type=int, metavar="N", help="propose a placement of the experts on N devices")
-@click.option("--top-pairs", default=5, show_default=True, help="co-chosen expert pairs per layer")
+@click.option("--place", default=None, type=click.IntRange(min=1), metavar="N",
+              help="propose a placement of the experts on N devices")
+@click.option("--top-pairs", default=5, show_default=True, type=click.IntRange(min=0), help="co-chosen expert pairs per layer")
 @click.option("--plot", default=None, metavar="FILE.png", help="write a load heatmap and imbalance chart")
 @click.option("--force", is_flag=True, help="replace --plot if it exists")
 @set_option
@@ -283,8 +286,9 @@ def _export_options(f):
         click.option("--arch", "archs", default=None, help="tensorrt: GPU architectures of the plugin library "
                                                            "[default: sm_80,sm_90]"),
         click.option("--engine", is_flag=True, help="tensorrt: also build model.engine (needs TensorRT and a GPU)"),
-        click.option("--max-batch", type=int, default=None, help="tensorrt: the engine profile's largest batch [4]"),
-        click.option("--max-length", type=int, default=None,
+        click.option("--max-batch", type=click.IntRange(min=1), default=None,
+                     help="tensorrt: the engine profile's largest batch [4]"),
+        click.option("--max-length", type=click.IntRange(min=1), default=None,
                      help="tensorrt: the profile's largest past + sequence [min(2048, max_position_embeddings)]"),
         click.option("--quant", default=None, metavar="int8|int4",
                      help="ort | portable: weight-only block quantization (router and embeddings stay fp32)"),
@@ -359,7 +363,7 @@ export_cmd = click.command("dsmoe-export")(_export_options(_export))  # its own 
 @click.option("--backend", "backends", multiple=True, help="restrict to these backends (repeatable)")
 @click.option("--quick", is_flag=True, help="fewer sizes and iterations (< 2 minutes)")
 @click.option("--out", "out_dir", default="benchmarks/results", show_default=True, type=click.Path(path_type=Path))
-@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores)")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads (default: all cores)")
 @click.option("--preset", default=None, help="model preset instead of the suite's default (e.g. small)")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N (GPU sizes and limits)")
 @click.option("--dtype", default=None, help="float32 | bfloat16 | float16 [default: float32 on cpu, bfloat16 on cuda]")
@@ -368,6 +372,7 @@ export_cmd = click.command("dsmoe-export")(_export_options(_export))  # its own 
 def bench(suite, backends, quick, out_dir, threads, preset, device, dtype, force, overrides):
     """Benchmark eager vs fused vs ONNX Runtime (and the CUDA kernels) against this machine's limits."""
     if suite == "quant-full":
+        refuse_unused(backends=backends, quick=quick, preset=preset, device=device, dtype=dtype, overrides=overrides)
         run_quant_full(threads=threads, out_dir=str(out_dir), progress=lambda s: err.print(f"[dim]· {s}[/dim]"), force=force)
         return
     suites = list(SUITES) if suite == "all" else [suite]
@@ -377,7 +382,10 @@ def bench(suite, backends, quick, out_dir, threads, preset, device, dtype, force
 
 
 def _archs(text: str | None) -> list[str] | None:
-    return None if text is None else [a.strip() for a in text.split(",") if a.strip()]
+    archs = None if text is None else [a.strip() for a in text.split(",") if a.strip()]
+    if archs == []:
+        raise DsmoeError("--arch names no GPU architecture (e.g. --arch sm_80,sm_90)")
+    return archs
 
 
 @cli.command("build-plugins")
@@ -400,7 +408,7 @@ def build_kernels_cmd(archs, out_dir, force):
     """Compile the Triton kernels ahead of time (cubin + PTX + manifest.json), no GPU needed."""
     with OutputDir(out_dir, force=force, kind="kernels") as staging:
         try:
-            manifest = build_kernels([a.strip() for a in archs.split(",") if a.strip()], staging.path)
+            manifest = build_kernels(_archs(archs), staging.path)
         except (ValueError, RuntimeError) as e:
             raise DsmoeError(str(e)) from None
         staging.commit()

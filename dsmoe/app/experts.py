@@ -36,12 +36,20 @@ def is_export(source: str) -> bool:
 
 
 def read_prompts(source: str, *, prompt_ids: str | None = None, prompt_file: str | None = None,
-                 random: int | None = None, seq_len: int = 64, seed: int = 0,
-                 vocab_size: int) -> list[list[int]]:
-    """The prompts as token ids (exactly one of the three ways), every id checked against the vocabulary."""
+                 random: int | None = None, seq_len: int | None = None, seed: int | None = None,
+                 vocab_size: int, max_positions: int | None = None) -> list[list[int]]:
+    """The prompts as token ids (exactly one of the three ways), every id checked against the
+    vocabulary and every prompt against the model's positions. ``seq_len`` (default 64) and
+    ``seed`` (default 0) apply to ``random`` only: given without it, they are refused."""
     given = [x is not None for x in (prompt_ids, prompt_file, random)]
     if sum(given) != 1:
         raise DsmoeError("give exactly one of --prompt-ids, --prompt-file or --random N")
+    if random is None and (seq_len is not None or seed is not None):
+        raise DsmoeError("--seq-len and --seed apply to --random N only")
+    seq_len = 64 if seq_len is None else seq_len
+    seed = 0 if seed is None else seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise DsmoeError(f"--seed must be an integer in [0, 2**64), got {seed!r}")
     if prompt_ids is not None:
         prompts = [_ids(prompt_ids, "--prompt-ids")]
     elif prompt_file is not None:
@@ -49,11 +57,16 @@ def read_prompts(source: str, *, prompt_ids: str | None = None, prompt_file: str
     else:
         if random < 1 or seq_len < 1:
             raise DsmoeError(f"--random and --seq-len must be at least 1, got {random} and {seq_len}")
+        if max_positions is not None and seq_len > max_positions:
+            raise DsmoeError(f"--seq-len {seq_len} exceeds the model's {max_positions} positions (max_position_embeddings)")
         g = torch.Generator().manual_seed(seed)
         prompts = torch.randint(0, vocab_size, (random, seq_len), generator=g).tolist()
     for n, p in enumerate(prompts, 1):
         if not p:
             raise DsmoeError(f"prompt {n} is empty")
+        if max_positions is not None and len(p) > max_positions:
+            raise DsmoeError(f"prompt {n} has {len(p)} tokens, more than the model's {max_positions} positions "
+                             "(max_position_embeddings)")
         bad = [i for i in p if not 0 <= i < vocab_size]
         if bad:
             raise DsmoeError(f"prompt {n}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
@@ -68,6 +81,8 @@ def _ids(text: str, where: str) -> list[int]:
 
 
 def _read_file(source: str, path: Path) -> list[list[int]]:
+    if path.is_dir():
+        raise DsmoeError(f"--prompt-file {path} is a directory; give a file with one prompt per line")
     if not path.is_file():
         raise DsmoeError(f"--prompt-file {path} does not exist")
     lines = [line for line in path.read_text().splitlines() if line.strip()]
@@ -136,12 +151,17 @@ def report_of(trace: RouterTrace, config: DeepseekConfig, *, top_pairs: int = 5)
 
 
 def run_experts(*, source: str, prompt_ids: str | None = None, prompt_file: str | None = None,
-                random: int | None = None, seq_len: int = 64, seed: int = 0, backend: str | None = None,
+                random: int | None = None, seq_len: int | None = None, seed: int | None = None, backend: str | None = None,
                 dtype: str | None = None, overrides: dict | None = None, compare: str | None = None,
                 compare_backend: str | None = None, compare_dtype: str | None = None, place: int | None = None,
                 top_pairs: int = 5, plot: str | None = None, force: bool = False) -> dict:
     """The ``dsmoe experts`` document: ``{"source", "backend", "prompts", **expert report,
     "compare"?, "placement"?, "plot"?}`` (see :func:`dsmoe.app.expert_stats.expert_report`)."""
+    stray = [f for f, v in (("--compare-backend", compare_backend), ("--compare-dtype", compare_dtype)) if v is not None]
+    if stray and compare is None:
+        raise DsmoeError(f"{', '.join(stray)} apply to --compare OTHER only")
+    if top_pairs < 0:
+        raise DsmoeError(f"--top-pairs must be at least 0, got {top_pairs}")
     if place is not None and place < 1:
         raise DsmoeError(f"--place needs a positive number of devices, got {place}")
     if plot is not None and not plot.lower().endswith(".png"):
@@ -152,7 +172,7 @@ def run_experts(*, source: str, prompt_ids: str | None = None, prompt_file: str 
     # everything that can be checked from the configs and the prompts, before a model is loaded
     config = _config(source, overrides)
     prompts = read_prompts(source, prompt_ids=prompt_ids, prompt_file=prompt_file, random=random, seq_len=seq_len,
-                           seed=seed, vocab_size=config.vocab_size)
+                           seed=seed, vocab_size=config.vocab_size, max_positions=config.max_position_embeddings)
     if compare is not None:
         _check_comparable(source, config, compare, _config(compare, overrides))
     step, config, backend, tdtype = open_source(source, backend=backend, dtype=dtype, overrides=overrides)

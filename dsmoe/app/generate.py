@@ -259,8 +259,13 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
     else:
         prompts, tok = _prompts(source, prompt_ids, prompt, None)
         dev = resolve_device(device)
-        if cuda_graph and (backend != "fused" or dev.type != "cuda"):
-            raise DsmoeError("--cuda-graph needs --backend fused --device cuda")
+        if cuda_graph is not None and (backend != "fused" or dev.type != "cuda"):
+            raise DsmoeError(f"--{'' if cuda_graph else 'no-'}cuda-graph applies to --backend fused --device cuda only")
+        fused_only = [f for f, given in (("--fold-shared-experts", fold_shared_experts), ("--no-absorb-mla", not absorb_mla))
+                      if given]
+        if fused_only and backend != "fused":
+            raise DsmoeError(f"{', '.join(fused_only)} apply to --backend fused only (the {backend} backend runs the "
+                             "model as written)")
         if kernels != "reference" and (backend != "fused" or dev.type != "cpu"):
             raise DsmoeError(f"--kernels {kernels} runs the fused graph's ops on the CPU: use --backend fused "
                              "(and no --device)")
@@ -269,6 +274,8 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
         if dev.type == "cuda" and backend == "fused":
             require_cuda_kernels()
         config = dsmoe.load_config(source, overrides)
+        if not absorb_mla and not config.is_mla:
+            raise DsmoeError(f"--no-absorb-mla applies to MLA models (deepseek_v2/v3) only; {source} is {config.model_type}")
         for p in prompts:  # before loading any weight
             check_request(config, p, max_new_tokens)
         with cpu_kernels(kernels):
