@@ -14,7 +14,6 @@ import copy
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -41,6 +40,7 @@ from dsmoe.ops import MOE, ROUTE, moe_reference, route_reference
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import run_pipeline
 from dsmoe.plugins import grouped_mm_available, grouped_mm_moe
+from dsmoe.children import run_child
 
 
 class Unsupported(Exception):
@@ -302,7 +302,7 @@ def model_export(w: Workload, kv_cache: str = "dynamic", extra: tuple[str, ...] 
         argv = [w.source, "--out", str(out), "--target", "ort", "--dtype", "fp32", "--kv-cache", kv_cache, *extra]
         for k, v in (w.overrides or {}).items():
             argv += ["--set", f"{k}={json.dumps(v)}"]
-        proc = subprocess.run([sys.executable, "-c", "from dsmoe.app.cli import export_main; export_main()", *argv],
+        proc = run_child([sys.executable, "-c", "from dsmoe.app.cli import export_main; export_main()", *argv],
                               capture_output=True, text=True)
         if proc.returncode:
             shutil.rmtree(out.parent, ignore_errors=True)

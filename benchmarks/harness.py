@@ -27,6 +27,7 @@ from dsmoe.app.device import resolve_device
 from dsmoe.bench import quant_backends  # noqa: F401  (registers ort-int8/int4, llama.cpp-q8_0/q4_0)
 from dsmoe.bench.backends import REGISTRY, Unsupported
 from dsmoe.bench.limits import Limits, floor_s, measure_gpu_limits, measure_limits
+from dsmoe.outputs import Interrupted
 from dsmoe.bench.report import SCHEMA, check_result_paths, machine_info, print_table, stem, versions, write_files
 from dsmoe.bench.suites import SEED, SUITES, Workload, model_workload, moe_layer_workload, quant_workload
 from dsmoe.bench.timing import FULL, GPU_FULL, GPU_QUICK, QUICK, Method, cross_check, measure
@@ -188,6 +189,8 @@ def _prepare_all(w: Workload, names, threads, say):
             info[name].update(status="skipped", reason=str(e))
             say(f"[{w.suite}] {name}: skipped ({e})")
             continue
+        except Interrupted:  # a signal ends the benchmark, it is not a backend failure
+            raise
         except Exception as e:  # a backend that breaks is reported, the run goes on
             info[name].update(status="failed", reason=f"{type(e).__name__}: {e}"[:500])
             say(f"[{w.suite}] {name}: failed ({type(e).__name__}: {e})")
@@ -218,6 +221,8 @@ def _run_case(w: Workload, case, prepared, binfo, meth: Method, lim: Limits, say
             else:
                 with torch.inference_mode():
                     chk = cross_check(case.run(p.fn), ref, rtol=rtol)
+        except Interrupted:
+            raise
         except Exception as e:
             res[name] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:500]}
             continue

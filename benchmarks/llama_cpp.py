@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from dsmoe.children import run_child
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_BIN = REPO / "out" / "llama.cpp" / "build" / "bin"
@@ -56,7 +57,7 @@ def run_llama_bench(model: str | Path, *, threads: int, prompt: int = 0, gen: in
         raise FileNotFoundError(why)
     argv = [str(exe), "-m", str(model), "-t", str(threads), "-r", str(reps), "-o", "json", "-p", str(prompt),
             "-n", str(gen), "-d", str(depth)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    proc = run_child(argv, timeout=timeout)
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
         raise RuntimeError(f"llama-bench exited {proc.returncode}: {tail[0][:300]}")

@@ -35,7 +35,6 @@ import gc
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -59,6 +58,7 @@ from dsmoe.ir import capture, op_histogram
 from dsmoe.passes.absorb_mla import absorb_mla
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import run_pipeline
+from dsmoe.children import run_child
 
 SUITE = "mla-decode"
 BACKENDS = ("eager", "fused-expanded", "fused", "ort-expanded", "ort")
@@ -147,7 +147,7 @@ def _export(size: dict, out: Path, absorbed: bool) -> Path:
         argv += ["--set", f"{k}={json.dumps(v)}"]
     if not absorbed:
         argv.append("--no-absorb-mla")
-    proc = subprocess.run([sys.executable, "-c", "from dsmoe.app.cli import export_main; export_main()", *argv],
+    proc = run_child([sys.executable, "-c", "from dsmoe.app.cli import export_main; export_main()", *argv],
                           capture_output=True, text=True)
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]

@@ -20,7 +20,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from dsmoe.export.quant_report import linear_bytes_per_weight
 from dsmoe.errors import DsmoeError
 from dsmoe.outputs import check_output_file, write_output_file
 from dsmoe.quant import GGML_BLOCK, GGML_BLOCK_BYTES
+from dsmoe.children import run_child
 
 CACHE = Path(__file__).resolve().parent.parent / "out" / "bench-cache"
 SOURCE = "preset:deepseek-moe-16b"
@@ -52,7 +52,7 @@ def _export(source: str, out: Path, say) -> dict:
         argv = [sys.executable, "-c", "from dsmoe.app.cli import export_main; export_main()", source, "--out", str(out),
                 "--quant", "int4", "--force"]
         t = time.perf_counter()
-        proc = subprocess.run(argv, capture_output=True, text=True)
+        proc = run_child(argv)
         if proc.returncode:
             raise RuntimeError(f"dsmoe-export exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}")
         say(f"exported in {time.perf_counter() - t:.0f} s")

@@ -31,6 +31,7 @@ import dsmoe
 from dsmoe.architecture import kv_cache_report
 from dsmoe.dtypes import VERIFY_RTOL, parse_dtype, tag, torch_name
 from dsmoe.errors import DsmoeError
+from dsmoe.export.files import export_digests
 from dsmoe.export.genai_config import check_genai_config, genai_can_run, special_token_ids, write_genai_files
 from dsmoe.export.lower import check_target, lower
 from dsmoe.export.lower_quant import int4_initializers, lower_quantized
@@ -224,14 +225,17 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
             "quant": quant_doc,
             **({"tensorrt": trt_info} if trt_info is not None else {}),
         }
+        report["digests"] = export_digests(tmp, report["files"])  # checked by every reader (verify_export_files)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         if verify and verification is not None and not verification["passed"]:
             state = "left as it was" if Path(out).exists() else "not written"
-            kept = staging.set_aside("failed")
+            try:
+                kept = f"the failed export is kept in {staging.set_aside('failed')}"
+            except DsmoeError as e:  # still a verification failure, and why; then why nothing was kept
+                kept = str(e)
             runtime = "TensorRT" if target == "tensorrt" else "ONNX Runtime"
             what = "the quantized reference" if scheme else "eager"
-            raise VerificationError(f"{runtime} differs from {what}: {verification['summary']}; {out}: {state}; "
-                                    f"the failed export is kept in {kept}")
+            raise VerificationError(f"{runtime} differs from {what}: {verification['summary']}; {out}: {state}; {kept}")
         staging.commit()
     return report
 

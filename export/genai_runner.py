@@ -21,6 +21,7 @@ import numpy as np
 
 from dsmoe import load_config
 from dsmoe.errors import DsmoeError
+from dsmoe.export.files import verify_export_files
 from dsmoe.export.genai_config import GENAI_CONFIG, genai_can_run
 from dsmoe.export.onnx_writer import CONFIG_FILE
 
@@ -35,6 +36,17 @@ def require_genai():
     return og
 
 
+def _genai_doc(d: Path) -> dict:
+    """``genai_config.json`` as a JSON object, or one line saying it is not one."""
+    try:
+        doc = json.loads((d / GENAI_CONFIG).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DsmoeError(f"{d / GENAI_CONFIG} is not valid JSON ({e}); export again") from None
+    if not isinstance(doc, dict):
+        raise DsmoeError(f"{d / GENAI_CONFIG} is not a JSON object; export again")
+    return doc
+
+
 class GenaiModel:
     """An export directory loaded by ONNX Runtime GenAI from its ``genai_config.json``."""
 
@@ -47,23 +59,35 @@ class GenaiModel:
                                  "latent cache (no genai_config.json is written for it); use --backend ort")
             raise DsmoeError(f"{d} holds no {GENAI_CONFIG}: re-export it with dsmoe-export (it writes one)")
         self.dir = d
-        self.doc = json.loads((d / GENAI_CONFIG).read_text())
-        config = og.Config(str(d))
+        verify_export_files(d)
+        self.doc = _genai_doc(d)
+        try:
+            config = og.Config(str(d))
+        except RuntimeError as e:
+            raise DsmoeError(f"onnxruntime-genai cannot read {d / GENAI_CONFIG}: {str(e).strip().splitlines()[0]}") from None
         if threads:
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         try:
             self.model = og.Model(config)
         except RuntimeError as e:  # e.g. a hand-edited config naming a missing input
             raise DsmoeError(f"onnxruntime-genai cannot load {d}: {str(e).strip().splitlines()[0]}") from None
-        self.pad_id = int(self.doc["model"]["pad_token_id"])
-        self.vocab_size = int(self.doc["model"]["vocab_size"])
-        self.share_buffer = bool(self.doc["search"]["past_present_share_buffer"])
+        try:
+            self.pad_id = int(self.doc["model"]["pad_token_id"])
+            self.vocab_size = int(self.doc["model"]["vocab_size"])
+            self.share_buffer = bool(self.doc["search"]["past_present_share_buffer"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DsmoeError(f"{d / GENAI_CONFIG} lacks or mangles {e} (model.pad_token_id, model.vocab_size and "
+                             "search.past_present_share_buffer are needed); export again") from None
 
     def tokenizer(self):
         """GenAI's tokenizer for the export (needs ``tokenizer.json`` beside the model)."""
         if not (self.dir / "tokenizer.json").is_file():
             raise DsmoeError(f"--prompt needs {self.dir / 'tokenizer.json'}; use --prompt-ids instead")
-        return self.og.Tokenizer(self.model)
+        try:
+            return self.og.Tokenizer(self.model)
+        except RuntimeError as e:  # a damaged tokenizer.json / tokenizer_config.json
+            raise DsmoeError(f"onnxruntime-genai cannot load the tokenizer of {self.dir}: "
+                             f"{str(e).strip().splitlines()[0][:200]}") from None
 
     def generator(self, max_length: int, batch_size: int = 1):
         params = self.og.GeneratorParams(self.model)

@@ -20,9 +20,11 @@ import torch
 
 from dsmoe import load_config
 from dsmoe.cache import cache_layout
+from dsmoe.export.files import verify_export_files
 from dsmoe.errors import DsmoeError
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, REPORT_FILE, io_names
 from dsmoe.export.static_cache import PAST_AXIS
+from dsmoe.outputs import Interrupted
 from dsmoe.passes.expose_router import parse_router_output_name
 
 _NP_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
@@ -94,8 +96,8 @@ class OrtDecoder:
         d = self.dir = Path(export_dir)
         if not (d / MODEL_FILE).is_file():
             raise DsmoeError(f"{d} holds no {MODEL_FILE} (export it with: dsmoe-export SOURCE --out {d})")
+        check_config_unchanged(d)  # the files belong together, before any of them is read
         self.config = load_config(d)
-        check_config_unchanged(d)
         if export_target(d) == "tensorrt":
             raise DsmoeError(f"{d} is a TensorRT export: its DsRoute/DsMoE plugin nodes run in TensorRT, not ONNX "
                              "Runtime (use --backend tensorrt, or export with --target ort)")
@@ -166,6 +168,8 @@ class OrtDecoder:
     def _run(self, fn):
         try:
             return fn()
+        except Interrupted:  # a signal during a run is the signal, not a failure of the model
+            raise
         except Exception as e:  # onnxruntime's errors are plain RuntimeError-like classes
             raise ExportRunError(f"ONNX Runtime failed running {self.dir / MODEL_FILE}: "
                                  f"{str(e).strip().splitlines()[0][:300]}") from None
@@ -210,7 +214,9 @@ def export_target(d: str | Path) -> str:
 
 
 def check_config_unchanged(d: Path) -> None:
-    """The export's ``config.json`` is the one it was made with (its hash is in the report)."""
+    """The export's files are the ones it was made with (:func:`dsmoe.export.files.verify_export_files`;
+    for exports older than the digests: ``config.json``'s hash in the report)."""
+    verify_export_files(d)
     try:
         want = json.loads((d / REPORT_FILE).read_text()).get("config_sha256")
     except (OSError, ValueError, AttributeError):
@@ -227,6 +233,8 @@ def _open_session(d: Path, **kw):
         raise DsmoeError(f"{model} is empty (a damaged export: export it again)")
     try:
         return session(model, **kw)
+    except Interrupted:
+        raise
     except Exception as e:  # onnxruntime raises its own exception classes for unreadable models
         text = str(e)
         if DATA_FILE in text or "external" in text.lower():

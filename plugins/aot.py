@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from dsmoe.plugins import _triton
 from dsmoe.plugins.moe import config as moe_cfg
 from dsmoe.plugins.route import config as route_cfg
+from dsmoe.children import run_child
 
 ARCHS = ("sm_80", "sm_90")
 ALIGN = 16  # bytes: every pointer, and H and I as element counts, are assumed divisible by 16
@@ -59,7 +59,7 @@ def build_kernels(archs=ARCHS, out_dir: str | Path = "kernels") -> dict:
     out = Path(out_dir)
     if _triton.interpreter_active():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        proc = subprocess.run([sys.executable, "-m", "dsmoe.plugins.aot", "--arch", ",".join(archs), "--out", str(out)],
+        proc = run_child([sys.executable, "-m", "dsmoe.plugins.aot", "--arch", ",".join(archs), "--out", str(out)],
                               env=env, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"kernel build failed: {proc.stderr.strip().splitlines()[-1:]}")

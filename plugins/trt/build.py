@@ -33,6 +33,7 @@ from dsmoe.errors import DsmoeError
 from dsmoe.outputs import OutputDir
 from dsmoe.plugins.aot import ARCHS, build_kernels, parse_arch
 from dsmoe.plugins.trt import codegen, spec
+from dsmoe.children import run_child
 
 PLUGINS_DIR = Path(__file__).resolve().parent.parent          # plugins/ (dsmoe.plugins)
 PROJECT_ROOT = PLUGINS_DIR.parent
@@ -229,7 +230,7 @@ def _build_into(d: Path, archs: list[str], nvcc: Path, include: Path, key: str) 
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    proc = run_child(cmd, cwd=cwd)
     if proc.returncode:
         text = (proc.stderr or proc.stdout).strip().splitlines()
         first = next((ln for ln in text if "error" in ln.lower()), text[0] if text else "")
