@@ -148,7 +148,7 @@ def run_quant_full(*, source: str = SOURCE, prefill: int = 128, decode: int = 32
                                                                           "prefill": prefill, "decode": decode},
            "limits": lim.as_dict(), "method": METHOD.as_dict(), "results": results, "goals": goals,
            "load": {"start": load_start, "end": os.getloadavg()[0], "rounds": loads}}
-    out = Path(out_dir) if out_dir else Path(__file__).resolve().parent / "results"
+    out = Path(out_dir) if out_dir else Path("out/bench")  # `--out benchmarks/results` to commit a run
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{doc['machine']['name']}-quant-full"
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
