@@ -371,6 +371,11 @@ def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, arch
     what = f"{dtype}" if not q else f"{q['scheme']['type']}, blocks {q['scheme']['block_size']}, scope {q['scheme']['scope']}"
     err.print(f"wrote {out_dir} (target {target}, {what}, {kv_cache} KV cache)"
               + (f"; verified: {v.get('summary', v)}" if v else ""))
+    if target == "tensorrt":
+        engine_built = (Path(out_dir) / "model.engine").is_file()
+        err.print(("next: " if engine_built else f"next, where TensorRT and a GPU are: sh {out_dir}/build_engine.sh "
+                   "(trtexec; or: build_engine.sh polygraphy), then: ")
+                  + f"dsmoe generate {out_dir} --backend tensorrt --prompt-ids \"1 17 42 7\"", highlight=False)
     if q:
         a = q["quality"]
         if q["streamed"]:
