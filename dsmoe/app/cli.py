@@ -485,7 +485,7 @@ class _Notes(logging.Handler):
 _NOTES = _Notes(logging.INFO)
 
 
-def _run(command: click.Command, argv=None) -> None:
+def _run(command: click.Command, argv=None, prog_name: str = "dsmoe") -> None:
     _state["debug"] = False
     warnings.showwarning = _show_warning
     log = logging.getLogger("dsmoe")
@@ -493,7 +493,7 @@ def _run(command: click.Command, argv=None) -> None:
         log.addHandler(_NOTES)
         log.setLevel(logging.INFO)
     try:
-        command.main(args=argv, standalone_mode=False)
+        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort:
         err.print("aborted")
         sys.exit(130)
@@ -529,7 +529,7 @@ def main(argv=None) -> None:
 
 
 def export_main(argv=None) -> None:
-    _run(export_cmd, argv)
+    _run(export_cmd, argv, "dsmoe-export")
 
 
 # Commands in modules of their own (each imports only click and light modules at the top):
