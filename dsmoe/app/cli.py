@@ -234,6 +234,7 @@ def experts(source, prompt_ids, prompt_file, random_prompts, seq_len, seed, back
     """Where the tokens go: expert load per MoE layer, routing drift against another source, placement."""
     from dsmoe.app.experts import run_experts
     from dsmoe.app.experts_view import render as render_experts
+    from dsmoe.streaming import random_init_seed
 
     with stage(f"routing prompts through {source}"):
         doc = run_experts(source=source, prompt_ids=prompt_ids, prompt_file=prompt_file, random=random_prompts,
@@ -244,6 +245,9 @@ def experts(source, prompt_ids, prompt_file, random_prompts, seq_len, seed, back
         click.echo(json.dumps(doc, indent=2))
     else:
         render_experts(doc, out)
+        if random_init_seed(source) is not None:
+            err.print("[yellow]random weights: this is how random routers spread the tokens, not how a trained model "
+                      "routes them[/yellow]")
 
 
 @cli.command()
