@@ -12,7 +12,8 @@ STAMP  := $(VENV)/.dsmoe-installed
 MODEL  ?= models/small
 OUT    ?= out/small-ort
 
-.PHONY: install demo demo-mla test test-fast lint bench bench-quick bench-mla plugins clean
+.NOTPARALLEL:  # the demo steps build on each other
+.PHONY: install demo demo-model demo-export demo-agree demo-int4 demo-experts demo-bench demo-mla test test-fast lint bench bench-quick bench-mla plugins clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,21 +28,35 @@ install: $(STAMP)
 
 PROMPT ?= 1 17 42 7
 
+# Each step is one dsmoe command; the demo fails (non-zero) at the first that does. Steps are
+# listed in DEMO_STEPS so a later step (e.g. a trained model) is one more line there.
+DEMO_STEPS = demo-model demo-export demo-agree demo-int4 demo-experts demo-bench
+
 demo: $(STAMP)
+	@$(MAKE) --no-print-directory $(DEMO_STEPS)
+
+demo-model: $(STAMP)
 	@test -f $(MODEL)/config.json || $(VENV)/bin/dsmoe init $(MODEL) --preset small --seed 0
 	$(VENV)/bin/dsmoe info $(MODEL)
 	$(VENV)/bin/dsmoe inspect $(MODEL)
+
+demo-export: $(STAMP)
 	$(VENV)/bin/dsmoe-export $(MODEL) --out $(OUT) --verify --force
-	@echo "--- greedy tokens: eager, fused graph, ONNX Runtime (dsmoe's loop), ONNX Runtime GenAI (must agree)"
-	$(VENV)/bin/dsmoe generate $(MODEL) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend eager
-	$(VENV)/bin/dsmoe generate $(MODEL) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend fused
-	$(VENV)/bin/dsmoe generate $(OUT) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend ort
-	$(VENV)/bin/dsmoe generate $(OUT) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend genai
+
+demo-agree: $(STAMP)
+	@echo "--- greedy tokens: eager, fused graph, ONNX Runtime (dsmoe's loop), ONNX Runtime GenAI"
+	$(VENV)/bin/dsmoe compare-backends $(MODEL) $(OUT) --prompt-ids "$(PROMPT)" --max-new-tokens 16
+
+demo-int4: $(STAMP)
 	@echo "--- int4 weights (QMoE + MatMulNBits): exactness checked, accuracy vs fp32 reported, then its tokens"
 	$(VENV)/bin/dsmoe-export $(MODEL) --out $(OUT)-int4 --quant int4 --verify --force
 	$(VENV)/bin/dsmoe generate $(OUT)-int4 --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend ort
+
+demo-experts: $(STAMP)
 	@echo "--- where the tokens go: expert load per layer, placement on 8 devices, plot"
 	$(VENV)/bin/dsmoe experts $(MODEL) --random 8 --seq-len 64 --place 8 --plot out/experts-small.png
+
+demo-bench: $(STAMP)
 	$(VENV)/bin/dsmoe bench --quick --suite model --preset small --out out/bench
 
 # DeepSeek-V2-style MLA model (latent KV cache, absorbed attention): the same steps on `mla-small`
@@ -53,10 +68,9 @@ demo-mla: $(STAMP)
 	$(VENV)/bin/dsmoe info $(MLA_MODEL)
 	$(VENV)/bin/dsmoe inspect $(MLA_MODEL)
 	$(VENV)/bin/dsmoe-export $(MLA_MODEL) --out $(MLA_OUT) --verify --force
-	@echo "--- greedy tokens: eager, fused graph (absorbed MLA), ONNX Runtime (must agree)"
-	$(VENV)/bin/dsmoe generate $(MLA_MODEL) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend eager
-	$(VENV)/bin/dsmoe generate $(MLA_MODEL) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend fused
-	$(VENV)/bin/dsmoe generate $(MLA_OUT) --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend ort
+	@echo "--- greedy tokens: eager, fused graph (absorbed MLA), ONNX Runtime (GenAI cannot feed a latent cache)"
+	$(VENV)/bin/dsmoe compare-backends $(MLA_MODEL) $(MLA_OUT) --prompt-ids "$(PROMPT)" --max-new-tokens 16 \
+		--backend eager --backend fused --backend ort
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -34,7 +34,7 @@ from dsmoe.bench.timing import FULL, GPU_FULL, GPU_QUICK, QUICK, Method, cross_c
 from dsmoe.dtypes import BENCH_RTOL, parse_dtype, tag
 from dsmoe.errors import DsmoeError
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path("out/bench")  # never the source tree; `--out benchmarks/results` to commit a run
 DEFAULT_BACKENDS = ("eager", "fused", "grouped_mm", "cuda", "cuda-graph", "ort", "genai", "ort-cuda")
 # suites with backends of their own (run only there by default)
 SUITE_BACKENDS = {"quant": ("eager", "ort", "ort-int8", "ort-int4", "llama.cpp-q8_0", "llama.cpp-q4_0")}
@@ -166,9 +166,16 @@ def _run_suite(suite, backends, quick, threads, meth, say, preset, overrides, to
            "limits": lim.as_dict(), "backends": binfo, "cases": cases,
            "load": {"start": load_start, "end": os.getloadavg()[0]}}
     doc["goals"] = evaluate_goals(doc)
+    doc["goals_apply"] = _default_workload(suite, quick, preset, overrides, tokens)
     del w, prepared
     gc.collect()
     return doc
+
+
+def _default_workload(suite, quick, preset, overrides, tokens) -> bool:
+    """Whether this run measured the workload the goals are defined on (the full default sizes):
+    a quick run, another preset or other sizes are evaluated in the JSON but not judged in print."""
+    return not quick and preset is None and overrides is None and tokens is None
 
 
 def _prepare_all(w: Workload, names, threads, say):

@@ -65,7 +65,7 @@ BACKENDS = ("eager", "fused-expanded", "fused", "ort-expanded", "ort")
 SIZES = {False: dict(source="preset:deepseek-v2-lite", overrides={"num_hidden_layers": 2}, contexts=[128, 1024, 4096]),
          True: dict(source="preset:mla-tiny", overrides={"num_hidden_layers": 2}, contexts=[16, 64])}
 SEED = 0
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path("out/bench")  # never the source tree; `--out benchmarks/results` to commit a run
 
 
 def run_mla_decode(*, quick: bool = False, backends: tuple[str, ...] | list[str] = BACKENDS, out_dir: str | Path | None = None,

@@ -100,7 +100,7 @@ def run_quant_full(*, source: str = SOURCE, prefill: int = 128, decode: int = 32
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise DsmoeError(f"--threads must be at least 1, got {threads!r}")
     threads = threads or os.cpu_count() or 1
-    out = Path(out_dir) if out_dir else Path(__file__).resolve().parent / "results"
+    out = Path(out_dir) if out_dir else Path("out/bench")  # `--out benchmarks/results` to commit a run
     stem = out / f"{machine_info(threads)['name']}-quant-full"
     for p in (stem.with_suffix(".json"), stem.with_suffix(".md")):  # before the minutes of work
         check_output_file(p, force=force, option="--out")

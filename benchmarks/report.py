@@ -73,6 +73,10 @@ def stem(doc: dict) -> str:
     return f"{doc['machine']['name']}-{doc['suite']}" + ("-quick" if doc["quick"] else "")
 
 
+GOALS_NOT_JUDGED = ("goals: not judged on this run — they are defined on the suite's full default workload "
+                    "(`dsmoe bench` without --quick, --preset or --set); a quick or toy run says nothing about them")
+
+
 def result_paths(out_dir: Path, name: str) -> list[Path]:
     """The results files of one suite: ``name``.json, .md and .png in ``out_dir``."""
     base = Path(out_dir) / name
@@ -144,6 +148,9 @@ def print_table(doc: dict, console: Console | None = None) -> None:
     console.print(table)
     for line in skipped(doc):
         console.print(f"  [dim]{line}[/]")
+    if not doc.get("goals_apply", True):
+        console.print(f"  [dim]{GOALS_NOT_JUDGED}[/]")
+        return
     for g in doc["goals"]:
         mark = {True: "[green]met[/]", False: "[red]missed[/]", None: "[yellow]n/a[/]"}[g["met"]]
         console.print(f"  goal: {g['goal']}: {mark} — {g['detail']}")
@@ -180,7 +187,9 @@ def markdown(doc: dict) -> str:
         prep = f", prepared in {b['prepare_s']:.1f} s" if b.get("prepare_s") is not None else ""
         lines.append(f"- `{name}` ({b['description']}): {b['status']}{prep}{extra}")
     lines += ["", "## Goals", ""]
-    for g in doc["goals"]:
+    if not doc.get("goals_apply", True):
+        lines.append(GOALS_NOT_JUDGED)
+    for g in doc["goals"] if doc.get("goals_apply", True) else []:
         mark = {True: "met", False: "**missed**", None: "not measured"}[g["met"]]
         lines.append(f"- {g['goal']}: {mark} — {g['detail']}")
     lines += ["", "## Work per case", "", "| case | bytes touched | FLOPs | memory floor | compute floor | hits |",

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -146,6 +147,29 @@ def _check_disk(config: DeepseekConfig, staging: Path, out: Path, dtype: torch.d
                          f"{_size(free)} are free; nothing was written")
 
 
+RANDOM_KEY = "dsmoe_random_init_seed"  # safetensors metadata of `dsmoe init`'s shards: the weights are random
+
+
+def random_metadata(seed: int) -> dict[str, str]:
+    return {"format": "pt", RANDOM_KEY: str(seed)}
+
+
+def random_init_seed(source: str | Path) -> int | None:
+    """The seed of a checkpoint ``dsmoe init`` wrote (random weights: accuracy numbers on it mean
+    nothing about a trained model), else None. A preset is random too (``preset:NAME`` → its seed 0)."""
+    if str(source).startswith("preset:"):
+        return 0
+    files = sorted(Path(source).glob("*.safetensors"))
+    if not files:
+        return None
+    try:
+        with safe_open(str(files[0]), framework="pt") as f:
+            seed = (f.metadata() or {}).get(RANDOM_KEY)
+    except (OSError, SafetensorError):  # an unreadable shard is the loader's to report
+        return None
+    return int(seed) if seed is not None and seed.isdigit() else None
+
+
 def write_random_checkpoint(config: DeepseekConfig, out_dir: str | Path, *, seed: int = 0,
                             dtype: torch.dtype = torch.float32, force: bool = False,
                             max_shard_bytes: int = 5 * 2**30) -> Path:
@@ -178,7 +202,7 @@ def write_random_checkpoint(config: DeepseekConfig, out_dir: str | Path, *, seed
         for part, tensors in random_parts(config, seed):
             name = shard_of.get(part, names[-1])  # the routing biases join the last shard
             if name != current and pending:
-                save_file(pending, str(tmp / current), metadata={"format": "pt"})
+                save_file(pending, str(tmp / current), metadata=random_metadata(seed))
                 pending = {}
             current = name
             for key, t in tensors.items():
@@ -188,7 +212,7 @@ def write_random_checkpoint(config: DeepseekConfig, out_dir: str | Path, *, seed
                 pending[key] = t.contiguous()
                 weight_map[key] = name
                 total += t.numel() * t.element_size()
-        save_file(pending, str(tmp / current), metadata={"format": "pt"})
+        save_file(pending, str(tmp / current), metadata=random_metadata(seed))
         if len(names) > 1:
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                  "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")

@@ -15,6 +15,7 @@ with the pad id would be cut, so it is refused.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -94,9 +95,11 @@ class GenaiModel:
         params.set_search_options(max_length=max_length, batch_size=batch_size)
         return self.og.Generator(self.model, params)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, on_start: Callable[[], None] | None = None,
+                 on_token: Callable[[], None] | None = None) -> list[list[int]]:
         """Greedy tokens for each prompt (GenAI's search: a sequence ends at an eos id, which is
-        kept, or after ``max_new_tokens``). Unequal prompts are right-padded with the pad id."""
+        kept, or after ``max_new_tokens``). Unequal prompts are right-padded with the pad id.
+        ``on_start`` is called before the prompt goes in, ``on_token`` after each step (timing)."""
         if not prompts or any(not p for p in prompts):
             raise DsmoeError("the prompt is empty")
         for p in prompts:
@@ -111,12 +114,16 @@ class GenaiModel:
         for b, p in enumerate(prompts):
             ids[b, :len(p)] = p
         gen = self.generator(longest + max_new_tokens, len(prompts))
+        if on_start:
+            on_start()
         gen.append_tokens(ids)
         eos = set(self.eos_ids())
         out: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
         while not gen.is_done():
             gen.generate_next_token()
+            if on_token:
+                on_token()
             for b, t in enumerate(gen.get_next_tokens()):
                 if not done[b]:
                     out[b].append(int(t))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +118,7 @@ class OrtDecoder:
                                if (parsed := parse_router_output_name(o.name)) is not None}
         self.router_stats = router_stats
         if router_stats and not self.router_outputs:
-            raise DsmoeError(f"{d / MODEL_FILE} has no router outputs (export it with: dsmoe-export SOURCE "
-                             f"--out {d} --router-stats)")
+            raise DsmoeError(f"{d / MODEL_FILE} has no router outputs (export it again with: {reexport_command(d)})")
         if router_stats and self.kv_cache == "static":
             raise DsmoeError(f"{d}: router statistics are read from dynamic-cache exports only "
                              "(export with --router-stats and --kv-cache dynamic)")
@@ -196,6 +196,21 @@ class OrtDecoder:
             self._binding.bind_ortvalue_input(name, value)
         for name, value in zip(self.output_names[1:], self._values):
             self._binding.bind_ortvalue_output(name, value)
+
+
+def reexport_command(d: Path) -> str:
+    """The command that replaces export ``d`` by one with router outputs (its source from the report;
+    ``--force`` because ``d`` exists and dsmoe wrote it)."""
+    try:
+        report = json.loads((d / "export_report.json").read_text())
+    except (OSError, ValueError):
+        report = {}
+    source = report.get("source") or "SOURCE"
+    extra = [f"--{k.replace('_', '-')} {report[k]}" for k in ("target", "dtype") if report.get(k) not in (None, "ort", "fp32")]
+    quant = (report.get("quant") or {}).get("scheme", {}).get("type")
+    if quant:
+        extra.append(f"--quant {quant}")
+    return shlex.join(["dsmoe-export", source, "--out", str(d), *" ".join(extra).split(), "--router-stats", "--force"])
 
 
 class ExportRunError(DsmoeError):

@@ -140,7 +140,12 @@ def write_tensorrt_files(out: Path, config, *, dtype: torch.dtype, build: Plugin
     script = ["#!/bin/sh", "# Build a TensorRT engine from this export (written by dsmoe-export --target tensorrt).",
               f"# model.onnx holds DsRoute/DsMoE plugin nodes; {LIBRARY} beside it implements them.",
               "# Usage: sh build_engine.sh [trtexec|polygraphy]   (writes model.engine here)", "set -eu",
-              'cd "$(dirname "$0")"', 'case "${1:-trtexec}" in',
+              'cd "$(dirname "$0")"', 'tool="${1:-trtexec}"',
+              'if [ "$tool" = trtexec ] || [ "$tool" = polygraphy ]; then',
+              '  command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool not found: install TensorRT (pip install '
+              'tensorrt, or the TensorRT tar/deb from NVIDIA with trtexec on PATH; polygraphy: pip install polygraphy) or run '
+              'this script on a machine with a GPU where $tool exists" >&2; exit 127; }', 'fi',
+              'case "$tool" in',
               f"  trtexec) exec {shlex.join(cmds['trtexec'])} ;;", f"  polygraphy) exec {shlex.join(cmds['polygraphy'])} ;;",
               '  *) echo "usage: $0 [trtexec|polygraphy]" >&2; exit 2 ;;', "esac", ""]
     (out / SCRIPT_FILE).write_text("\n".join(script))

@@ -9,7 +9,7 @@ from conftest import ROUTING_VARIANTS, reference_route
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import dsmoe  # noqa: F401  (registers the ops)
+import dsmoe.ops  # noqa: F401  (registers the ops)
 from dsmoe.config import DeepseekConfig
 from dsmoe.model import MoEGate
 

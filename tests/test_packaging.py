@@ -45,3 +45,24 @@ def test_regular_wheel_has_subpackages_and_no_top_level_passes(tmp_path):
                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(target))
+
+
+@pytest.mark.slow
+def test_editable_build_prints_no_layout_notice(tmp_path):
+    """`pip install -e .` (what the Makefile runs) goes through .ci/build_backend.py: setuptools'
+    notice about the package-dir layout is dropped, and the editable wheel is still built."""
+    code = f"""
+import sys, warnings
+sys.path.insert(0, {str(ROOT / '.ci')!r})
+import build_backend
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    name = build_backend.build_editable({str(tmp_path)!r})
+print(name)
+print([str(w.message) for w in caught if "Editable installation" in str(w.message)])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    name, notices = r.stdout.strip().splitlines()[-2:]
+    assert name.endswith(".whl") and (tmp_path / name).is_file()
+    assert notices == "[]" and "careful with folders" not in r.stderr

@@ -14,30 +14,33 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from dsmoe import load_config
-from dsmoe.app.device import KERNELS
-from dsmoe.app.experts import generate_with_stats, run_experts
-from dsmoe.app.experts_view import render as render_experts
-from dsmoe.app.generate import run_generate
-from dsmoe.app.inspection import run_inspect
-from dsmoe.app.router_trace import BACKENDS
-from dsmoe.architecture import architecture, attention_summary, kv_cache_report, notes
-from dsmoe.bench import SUITES, run_bench
-from dsmoe.bench.quant_full import refuse_unused, run_quant_full
-from dsmoe.config import DeepseekConfig, parse_overrides
-from dsmoe.dtypes import parse_dtype
+from dsmoe.app.choices import GENERATE_BACKENDS, KERNELS, ROUTER_BACKENDS, SUITES
 from dsmoe.errors import DsmoeError, DsmoeWarning
-from dsmoe.export import export_model
-from dsmoe.outputs import OutputDir, check_output_file, check_target, write_failure, write_output_file
-from dsmoe.plugins import build_kernels
-from dsmoe.streaming import write_random_checkpoint
-from dsmoe.plugins.trt.build import write_plugin_library
+from dsmoe.outputs import check_output_file, write_failure, write_output_file
 
-out = Console()
-err = Console(stderr=True)
+# Only click and light modules above: `dsmoe --help` and `dsmoe CMD --help` must not import torch or
+# ONNX Runtime (a test bounds the import set). Each command imports what it runs inside its body.
+BACKENDS = ROUTER_BACKENDS
+
+
+class _LazyConsole:
+    """A rich Console made on first use (rich costs a tenth of a second to import)."""
+
+    def __init__(self, **kwargs):
+        self._kwargs, self._console = kwargs, None
+
+    def __getattr__(self, name):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._kwargs)
+        return getattr(self._console, name)
+
+
+HELP = {"help_option_names": ["-h", "--help"]}  # `-h` everywhere (subcommands inherit the group's)
+out = _LazyConsole()
+err = _LazyConsole(stderr=True)
 _state = {"debug": False}  # set by --debug; read when an error reaches the entry point
 
 
@@ -49,6 +52,8 @@ def stage(text: str):
 
 
 def _overrides(items):
+    from dsmoe.config import parse_overrides
+
     return parse_overrides(items)
 
 
@@ -87,7 +92,7 @@ absorb_option = click.option("--no-absorb-mla", is_flag=True,
                              help="MLA models: keep the expanded attention (skip absorb_mla; the cache is the latent either way)")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings=HELP)
 @debug_option
 @click.version_option(package_name="dsmoe")
 def cli():
@@ -104,6 +109,11 @@ def cli():
 @click.option("--force", is_flag=True, help="replace OUT_DIR if it exists")
 def init(out_dir, preset, overrides, seed, dtype, force):
     """Write a random-weight checkpoint (HF layout) for a preset."""
+    from dsmoe.config import DeepseekConfig
+    from dsmoe.dtypes import parse_dtype
+    from dsmoe.outputs import check_target
+    from dsmoe.streaming import write_random_checkpoint
+
     config = DeepseekConfig.from_name(preset, **_overrides(overrides))
     tdtype = parse_dtype(dtype)
     check_target(out_dir, force=force)  # before minutes of work, not after
@@ -118,6 +128,12 @@ def init(out_dir, preset, overrides, seed, dtype, force):
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def info(source, overrides, as_json):
     """Print the architecture: layers, experts, parameters total/active per token, bytes."""
+    from rich.table import Table
+
+    from dsmoe import load_config
+    from dsmoe.architecture import architecture, attention_summary, kv_cache_report, notes
+    from dsmoe.dtypes import parse_dtype
+
     config = load_config(source, _overrides(overrides))
     a = architecture(config)
     kv = kv_cache_report(config, parse_dtype(config.torch_dtype))
@@ -154,7 +170,7 @@ def info(source, overrides, as_json):
 @click.option("--prompt-ids", multiple=True, help='space-separated token ids, e.g. "1 2 3" (repeat for a batch)')
 @click.option("--prompt", default=None, help="text (needs tokenizer.json in SOURCE)")
 @click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--backend", type=click.Choice(["eager", "fused", "ort", "genai", "tensorrt"]), default="eager",
+@click.option("--backend", type=click.Choice(GENERATE_BACKENDS), default="eager",
               show_default=True, help="ort: an export in dsmoe's loop; genai: an export in onnxruntime-genai; "
                                       "tensorrt: the engine of a --target tensorrt export (needs TensorRT and a GPU)")
 @click.option("--dtype", default=None, help="float32 | float16 | bfloat16 (default: checkpoint's)")
@@ -175,10 +191,15 @@ def info(source, overrides, as_json):
 def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, no_absorb_mla, device,
              cuda_graph, kernels, allow_nonfinite, router_stats, router_stats_out, force, overrides, as_json):
     """Greedy decoding with the KV cache (eager, fused graph, or an export in ORT, GenAI or TensorRT)."""
+    from dsmoe.app.experts import generate_with_stats
+    from dsmoe.app.experts_view import render as render_experts
+    from dsmoe.app.generate import run_generate
+    from dsmoe.app.step_timing import Timing
+
     kwargs = dict(source=source, prompt_ids=list(prompt_ids), prompt=prompt, max_new_tokens=max_new_tokens,
                   backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts, absorb_mla=not no_absorb_mla,
                   overrides=_overrides(overrides), device=device, cuda_graph=cuda_graph, kernels=kernels,
-                  allow_nonfinite=allow_nonfinite)
+                  allow_nonfinite=allow_nonfinite, timing=Timing())
     report = None
     if router_stats_out:  # before the generation, not after
         check_output_file(router_stats_out, force=force, inputs=[source], option="--router-stats-out")
@@ -189,9 +210,11 @@ def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_sh
     if router_stats_out:
         write_output_file(router_stats_out, json.dumps(report, indent=2) + "\n", force=force, inputs=[source],
                           option="--router-stats-out")
+    timing = kwargs["timing"]
+    sizes = dict(prompt_tokens=_prompt_tokens(prompt_ids), new_tokens=sum(map(len, ids)), rows=len(ids))
     if as_json:
         click.echo(json.dumps({"ids": ids if len(ids) > 1 else ids[0]} | ({"text": text} if text is not None else {})
-                              | ({"router_stats": report} if router_stats else {})))
+                              | ({"router_stats": report} if router_stats else {}) | {"timing": timing.as_dict(**sizes)}))
     else:
         if text is not None:
             click.echo(text)
@@ -200,6 +223,12 @@ def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_sh
                 click.echo(" ".join(map(str, row)))
         if router_stats:
             render_experts(report, err)
+        click.echo(timing.line(**sizes), err=True)
+
+
+def _prompt_tokens(prompt_ids) -> int | None:
+    """Prompt tokens as given (ids; a --prompt's count is the tokenizer's and not known here)."""
+    return sum(len(p.split()) for p in prompt_ids) if prompt_ids else None
 
 
 @cli.command()
@@ -227,6 +256,10 @@ def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_sh
 def experts(source, prompt_ids, prompt_file, random_prompts, seq_len, seed, backend, dtype, compare, compare_backend,
             compare_dtype, place, top_pairs, plot, force, overrides, as_json):
     """Where the tokens go: expert load per MoE layer, routing drift against another source, placement."""
+    from dsmoe.app.experts import run_experts
+    from dsmoe.app.experts_view import render as render_experts
+    from dsmoe.streaming import random_init_seed
+
     with stage(f"routing prompts through {source}"):
         doc = run_experts(source=source, prompt_ids=prompt_ids, prompt_file=prompt_file, random=random_prompts,
                           seq_len=seq_len, seed=seed, backend=backend, dtype=dtype, overrides=_overrides(overrides),
@@ -236,6 +269,9 @@ def experts(source, prompt_ids, prompt_file, random_prompts, seq_len, seed, back
         click.echo(json.dumps(doc, indent=2))
     else:
         render_experts(doc, out)
+        if random_init_seed(source) is not None:
+            err.print("[yellow]random weights: this is how random routers spread the tokens, not how a trained model "
+                      "routes them[/yellow]")
 
 
 @cli.command()
@@ -252,6 +288,10 @@ def experts(source, prompt_ids, prompt_file, random_prompts, seq_len, seed, back
 def inspect(source, dump_after, fold_shared_experts, no_absorb_mla, no_verify, dtype, kernels, allow_nonfinite, overrides,
             as_json):
     """Capture the model, run the passes with verification, print what each pass did."""
+    from rich.table import Table
+
+    from dsmoe.app.inspection import run_inspect
+
     doc = run_inspect(source=source, dump_after=dump_after, fold_shared_experts=fold_shared_experts,
                       absorb_mla=not no_absorb_mla,
                       verify=not no_verify, dtype=dtype, overrides=_overrides(overrides),
@@ -279,7 +319,7 @@ def inspect(source, dump_after, fold_shared_experts, no_absorb_mla, no_verify, d
     out.print(h)
 
 
-def _print_skipped(passes: list[dict], console: Console) -> None:
+def _print_skipped(passes: list[dict], console) -> None:
     """The regions a pass left alone, with the reason (``inspect`` and ``export`` both show them)."""
     for p in passes:
         for reason in p["skipped"]:
@@ -332,6 +372,9 @@ def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, arch
     """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime
     (--target tensorrt: plugin nodes, the plugin library and the engine command lines; --quant:
     weight-only int8/int4 weights, their exactness and accuracy measured and reported)."""
+    from dsmoe.export import export_model
+    from dsmoe.streaming import random_init_seed
+
     current = {"s": None}
 
     def progress(name: str) -> None:
@@ -357,11 +400,20 @@ def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, arch
     what = f"{dtype}" if not q else f"{q['scheme']['type']}, blocks {q['scheme']['block_size']}, scope {q['scheme']['scope']}"
     err.print(f"wrote {out_dir} (target {target}, {what}, {kv_cache} KV cache)"
               + (f"; verified: {v.get('summary', v)}" if v else ""))
+    if target == "tensorrt":
+        engine_built = (Path(out_dir) / "model.engine").is_file()
+        err.print(("next: " if engine_built else f"next, where TensorRT and a GPU are: sh {out_dir}/build_engine.sh "
+                   "(trtexec; or: build_engine.sh polygraphy), then: ")
+                  + f"dsmoe generate {out_dir} --backend tensorrt --prompt-ids \"1 17 42 7\"", highlight=False)
     if q:
         a = q["quality"]
         if q["streamed"]:
             err.print(f"streamed layer by layer: peak RSS {q['peak_rss_bytes'] / 2**30:.2f} GiB, "
                       f"{report['model_bytes'] / 2**30:.2f} GiB written")
+        seed = random_init_seed(source)
+        if seed is not None:
+            err.print(f"[yellow]random weights (seed {seed}): the accuracy below measures nothing about a trained "
+                      "model — int4 of noise drifts far; quantize a real checkpoint to judge it[/yellow]")
         err.print(f"vs the unquantized model on {a['prompts']} prompts × {a['prompt_len']} tokens: top-1 agreement "
                   f"{a['top1_agreement']:.1%}, mean KL {a['mean_kl']:.3g}, max |logit error| {a['max_abs_logit_err']:.3g}, "
                   f"routing drift {a['routing_drift_mean']:.1%} (mean over MoE layers); "
@@ -369,7 +421,7 @@ def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, arch
 
 
 cli.add_command(click.command("export")(_export_options(_export)))
-export_cmd = click.command("dsmoe-export")(_export_options(_export))  # its own copy of the options
+export_cmd = click.command("dsmoe-export", context_settings=HELP)(_export_options(_export))  # its own copy of the options
 
 
 @cli.command()
@@ -377,7 +429,8 @@ export_cmd = click.command("dsmoe-export")(_export_options(_export))  # its own 
               help="all = moe-layer, model, quant; quant-full (the whole 28-layer int4 model vs llama.cpp) runs alone")
 @click.option("--backend", "backends", multiple=True, help="restrict to these backends (repeatable)")
 @click.option("--quick", is_flag=True, help="fewer sizes and iterations (< 2 minutes)")
-@click.option("--out", "out_dir", default="benchmarks/results", show_default=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", default="out/bench", show_default=True, type=click.Path(path_type=Path),
+              help="results folder (<machine>-<suite>.json/.md/.png); --out benchmarks/results to commit a run")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads (default: all cores)")
 @click.option("--preset", default=None, help="model preset instead of the suite's default (e.g. small)")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N (GPU sizes and limits)")
@@ -386,6 +439,9 @@ export_cmd = click.command("dsmoe-export")(_export_options(_export))  # its own 
 @set_option
 def bench(suite, backends, quick, out_dir, threads, preset, device, dtype, force, overrides):
     """Benchmark eager vs fused vs ONNX Runtime (and the CUDA kernels) against this machine's limits."""
+    from dsmoe.bench import run_bench
+    from dsmoe.bench.quant_full import refuse_unused, run_quant_full
+
     if suite == "quant-full":
         refuse_unused(backends=backends, quick=quick, preset=preset, device=device, dtype=dtype, overrides=overrides)
         run_quant_full(threads=threads, out_dir=str(out_dir), progress=lambda s: err.print(f"[dim]· {s}[/dim]"), force=force)
@@ -410,6 +466,8 @@ def _archs(text: str | None) -> list[str] | None:
 @click.option("--no-cache", is_flag=True, help="build from scratch even when an identical build is cached")
 def build_plugins_cmd(archs, out_dir, force, no_cache):
     """Build the TensorRT plugin library (libdsmoe_trt_plugins.so: DsRoute, DsMoE) with nvcc, no GPU needed."""
+    from dsmoe.plugins.trt.build import write_plugin_library
+
     b = write_plugin_library(archs=_archs(archs), out=out_dir, force=force, cache=not no_cache)
     err.print(f"wrote {out_dir}: {b.library.name} ({len(b.manifest['kernels'])} kernels for {archs}"
               f"{', cached build' if b.cached else ''})")
@@ -421,6 +479,9 @@ def build_plugins_cmd(archs, out_dir, force, no_cache):
 @click.option("--force", is_flag=True, help="replace --out if dsmoe wrote it")
 def build_kernels_cmd(archs, out_dir, force):
     """Compile the Triton kernels ahead of time (cubin + PTX + manifest.json), no GPU needed."""
+    from dsmoe.outputs import OutputDir
+    from dsmoe.plugins import build_kernels
+
     with OutputDir(out_dir, force=force, kind="kernels") as staging:
         try:
             manifest = build_kernels(_archs(archs), staging.path)
@@ -431,6 +492,8 @@ def build_kernels_cmd(archs, out_dir, force):
 
 
 def _arch_line(config) -> str:
+    from dsmoe.architecture import architecture
+
     a = architecture(config)
     return f"{a.params_total / 1e6:,.0f}M parameters"
 
@@ -456,7 +519,7 @@ class _Notes(logging.Handler):
 _NOTES = _Notes(logging.INFO)
 
 
-def _run(command: click.Command, argv=None) -> None:
+def _run(command: click.Command, argv=None, prog_name: str = "dsmoe") -> None:
     _state["debug"] = False
     warnings.showwarning = _show_warning
     log = logging.getLogger("dsmoe")
@@ -464,16 +527,15 @@ def _run(command: click.Command, argv=None) -> None:
         log.addHandler(_NOTES)
         log.setLevel(logging.INFO)
     try:
-        command.main(args=argv, standalone_mode=False)
+        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort:
         err.print("aborted")
         sys.exit(130)
-    except click.UsageError as e:  # one line like every other error
-        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-        click.echo(f"error: {e.format_message()}{hint}", err=True)
+    except click.exceptions.NoArgsIsHelpError as e:  # a bare `dsmoe` / `dsmoe CMD`: its help
+        e.show()
         sys.exit(e.exit_code)
-    except click.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
+    except click.ClickException as e:  # click's own errors (usage: exit 2) in dsmoe's one-line style
+        click.echo(f"error: {_click_message(e)}", err=True)
         sys.exit(e.exit_code)
     except DsmoeError as e:
         if _state["debug"]:
@@ -492,9 +554,24 @@ def _run(command: click.Command, argv=None) -> None:
         sys.exit(2)
 
 
+def _click_message(e: click.ClickException) -> str:
+    """One line: click's message, and where a usage error's command lists its options."""
+    text = " ".join(e.format_message().split()).rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    if isinstance(e, click.UsageError) and ctx is not None:
+        text += f" (see '{ctx.command_path} --help')"
+    return text
+
+
 def main(argv=None) -> None:
     _run(cli, argv)
 
 
 def export_main(argv=None) -> None:
-    _run(export_cmd, argv)
+    _run(export_cmd, argv, "dsmoe-export")
+
+
+# Commands in modules of their own (each imports only click and light modules at the top):
+from dsmoe.app.compare_cmd import compare_backends_cmd  # noqa: E402
+
+cli.add_command(compare_backends_cmd)

@@ -7,11 +7,9 @@ import contextlib
 
 import torch
 
+from dsmoe.app.choices import KERNELS
 from dsmoe.errors import DsmoeError
 from dsmoe.plugins import cuda_kernels_status, register_cuda_kernels, use_triton_kernels
-
-# ``--kernels``: what dsmoe::route / dsmoe::moe run on CPU tensors
-KERNELS = {"reference": "reference", "triton-interpret": "interpret"}
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:

@@ -25,6 +25,7 @@ from dsmoe.app.cuda_graphs import StaticDecoder, Step, static_length
 from dsmoe.app.device import cpu_kernels, require_cuda_kernels, resolve_device
 from dsmoe.app.expert_stats import RouterTrace
 from dsmoe.app.router_trace import eager_router_step, fused_router_step, ort_router_step, tap
+from dsmoe.app.step_timing import Timing
 from dsmoe.cache import cache_layout
 from dsmoe.config import DeepseekConfig
 from dsmoe.errors import DsmoeError, NonFiniteError
@@ -201,12 +202,14 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
                  max_new_tokens: int = 16, backend: str = "eager", dtype: str | None = None,
                  fold_shared_experts: bool = False, absorb_mla: bool = True, overrides: dict | None = None,
                  device: str = "cpu", cuda_graph: bool | None = None, allow_nonfinite: bool = False,
-                 kernels: str = "reference", trace: RouterTrace | None = None) -> tuple[list[list[int]], str | None]:
+                 kernels: str = "reference", trace: RouterTrace | None = None,
+                 timing: Timing | None = None) -> tuple[list[list[int]], str | None]:
     """Returns the generated ids, one list per prompt (several ``prompt_ids`` strings are one
     batch), and their text when a tokenizer was used. ``kernels`` (``reference`` |
     ``triton-interpret``) is what the fused graph's ops run on the CPU. With ``trace``, the
     routers' choices of every step (prefill and each new token) are recorded into it
-    (``--router-stats``; an ONNX source must be exported with ``--router-stats``).
+    (``--router-stats``; an ONNX source must be exported with ``--router-stats``). With ``timing``,
+    the prefill and the decode steps are timed into it (a TensorRT run is not split).
 
     Backends ``ort`` and ``genai`` run an export directory: ``ort`` with dsmoe's own loop
     (:class:`dsmoe.export.OrtDecoder`), ``genai`` in ONNX Runtime GenAI from the directory's
@@ -216,6 +219,7 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
     """
     if max_new_tokens < 1:
         raise DsmoeError("--max-new-tokens must be at least 1")
+    timed = timing.wrap if timing is not None else (lambda step: step)
     exported = (Path(source) / MODEL_FILE).is_file()
     if backend in ("ort", "genai", "tensorrt") or exported:
         target = export_target(source) if exported else None
@@ -245,17 +249,17 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
         for p in prompts:
             check_request(config, p, max_new_tokens)
         if genai is not None:
-            new = genai.generate(prompts, max_new_tokens)
+            new = genai.generate(prompts, max_new_tokens, on_token=timing and timing.mark, on_start=timing and timing.start)
         elif trace is not None:
             dec = ort_router_step(source)
-            new = _generate(tap(dec, trace), dec.config, prompts, max_new_tokens, dtype=dec.dtype)
+            new = _generate(timed(tap(dec, trace)), dec.config, prompts, max_new_tokens, dtype=dec.dtype)
         elif backend == "tensorrt":
             if len(prompts) > 1:
                 raise DsmoeError("the tensorrt backend takes one prompt (its engine's loop is not batched here)")
             new = [generate_tensorrt(source, prompts[0], max_new_tokens)]
         else:
             dec = OrtDecoder(source)
-            new = _generate(dec, dec.config, prompts, max_new_tokens, dtype=dec.dtype)
+            new = _generate(timed(dec), dec.config, prompts, max_new_tokens, dtype=dec.dtype)
     else:
         prompts, tok = _prompts(source, prompt_ids, prompt, None)
         dev = resolve_device(device)
@@ -292,7 +296,7 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
                 if dev.type == "cuda" and cuda_graph is not False and len(prompts) == 1:
                     step = StaticDecoder(step, config, max_len=static_length(len(prompts[0]) + max_new_tokens),
                                          dtype=mdtype, device=dev, cuda_graph=True)
-            new = _generate(step, config, prompts, max_new_tokens, dtype=mdtype, device=dev)
+            new = _generate(timed(step), config, prompts, max_new_tokens, dtype=mdtype, device=dev)
     return new, (tok.decode(new[0]) if tok is not None else None)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dsmoe.app.choices import ROUTER_BACKENDS as BACKENDS  # noqa: F401  (re-exported)
 from dsmoe.app.expert_stats import RouterTrace
 from dsmoe.export import OrtDecoder
 from dsmoe.ir import capture
@@ -24,7 +25,6 @@ from dsmoe.passes.pipeline import run_pipeline
 from dsmoe.router_hooks import RouterHooks
 
 RouterStep = Callable[..., tuple]
-BACKENDS = ("eager", "fused", "ort")
 
 
 class EagerRouterStep:
