@@ -44,7 +44,7 @@ def one_line(code, err, want_code, *needles):
     (["generate", TINY, "--prompt-ids", "1", "--fold-shared-experts"], "apply to --backend fused only"),
     (["generate", TINY, "--prompt-ids", "1", "--no-absorb-mla"], "apply to --backend fused only"),
     (["generate", TINY, "--prompt-ids", "1", "--backend", "fused", "--no-absorb-mla"], "MLA models"),
-    (["generate", TINY, "--prompt-ids", "1", "--no-cuda-graph"], "--no-cuda-graph applies to"),
+    (["generate", TINY, "--prompt-ids", "1", "--no-cuda-graph"], "--no-cuda-graph needs --backend fused"),
     (["generate", TINY, "--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["bench", "--suite", "moe-layer", "--threads", "0", "--out", "{tmp}/b"], "--threads"),
     (["bench", "--suite", "quant-full", "--quick", "--preset", "tiny", "--out", "{tmp}/b"], "--quick, --preset"),
