@@ -51,6 +51,7 @@ def one_line(code, err, want_code, *needles):
     (["export", TINY, "--out", "{tmp}/e", "--target", "tensorrt", "--arch", " , "], "--arch names no GPU"),
     (["export", TINY, "--out", "{tmp}/e", "--target", "tensorrt", "--max-batch", "0"], "--max-batch"),
     (["export", TINY, "--out", "{tmp}/e", "--no-absorb-mla"], "MLA models"),
+    (["inspect", TINY, "--no-absorb-mla"], "MLA models"),
     (["build-kernels", "--arch", ",", "--out", "{tmp}/k"], "--arch names no GPU"),
     (["generate", TINY, "--bogus"], "No such option"),
     (["info"], "Missing argument"),
