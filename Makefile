@@ -54,10 +54,10 @@ demo-int4: $(STAMP)
 
 demo-experts: $(STAMP)
 	@echo "--- where the tokens go: expert load per layer, placement on 8 devices, plot"
-	$(VENV)/bin/dsmoe experts $(MODEL) --random 8 --seq-len 64 --place 8 --plot out/experts-small.png
+	$(VENV)/bin/dsmoe experts $(MODEL) --random 8 --seq-len 64 --place 8 --plot out/experts-small.png --force
 
 demo-bench: $(STAMP)
-	$(VENV)/bin/dsmoe bench --quick --suite model --preset small --out out/bench
+	$(VENV)/bin/dsmoe bench --quick --suite model --preset small --out out/bench --force
 
 # DeepSeek-V2-style MLA model (latent KV cache, absorbed attention): the same steps on `mla-small`
 MLA_MODEL ?= models/mla-small
@@ -89,13 +89,13 @@ plugins: $(STAMP)
 	$(VENV)/bin/dsmoe build-plugins --arch sm_80,sm_90 --out build/plugins --force
 
 bench: $(STAMP)
-	$(VENV)/bin/dsmoe bench
+	$(VENV)/bin/dsmoe bench --force
 
 bench-quick: $(STAMP)
-	$(VENV)/bin/dsmoe bench --quick
+	$(VENV)/bin/dsmoe bench --quick --force
 
 bench-mla: $(STAMP)
-	$(PY) -m dsmoe.bench.mla_decode
+	$(PY) -m dsmoe.bench.mla_decode --force
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache out

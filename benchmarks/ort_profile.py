@@ -43,6 +43,7 @@ from dsmoe.bench.limits import measure_limits
 from dsmoe.bench.report import machine_info
 from dsmoe.cache import cache_layout
 from dsmoe.errors import DsmoeError
+from dsmoe.outputs import check_output_file, write_output_file
 from dsmoe.export.onnx_writer import MODEL_FILE
 from dsmoe.export.runner import export_target, session
 from dsmoe.export.static_cache import PAST_AXIS
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--accuracy-levels", type=int, nargs="*", default=[],
                     help="also profile each quantized export at these MatMulNBits accuracy levels")
     ap.add_argument("--md", type=Path, help="also write the tables to this markdown file (and FILE.json)")
+    ap.add_argument("--force", action="store_true", help="replace --md (and FILE.json) if they exist")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.past < 0 or args.threads < 1:
         ap.error("--steps and --threads take a number >= 1, --past one >= 0")
@@ -246,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args) -> None:
+    if args.md:  # before the profiling, not after
+        for p in (args.md, args.md.with_suffix(".json")):
+            check_output_file(p, force=args.force, inputs=args.exports, option="--md")
     runs = [profile_export(d, past=args.past, steps=args.steps, threads=args.threads) for d in args.exports]
     for r in runs:
         if args.accuracy_levels and r["quant"] != "fp32":
@@ -257,9 +262,11 @@ def _run(args) -> None:
                     threads=args.threads)
     print(text)
     if args.md:
-        args.md.write_text(text)
-        args.md.with_suffix(".json").write_text(json.dumps({"machine": machine, "limits": limits.as_dict(), "past": args.past,
-                                                             "steps": args.steps, "runs": runs}, indent=2) + "\n")
+        write_output_file(args.md, text, force=args.force, inputs=args.exports, option="--md")
+        write_output_file(args.md.with_suffix(".json"), json.dumps({"machine": machine, "limits": limits.as_dict(),
+                                                                    "past": args.past, "steps": args.steps, "runs": runs},
+                                                                   indent=2) + "\n", force=args.force, inputs=args.exports,
+                          option="--md")
 
 
 if __name__ == "__main__":

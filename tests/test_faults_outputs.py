@@ -272,3 +272,29 @@ def test_class6_stdout_on_a_full_device(capsys, monkeypatch):
         monkeypatch.setattr("sys.stdout", full)
         code, _, err = run_cli(capsys, "info", "preset:tiny", "--json")
     one_line(code, err, 2, "cannot write to standard output: no space left on the device")
+
+
+def test_class1_every_write_option_refuses_what_exists(tmp_path, run):
+    from dsmoe.bench.report import machine_info, result_paths, stem
+
+    taken = tmp_path / "taken.png"
+    taken.write_text("the user's")
+    for argv in (["generate", "preset:tiny", "--prompt-ids", "1", "--router-stats-out", taken],
+                 ["experts", "preset:tiny", "--random", "1", "--plot", taken]):
+        code, _, err = run(*argv)
+        one_line(code, err, 2, "already exists (use --force to replace it)")
+    name = stem({"machine": machine_info(1), "suite": "moe-layer", "quick": True})
+    result_paths(tmp_path / "b", name)[1].parent.mkdir()
+    result_paths(tmp_path / "b", name)[1].write_text("an earlier run's")
+    code, _, err = run("bench", "--suite", "moe-layer", "--quick", "--threads", "1", "--out", tmp_path / "b")
+    one_line(code, err, 2, "already exists (use --force to replace it)")
+    assert taken.read_text() == "the user's"
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [f"{name}.md"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGQUIT, signal.SIGUSR1])
+def test_class7_a_signal_while_writing_a_directory_leaves_nothing(tmp_path, sig):
+    with pytest.raises(Interrupted) as e, OutputDir(tmp_path / "c", force=False, kind="checkpoint") as staging:
+        (staging.path / "model.safetensors").write_bytes(b"half")
+        os.kill(os.getpid(), sig)
+    assert e.value.exit_code == 128 + sig and list(tmp_path.iterdir()) == []

@@ -236,9 +236,8 @@ def _prompt_tokens(prompt_ids) -> int | None:
 @click.option("--prompt-ids", default=None, help='one prompt of space-separated token ids, e.g. "1 2 3"')
 @click.option("--prompt-file", default=None, metavar="FILE",
               help="one prompt per line: text when SOURCE has tokenizer.json, else token ids")
-@click.option("--random", "random_prompts", default=None, type=click.IntRange(min=1), metavar="N",
-              help="N random prompts (seeded)")
-@click.option("--seq-len", default=None, type=click.IntRange(min=1), help="tokens per --random prompt [default: 64]")
+@click.option("--random", "random_prompts", default=None, type=int, metavar="N", help="N random prompts (seeded)")
+@click.option("--seq-len", default=None, type=int, help="tokens per --random prompt [default: 64]")
 @click.option("--seed", default=None, type=SEED, help="seed of the --random prompts [default: 0]")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="eager | fused | ort [default: ort for an export directory, else eager]")
@@ -246,8 +245,7 @@ def _prompt_tokens(prompt_ids) -> int | None:
 @click.option("--compare", default=None, metavar="OTHER", help="run the same prompts through OTHER; report the drift")
 @click.option("--compare-backend", type=click.Choice(BACKENDS), default=None, help="backend of OTHER")
 @click.option("--compare-dtype", default=None, help="dtype of OTHER")
-@click.option("--place", default=None, type=click.IntRange(min=1), metavar="N",
-              help="propose a placement of the experts on N devices")
+@click.option("--place", default=None, type=int, metavar="N", help="propose a placement of the experts on N devices")
 @click.option("--top-pairs", default=5, show_default=True, type=click.IntRange(min=0), help="co-chosen expert pairs per layer")
 @click.option("--plot", default=None, metavar="FILE.png", help="write a load heatmap and imbalance chart")
 @click.option("--force", is_flag=True, help="replace --plot if it exists")

@@ -264,7 +264,7 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
         prompts, tok = _prompts(source, prompt_ids, prompt, None)
         dev = resolve_device(device)
         if cuda_graph is not None and (backend != "fused" or dev.type != "cuda"):
-            raise DsmoeError(f"--{'' if cuda_graph else 'no-'}cuda-graph applies to --backend fused --device cuda only")
+            raise DsmoeError(f"--{'' if cuda_graph else 'no-'}cuda-graph needs --backend fused --device cuda")
         fused_only = [f for f, given in (("--fold-shared-experts", fold_shared_experts), ("--no-absorb-mla", not absorb_mla))
                       if given]
         if fused_only and backend != "fused":

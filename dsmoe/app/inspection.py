@@ -33,6 +33,9 @@ def _inspect(source, dump_after, fold_shared_experts, absorb_mla, verify, dtype,
     names = [n for n, _ in PASSES]
     if dump_after is not None and dump_after not in names:
         raise DsmoeError(f"unknown pass {dump_after!r} for --dump-after (passes: {', '.join(names)})")
+    config = dsmoe.load_config(source, overrides)
+    if not absorb_mla and not config.is_mla:
+        raise DsmoeError(f"--no-absorb-mla applies to MLA models (deepseek_v2/v3) only; {source} is {config.model_type}")
     with status(f"loading {source}"):
         model = dsmoe.load(source, dtype=dtype, overrides=overrides, allow_nonfinite=allow_nonfinite)
     with status("capturing (torch.export)"):
