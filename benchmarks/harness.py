@@ -39,8 +39,9 @@ DEFAULT_BACKENDS = ("eager", "fused", "grouped_mm", "cuda", "cuda-graph", "ort",
 SUITE_BACKENDS = {"quant": ("eager", "ort", "ort-int8", "ort-int4", "llama.cpp-q8_0", "llama.cpp-q4_0")}
 
 # What each suite measures, full and quick. Quick is a smoke run of every backend: `moe-layer` on
-# the `small` preset's layer, `model` and `quant` on the `tiny` preset; the 16B-wide model's setup alone (init, capture, ONNX export of 4.4 GB) takes
-# minutes here, and even `small`'s ONNX export does not fit a 2-minute run on 2 cores.
+# the `small` preset's layer, `model` and `quant` on the `tiny` preset; the 16B-wide model's setup
+# alone (init, capture, ONNX export of 4.4 GB) takes minutes here, and even `small`'s ONNX export
+# does not fit a 2-minute run on 2 cores.
 SIZES = {
     ("moe-layer", False): dict(source="preset:deepseek-moe-16b", overrides={}, tokens=[1, 8, 32, 128, 512]),
     # quick: a smoke run of every backend, within 2 GiB; the 16B layer (2.3 GB fp32, copied per
