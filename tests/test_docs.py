@@ -208,7 +208,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"}
 
 
-def _run(script: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def _run(script: str, cwd: Path, timeout: int = 1200) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], cwd=cwd, env=_env(), capture_output=True,
                           text=True, timeout=timeout)
 

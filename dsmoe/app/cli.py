@@ -426,7 +426,8 @@ export_cmd = click.command("dsmoe-export", context_settings=HELP)(_export_option
 @click.option("--suite", type=click.Choice([*SUITES, "quant-full", "all"]), default="all", show_default=True,
               help="all = moe-layer, model, quant; quant-full (the whole 28-layer int4 model vs llama.cpp) runs alone")
 @click.option("--backend", "backends", multiple=True, help="restrict to these backends (repeatable)")
-@click.option("--quick", is_flag=True, help="fewer sizes and iterations (< 2 minutes)")
+@click.option("--quick", is_flag=True, help="small sizes, few iterations: a smoke run of every backend (about 2 minutes "
+                                            "on 2 idle cores, < 2 GiB peak RSS); goals are not judged")
 @click.option("--out", "out_dir", default="out/bench", show_default=True, type=click.Path(path_type=Path),
               help="results folder (<machine>-<suite>.json/.md/.png); --out benchmarks/results to commit a run")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads (default: all cores)")
