@@ -24,7 +24,7 @@ from dsmoe.errors import DsmoeError
 
 MARKER = ".dsmoe-output.json"  # written into every output; lists what --force may replace
 _CHECKPOINT_FILES = re.compile(r"^(config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json)$")
-_MAX_INPUT_FILES = 100_000  # files of one input directory compared by identity
+_MAX_INPUT_FILES = 10_000  # files of one input directory compared by identity
 
 
 def side_name(out: Path, tag: str) -> Path:
@@ -131,14 +131,25 @@ def input_identities(inputs: Iterable[str | Path]) -> dict[tuple[int, int], Path
     return ids
 
 
-def _files_in(src: Path) -> list[Path]:
+def _files_in(src: Path, depth: int = 2) -> list[Path]:
+    """The files an input directory holds, to ``depth`` levels (a checkpoint or an export is flat;
+    the bound keeps ``SOURCE=.`` in a large tree cheap)."""
     if not src.is_dir():
         return []
-    found = []
-    for d, subdirs, names in os.walk(os.path.realpath(src), followlinks=False):
-        found += [Path(d) / n for n in names] + [Path(d) / s for s in subdirs if os.path.islink(os.path.join(d, s))]
-        if len(found) > _MAX_INPUT_FILES:
-            break
+    found: list[Path] = []
+    level = [Path(os.path.realpath(src))]
+    for _ in range(depth):
+        nxt = []
+        for d in level:
+            with contextlib.suppress(OSError):
+                for e in os.scandir(d):
+                    if e.is_dir(follow_symlinks=False):
+                        nxt.append(Path(e.path))
+                    else:
+                        found.append(Path(e.path))
+            if len(found) > _MAX_INPUT_FILES:
+                return found
+        level = nxt
     return found
 
 

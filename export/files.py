@@ -51,19 +51,20 @@ def export_digests(d: Path, names: list[str]) -> dict[str, dict]:
     return {n: file_digest(d / n) for n in sorted(names) if (d / n).is_file() and n != REPORT}
 
 
-def verify_export_files(d: str | Path) -> None:
+def verify_export_files(d: str | Path) -> bool:
     """Refuse (one :class:`DsmoeError` line) an export whose files are not the ones it was written
-    with; an export made before digests were recorded is accepted as it is."""
+    with. Returns whether digests were checked: False for an export made before they were recorded
+    (accepted as it is; a reader may then check what it can, e.g. genai_config.json against the graph)."""
     d = Path(d)
     try:
         report = json.loads((d / REPORT).read_text())
     except FileNotFoundError:
-        return
+        return False
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise DsmoeError(f"{d / REPORT} is damaged ({type(e).__name__}); export again") from None
     digests = report.get("digests") if isinstance(report, dict) else None
     if not isinstance(digests, dict):
-        return
+        return False
     for name, want in sorted(digests.items()):
         p = d / name
         if not p.is_file():
@@ -82,3 +83,4 @@ def verify_export_files(d: str | Path) -> None:
         if name.endswith(".onnx") or name.endswith(".engine"):
             raise DsmoeError(f"{p} is damaged or {why} (copied in from another export?); export again")
         raise DsmoeError(f"{p} was changed after the export ({why}); restore it or export again")
+    return True

@@ -23,7 +23,7 @@ import numpy as np
 from dsmoe import load_config
 from dsmoe.errors import DsmoeError
 from dsmoe.export.files import verify_export_files
-from dsmoe.export.genai_config import GENAI_CONFIG, genai_can_run
+from dsmoe.export.genai_config import GENAI_CONFIG, check_genai_config, genai_can_run
 from dsmoe.export.onnx_writer import CONFIG_FILE
 
 
@@ -60,8 +60,16 @@ class GenaiModel:
                                  "latent cache (no genai_config.json is written for it); use --backend ort")
             raise DsmoeError(f"{d} holds no {GENAI_CONFIG}: re-export it with dsmoe-export (it writes one)")
         self.dir = d
-        verify_export_files(d)
+        checked = verify_export_files(d)
         self.doc = _genai_doc(d)
+        if not checked:  # an export older than the digests: genai_config.json against the graph, in one line
+            try:
+                problems = check_genai_config(d)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                problems = [f"it lacks or mangles {e}"]
+            if problems:
+                raise DsmoeError(f"{d / GENAI_CONFIG} does not match {d}'s model: {problems[0]}"
+                                 + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "") + "; export again")
         try:
             config = og.Config(str(d))
         except RuntimeError as e:

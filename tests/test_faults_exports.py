@@ -95,6 +95,11 @@ def test_class4_edited_missing_or_broken_files_are_one_line(exports, tmp_path, r
     report = json.loads((old / "export_report.json").read_text())
     del report["digests"]
     (old / "export_report.json").write_text(json.dumps(report))
+    flipped = json.loads((a / "genai_config.json").read_text())  # a dynamic graph under a static config
+    flipped["search"]["past_present_share_buffer"] = not flipped["search"]["past_present_share_buffer"]
+    (old / "genai_config.json").write_text(json.dumps(flipped))
+    code, _, err = run("generate", old, "--prompt-ids", "1 2", "--backend", "genai")
+    one_line(code, err, 2, "does not match", "past_present_share_buffer")
     for text in ("{not json", "[1, 2]", json.dumps({"model": {}})):
         (old / "genai_config.json").write_text(text)
         code, _, err = run("generate", old, "--prompt-ids", "1 2", "--backend", "genai")

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from dsmoe.app.choices import GENERATE_BACKENDS, KERNELS, ROUTER_BACKENDS, SUITES
+from dsmoe.app.params import SEED
 from dsmoe.errors import DsmoeError, DsmoeWarning
 from dsmoe.outputs import check_output_file, write_failure, write_output_file
 
@@ -70,22 +71,6 @@ kernels_option = click.option("--kernels", type=click.Choice(list(KERNELS)), def
                                    "Triton GPU kernels under Triton's interpreter (slow; verifies the kernels)")
 debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
                             help="show tracebacks for errors")
-class _Seed(click.ParamType):
-    """A seed: an integer in [0, 2**64) (what torch.Generator.manual_seed takes)."""
-
-    name = "integer"
-
-    def convert(self, value, param, ctx):
-        try:
-            seed = int(value)
-        except (TypeError, ValueError):
-            seed = None
-        if seed is None or not 0 <= seed < 2**64:
-            self.fail(f"seed must be an integer in [0, 2**64), got {value!r}", param, ctx)
-        return seed
-
-
-SEED = _Seed()
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                           help="override a config field (repeatable), e.g. --set num_hidden_layers=2")
 absorb_option = click.option("--no-absorb-mla", is_flag=True,
