@@ -49,7 +49,7 @@ def one_line(code, err, want_code, *needles):
     (["bench", "--suite", "moe-layer", "--threads", "0", "--out", "{tmp}/b"], "--threads"),
     (["bench", "--suite", "quant-full", "--quick", "--preset", "tiny", "--out", "{tmp}/b"], "--quick, --preset"),
     (["export", TINY, "--out", "{tmp}/e", "--target", "tensorrt", "--arch", " , "], "--arch names no GPU"),
-    (["export", TINY, "--out", "{tmp}/e", "--target", "tensorrt", "--max-batch", "0"], "--max-batch"),
+    (["export", TINY, "--out", "{tmp}/e", "--target", "tensorrt", "--max-batch", "0"], "max batch >= 1"),
     (["export", TINY, "--out", "{tmp}/e", "--no-absorb-mla"], "MLA models"),
     (["inspect", TINY, "--no-absorb-mla"], "MLA models"),
     (["build-kernels", "--arch", ",", "--out", "{tmp}/k"], "--arch names no GPU"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -298,3 +299,24 @@ def test_class7_a_signal_while_writing_a_directory_leaves_nothing(tmp_path, sig)
         (staging.path / "model.safetensors").write_bytes(b"half")
         os.kill(os.getpid(), sig)
     assert e.value.exit_code == 128 + sig and list(tmp_path.iterdir()) == []
+
+
+def test_class1_a_kill_mid_replace_never_loses_the_users_files(tmp_path):
+    """The states a SIGKILL can leave while replacing an output that holds a user's file: the old
+    output swapped aside (``.NAME.tmp-*`` after the exchange, ``.NAME.old-*`` in the fallback). The
+    next run puts the user's file back into the output before removing what dsmoe wrote."""
+    out = tmp_path / "e"
+    _output(out, {"model.onnx": b"new"})
+    for leftover in (".e.tmp-99999-abcd", ".e.old-99999"):
+        _output(tmp_path / leftover, {"model.onnx": b"old"})
+        (tmp_path / leftover / "notes.txt").write_text(f"notes in {leftover}")
+        with OutputDir(out, force=True, kind="export"):
+            pass  # claiming the output cleans the leftovers of dead runs
+        assert (out / "notes.txt").read_text() == f"notes in {leftover}"
+        (out / "notes.txt").rename(tmp_path / f"kept{leftover}")
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("kept")) == ["e"]
+    shutil.rmtree(out)  # the fallback's window between its two renames: the old output is restored
+    _output(tmp_path / ".e.old-99999", {"model.onnx": b"old"})
+    with OutputDir(out, force=True, kind="export"):
+        pass
+    assert (out / "model.onnx").read_bytes() == b"old"

@@ -324,9 +324,8 @@ def _export_options(f):
         click.option("--arch", "archs", default=None, help="tensorrt: GPU architectures of the plugin library "
                                                            "[default: sm_80,sm_90]"),
         click.option("--engine", is_flag=True, help="tensorrt: also build model.engine (needs TensorRT and a GPU)"),
-        click.option("--max-batch", type=click.IntRange(min=1), default=None,
-                     help="tensorrt: the engine profile's largest batch [4]"),
-        click.option("--max-length", type=click.IntRange(min=1), default=None,
+        click.option("--max-batch", type=int, default=None, help="tensorrt: the engine profile's largest batch [4]"),
+        click.option("--max-length", type=int, default=None,
                      help="tensorrt: the profile's largest past + sequence [min(2048, max_position_embeddings)]"),
         click.option("--quant", default=None, metavar="int8|int4",
                      help="ort | portable: weight-only block quantization (router and embeddings stay fp32)"),

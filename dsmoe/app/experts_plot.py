@@ -80,11 +80,11 @@ def plot_report(doc: dict, path: str | Path, *, force: bool = False, inputs=()) 
     ax.set_xlabel("MoE layer")
     ax.legend(loc="best", fontsize=8)
     try:
-        path = write_output_file(path, lambda p: fig.savefig(p, dpi=110, format="png"), force=force, inputs=inputs,
-                                 option="--plot")
+        written = write_output_file(path, lambda p: fig.savefig(p, dpi=110, format="png"), force=force, inputs=inputs,
+                                    option="--plot")
     finally:
         plt.close(fig)
-    return {"path": str(path), "bytes": path.stat().st_size}
+    return {"path": str(path), "bytes": written.stat().st_size}
 
 
 def _label(ax, bars, fmt: str) -> None:
