@@ -460,3 +460,7 @@ def main(argv=None) -> None:
 
 def export_main(argv=None) -> None:
     _run(export_cmd, argv)
+
+
+from dsmoe.app.serve_cmd import serve  # noqa: E402
+cli.add_command(serve)
