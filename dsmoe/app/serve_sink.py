@@ -51,13 +51,19 @@ class Sink:
     # ---- the request's task -----------------------------------------------------------------------
     async def events(self, request):
         """``(kind, event)`` until the sequence finishes; a client that went away cancels it."""
+        checked = time.perf_counter()
         while True:
             try:
-                kind, ev = await asyncio.wait_for(self.q.get(), 0.5)
+                kind, ev = await asyncio.wait_for(self.q.get(), 0.25)
             except TimeoutError:
+                kind = ev = None
+            now = time.perf_counter()
+            if kind != "finish" and (kind is None or now - checked > 0.1):
+                checked = now
                 if await request.is_disconnected():
                     self.seq.cancelled = True
                     return
+            if kind is None:
                 continue
             yield kind, ev
             if kind == "finish":

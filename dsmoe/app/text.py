@@ -104,8 +104,11 @@ class Detokenizer:
         return self._release(final=False)
 
     def flush(self) -> str:
-        """The rest at the end of the sequence (held stop-string prefixes are real text then)."""
-        return self._release(final=True)
+        """The rest at the end of the sequence (held stop-string prefixes are real text then, and
+        bytes that never completed a character are shown as U+FFFD, as a full decode shows them)."""
+        if not self.stopped:
+            self.full = self.text.decode(self.ids)
+        return self._release(final=True)   # a stop string completed by the last bytes still cuts
 
     def _release(self, *, final: bool) -> str:
         if self.stopped:
