@@ -71,6 +71,36 @@ def test_batched_equals_alone_with_staggered_joins_and_chunked_prefill(model):
     assert eng.running == [] and eng.cache is None and eng.counts()["waiting"] == 0
 
 
+class ViewsStep:
+    """A step that returns its present as views of buffers it reuses for the next call of the same
+    batch size, as a static-cache OrtDecoder and the CUDA-graph StaticDecoder do."""
+
+    kv_cache = "static"
+
+    def __init__(self, model):
+        self.plain, self.bufs = eager_step(model), {}
+
+    def __call__(self, input_ids, attention_mask, position_ids, past):
+        logits, present = self.plain(input_ids, attention_mask, position_ids, past)
+        B, n = input_ids.shape[0], present[0][0].shape[2]
+        bufs = self.bufs.setdefault(B, [[torch.zeros(t.shape[0], t.shape[1], 64, t.shape[3]) for t in layer]
+                                        for layer in present])
+        out = []
+        for layer, blayer in zip(present, bufs):
+            for t, b in zip(layer, blayer):
+                b[:, :, :n] = t
+            out.append(tuple(b[:, :, :n] for b in blayer))
+        return logits, out
+
+
+def test_a_step_returning_views_of_reused_buffers_still_gives_alone_tokens(model):
+    eng = Engine(ViewsStep(model), model.config, max_running=3, max_step_tokens=6)
+    assert eng.views
+    arrivals = {0: [(PROMPTS[0], SamplingParams(max_tokens=NEW[0]))], 1: [(PROMPTS[1], SamplingParams(max_tokens=NEW[1]))],
+                4: [(PROMPTS[2], SamplingParams(max_tokens=NEW[2]))]}
+    assert [s.out for s in drive(eng, arrivals)] == [no_cache_greedy(model, p, n) for p, n in zip(PROMPTS, NEW[:3])]
+
+
 def test_eos_and_stop_ids_end_a_sequence_and_free_its_slot(model):
     free = no_cache_greedy(model, PROMPTS[0], 6)
     eng = Engine(eager_step(model), model.config, max_running=2)

@@ -90,7 +90,7 @@ class Engine:
 
     def __init__(self, step, config, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  max_running: int = 8, max_step_tokens: int = 512, max_model_len: int | None = None,
-                 max_waiting: int = 256, on_step=None):
+                 max_waiting: int = 256, on_step=None, views: bool | None = None):
         limit = config.max_position_embeddings
         self.max_model_len = max_model_len or limit
         if not 1 <= self.max_model_len <= limit:
@@ -107,6 +107,10 @@ class Engine:
         self.cache: list | None = None       # the running batch's, right-aligned
         self.mask: torch.Tensor | None = None
         self.on_step = on_step
+        # a step whose present is a view of buffers it reuses (a static-cache OrtDecoder, the CUDA-graph
+        # StaticDecoder: "valid until the next call") gets the cache we keep cloned before another call
+        self.views = (getattr(step, "kv_cache", None) == "static" or hasattr(step, "cuda_graph")) if views is None else views
+        self._fragile: object = None         # "batch" or the Sequence holding the last call's present
         self._lock = threading.Lock()
         self.wakeup = threading.Event()
 
@@ -184,7 +188,7 @@ class Engine:
         for seq in [*self.running, *([self.prefilling] if self.prefilling else [])]:
             if not seq.done:
                 self._finish(seq, "error", message)
-        self.running, self.prefilling, self.cache, self.mask = [], None, None, None
+        self.running, self.prefilling, self.cache, self.mask, self._fragile = [], None, None, None, None
 
     def _next_waiting(self) -> Sequence | None:
         with self._lock:
@@ -201,9 +205,11 @@ class Engine:
         ids = torch.tensor([seq.prompt[P:P + n]], dtype=torch.int64, device=self.device)
         mask = torch.ones(1, P + n, dtype=torch.int64, device=self.device)
         pos = torch.arange(P, P + n, dtype=torch.int64, device=self.device).unsqueeze(0)
+        self._protect(seq)
         past = seq.cache if seq.cache is not None else self.layout.empty(1, self.dtype, self.device)
         logits, present = self.step_fn(ids, mask, pos, list(past))
         seq.cache, seq.prefilled, seq.pos = present, P + n, P + n
+        self._fragile = seq
         if seq.prefilled == len(seq.prompt):
             self._emit([seq], torch.as_tensor(logits)[:, -1])
             if seq.done:
@@ -217,8 +223,10 @@ class Engine:
         ids = torch.tensor([[s.out[-1]] for s in rows], dtype=torch.int64, device=self.device)
         pos = torch.tensor([[s.pos] for s in rows], dtype=torch.int64, device=self.device)
         mask = torch.cat([self.mask, torch.ones(B, 1, dtype=torch.int64, device=self.device)], dim=1)
+        self._protect("batch")
         logits, present = self.step_fn(ids, mask, pos, list(self.cache))
         self.cache, self.mask = present, mask
+        self._fragile = "batch"
         for s in rows:
             s.pos += 1
         self._emit(rows, torch.as_tensor(logits)[:, -1])
@@ -266,6 +274,8 @@ class Engine:
         if not self.running:
             self.cache, self.mask, self.running = seq.cache, new_mask, [seq]
             seq.cache = None
+            if self._fragile is seq:
+                self._fragile = "batch"
             return
         P = self.mask.shape[1]
         W = max(P, L)
@@ -275,6 +285,7 @@ class Engine:
         self.mask = torch.cat([_left_pad(self.mask, W), _left_pad(new_mask, W)])
         self.running.append(seq)
         seq.cache = None
+        self._fragile = None if self._fragile in ("batch", seq) else self._fragile
 
     def _retire(self) -> None:
         """Drop finished or cancelled rows; trim the all-padding columns on the left."""
@@ -289,6 +300,7 @@ class Engine:
             return
         if not keep:
             self.running, self.cache, self.mask = [], None, None
+            self._fragile = None if self._fragile == "batch" else self._fragile
             return
         idx = torch.tensor(keep, device=self.device)
         mask = self.mask.index_select(0, idx)
@@ -296,6 +308,20 @@ class Engine:
         self.mask = mask[:, lead:]
         self.cache = [tuple(t.index_select(0, idx)[:, :, lead:] for t in layer) for layer in self.cache]
         self.running = [self.running[b] for b in keep]
+        if self._fragile == "batch":
+            self._fragile = None
+
+    def _protect(self, owner) -> None:
+        """Before a model call whose past is ``owner``'s: clone the last call's present if someone
+        else still holds it and the step reuses its buffers (``views``)."""
+        f = self._fragile
+        if not self.views or f is None or f is owner:
+            return
+        if f == "batch" and self.cache is not None:
+            self.cache = [tuple(t.clone() for t in layer) for layer in self.cache]
+        elif isinstance(f, Sequence) and f.cache is not None:
+            f.cache = [tuple(t.clone() for t in layer) for layer in f.cache]
+        self._fragile = None
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
