@@ -349,8 +349,9 @@ export_cmd = click.command("dsmoe-export")(_export_options(_export))  # its own 
 
 
 @cli.command()
-@click.option("--suite", type=click.Choice([*SUITES, "quant-full", "all"]), default="all", show_default=True,
-              help="all = moe-layer, model, quant; quant-full (the whole 28-layer int4 model vs llama.cpp) runs alone")
+@click.option("--suite", type=click.Choice([*SUITES, "quant-full", "serve", "all"]), default="all", show_default=True,
+              help="all = moe-layer, model, quant; quant-full (the whole 28-layer int4 model vs llama.cpp) and serve "
+                   "(dsmoe serve under locust vs llama-server) run alone")
 @click.option("--backend", "backends", multiple=True, help="restrict to these backends (repeatable)")
 @click.option("--quick", is_flag=True, help="fewer sizes and iterations (< 2 minutes)")
 @click.option("--out", "out_dir", default="benchmarks/results", show_default=True, type=click.Path(path_type=Path))
@@ -363,6 +364,11 @@ def bench(suite, backends, quick, out_dir, threads, preset, device, dtype, overr
     """Benchmark eager vs fused vs ONNX Runtime (and the CUDA kernels) against this machine's limits."""
     if suite == "quant-full":
         run_quant_full(threads=threads, out_dir=str(out_dir), progress=lambda s: err.print(f"[dim]· {s}[/dim]"))
+        return
+    if suite == "serve":
+        from dsmoe.bench.serve_bench import run_serve_bench
+        run_serve_bench(out_dir=str(out_dir), preset=preset or "small", threads=threads, quick=quick,
+                        progress=lambda s: err.print(f"[dim]· {s}[/dim]"))
         return
     suites = list(SUITES) if suite == "all" else [suite]
     run_bench(suites=suites, backends=list(backends) or None, quick=quick, out_dir=str(out_dir), threads=threads,
