@@ -128,17 +128,17 @@ def locust_level(url: str, concurrency: int, duration: int, *, vocab: int, seed:
     def pct(name):
         r = rows.get(name)
         return None if r is None else {p: float(r[p]) for p in ("50%", "90%", "99%")}
-    tok = rows.get("tokens")
-    done = int(tok["Request Count"]) if tok else 0
-    total = done * float(tok["Average Content Size"]) if tok else 0.0
+    tok = rows.get("token")
+    total = int(tok["Request Count"]) if tok else 0
+    done = rows.get("tpot")
     comp = rows.get("completion")
-    return {"concurrency": concurrency, "duration_s": duration, "requests": done,
+    return {"concurrency": concurrency, "duration_s": duration, "requests": int(done["Request Count"]) if done else 0,
             "failures": int(comp["Failure Count"]) if comp else None, "output_tokens_per_s": total / duration,
             "ttft_ms": pct("ttft"), "tpot_ms": pct("tpot")}
 
 
 def run_serve_bench(*, out_dir: str, work_dir: str = "out/bench-serve", preset: str = "small", threads: int | None = None,
-                    duration: int = 30, quick: bool = False, progress=print) -> dict:
+                    duration: int = 60, quick: bool = False, progress=print) -> dict:
     """The suite: artifacts in ``work_dir`` (made once), results in ``out_dir/<machine>-serve.{json,md}``."""
     import json
 
@@ -147,7 +147,7 @@ def run_serve_bench(*, out_dir: str, work_dir: str = "out/bench-serve", preset: 
     from dsmoe.export import export_model
 
     threads = threads or os.cpu_count() or 1
-    duration = 10 if quick else duration
+    duration = 15 if quick else duration
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     src = f"preset:{preset}"
@@ -169,19 +169,22 @@ def run_serve_bench(*, out_dir: str, work_dir: str = "out/bench-serve", preset: 
     levels: dict[str, list[dict]] = {"dsmoe-int4": [], "llama-server-q4_0": []}
     starters = {"dsmoe-int4": lambda port: start_dsmoe(str(arts["int4"]), port, threads=threads),
                 "llama-server-q4_0": lambda port: start_llama(str(gguf), port, threads=threads)}
-    notes = []
-    for name, start in starters.items():
-        try:
-            proc = start(8931)
-        except DsmoeError as e:
-            notes.append(f"{name}: not run ({e})")
-            continue
-        try:
-            locust_level("http://127.0.0.1:8931", 1, 5, vocab=vocab, seed=99)  # warm-up
-            for c in LEVELS:
+    notes, procs, urls = [], {}, {}
+    try:
+        for i, (name, start) in enumerate(starters.items()):
+            try:
+                procs[name] = start(8931 + i)
+                urls[name] = f"http://127.0.0.1:{8931 + i}"
+            except DsmoeError as e:
+                notes.append(f"{name}: not run ({e})")
+        for url in urls.values():
+            locust_level(url, 1, 5, vocab=vocab, seed=99)  # warm-up
+        for c in LEVELS:  # the contenders alternate at each level (both up, the other idle)
+            for name, url in urls.items():
                 progress(f"{name}: concurrency {c}")
-                levels[name].append(locust_level("http://127.0.0.1:8931", c, duration, vocab=vocab))
-        finally:
+                levels[name].append(locust_level(url, c, duration, vocab=vocab))
+    finally:
+        for proc in procs.values():
             proc.terminate()
             proc.wait(60)
     info = machine_info(threads)
@@ -199,7 +202,8 @@ def run_serve_bench(*, out_dir: str, work_dir: str = "out/bench-serve", preset: 
 
 def render(doc: dict) -> str:
     m = doc["machine"]
-    lines = [f"# dsmoe serve under load — {m['cpu']} ({m['cores']} cores, {m['threads']} threads)", "",
+    lines = [f"# dsmoe serve under load — {m['cpu']} ({m['cores']} cores, {m['threads']} threads; "
+             f"{', '.join(m.get('simd', []))})", "",
              f"`{doc['preset']}` preset, random {doc['prompt_tokens']}-token prompts, {doc['max_tokens']} new tokens each "
              f"(greedy, streamed), {doc['duration_s']} s per level, driven by {doc['tool']}. dsmoe: the int4 ONNX "
              f"Runtime export (`--quant int4 --block-size 32`); llama-server: the same weights as a Q4_0 GGUF, 16 slots. "

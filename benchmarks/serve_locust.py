@@ -1,8 +1,9 @@
 """The locustfile of ``dsmoe bench --suite serve`` (run by locust, not imported by dsmoe): each
 user sends streamed greedy completions of random token-id prompts to an OpenAI-compatible
 ``/v1/completions`` (dsmoe serve or llama.cpp's llama-server) and reports, as locust events,
-``ttft`` (request to first token), ``tpot`` (mean time per output token after the first) and
-``tokens`` (completion tokens, from the ``usage`` chunk, in ``response_length``). Settings come
+``ttft`` (request to first token), ``tpot`` (mean time per output token after the first, from the
+``usage`` chunk's count) and ``token`` (one event per streamed token chunk, so tokens of requests
+still running when the run stops count too). Settings come
 from the environment: BENCH_MODEL, BENCH_PROMPT_LEN, BENCH_MAX_TOKENS, BENCH_VOCAB, BENCH_SEED."""
 
 import itertools
@@ -45,6 +46,9 @@ class Completions(HttpUser):
                 doc = json.loads(line[6:])
                 now = time.perf_counter()
                 if doc.get("choices"):
+                    c = doc["choices"][0]
+                    if c.get("finish_reason") is None:  # a token's chunk (both servers stream one token per chunk)
+                        fire(request_type="metric", name="token", response_time=0, response_length=1, exception=None)
                     first = first or now
                     last = now
                 if doc.get("usage"):
@@ -56,4 +60,3 @@ class Completions(HttpUser):
         if tokens > 1:
             fire(request_type="metric", name="tpot", response_time=(last - first) * 1000 / (tokens - 1),
                  response_length=0, exception=None)
-        fire(request_type="metric", name="tokens", response_time=0, response_length=tokens, exception=None)
