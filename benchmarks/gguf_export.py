@@ -96,8 +96,11 @@ def _encode(name: str, t: torch.Tensor, qtype: str) -> np.ndarray:
 
 
 def write_gguf(source: str, path: str | Path, *, qtype: str = "Q4_0", overrides: dict | None = None,
-               seed: int = 0) -> dict:
-    """Write ``source`` as a GGUF of ``qtype``; returns ``{"path", "bytes", "tensors"}``."""
+               seed: int = 0, placeholder_vocab: bool = False) -> dict:
+    """Write ``source`` as a GGUF of ``qtype``; returns ``{"path", "bytes", "tensors"}``.
+    ``placeholder_vocab``: a SentencePiece-type vocabulary of made-up pieces (``<unk>``, ``<s>``,
+    ``</s>``, ``<t3>``…) instead of none, for ``llama-server`` (which must detokenize what it
+    streams); the weights and what they compute are the same."""
     gguf = _gguf()
     if qtype not in GGML_TYPES:
         raise DsmoeError(f"unsupported GGUF type {qtype!r} (supported: {', '.join(GGML_TYPES)})")
@@ -106,7 +109,7 @@ def write_gguf(source: str, path: str | Path, *, qtype: str = "Q4_0", overrides:
     check_supported(config)
     raw = getattr(gguf.GGMLQuantizationType, qtype)
     w = gguf.GGUFWriter(str(path), arch="deepseek")
-    _metadata(w, config, qtype)
+    _metadata(w, config, qtype, placeholder_vocab)
     # tensor infos first (shapes from the config alone), then the data part by part, same order
     meta = {p: {k: torch.empty(s, device="meta") for k, s in part_shapes(config, p).items()} for p in part_names(config)}
     order = []
@@ -132,7 +135,7 @@ def write_gguf(source: str, path: str | Path, *, qtype: str = "Q4_0", overrides:
     return {"path": str(path), "bytes": Path(path).stat().st_size, "tensors": len(written), "type": qtype}
 
 
-def _metadata(w, config: DeepseekConfig, qtype: str) -> None:
+def _metadata(w, config: DeepseekConfig, qtype: str, placeholder_vocab: bool = False) -> None:
     """The keys llama.cpp's converter writes for ``DeepseekForCausalLM``."""
     gguf = _gguf()
     w.add_name("dsmoe-export")
@@ -155,4 +158,15 @@ def _metadata(w, config: DeepseekConfig, qtype: str) -> None:
     w.add_expert_weights_scale(1.0)
     w.add_expert_shared_count(config.n_shared_experts or 0)
     w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}"))
-    w.add_tokenizer_model("none")
+    if not placeholder_vocab:
+        w.add_tokenizer_model("none")
+        return
+    V = config.vocab_size
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"<t{i}>" for i in range(3, V)])
+    w.add_token_scores([0.0] * V)
+    w.add_token_types([2, 3, 3] + [1] * (V - 3))  # unknown, control, control, normal
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)

@@ -407,8 +407,9 @@ export_cmd = click.command("dsmoe-export", context_settings=HELP)(_export_option
 
 
 @cli.command()
-@click.option("--suite", type=click.Choice([*SUITES, "quant-full", "all"]), default="all", show_default=True,
-              help="all = moe-layer, model, quant; quant-full (the whole 28-layer int4 model vs llama.cpp) runs alone")
+@click.option("--suite", type=click.Choice([*SUITES, "quant-full", "serve", "all"]), default="all", show_default=True,
+              help="all = moe-layer, model, quant; quant-full (the whole 28-layer int4 model vs llama.cpp) and serve "
+                   "(dsmoe serve under locust vs llama-server) run alone")
 @click.option("--backend", "backends", multiple=True, help="restrict to these backends (repeatable)")
 @click.option("--quick", is_flag=True, help="small sizes, few iterations: a smoke run of every backend (about 2 minutes "
                                             "on 2 idle cores, < 2 GiB peak RSS); goals are not judged")
@@ -428,6 +429,16 @@ def bench(suite, backends, quick, out_dir, threads, preset, device, dtype, force
     if suite == "quant-full":
         refuse_unused(backends=backends, quick=quick, preset=preset, device=device, dtype=dtype, overrides=overrides)
         run_quant_full(threads=threads, out_dir=str(out_dir), progress=lambda s: err.print(f"[dim]· {s}[/dim]"), force=force)
+        return
+    if suite == "serve":
+        from dsmoe.bench.serve_bench import run_serve_bench
+        unused = [flag for flag, given in (("--backend", bool(backends)), ("--device", device != "cpu"),
+                                           ("--dtype", dtype is not None), ("--set", bool(overrides))) if given]
+        if unused:
+            raise DsmoeError(f"{', '.join(unused)} do(es) not apply to --suite serve (dsmoe serve's int4 export "
+                             "against llama-server on the CPU); drop it")
+        run_serve_bench(out_dir=str(out_dir), preset=preset or "small", threads=threads, quick=quick, force=force,
+                        progress=lambda s: err.print(f"[dim]· {s}[/dim]"))
         return
     suites = list(SUITES) if suite == "all" else [suite]
     run_bench(suites=suites, backends=list(backends) or None, quick=quick, out_dir=str(out_dir), threads=threads,
@@ -556,5 +567,7 @@ def export_main(argv=None) -> None:
 
 # Commands in modules of their own (each imports only click and light modules at the top):
 from dsmoe.app.compare_cmd import compare_backends_cmd  # noqa: E402
+from dsmoe.app.serve_cmd import serve  # noqa: E402
 
 cli.add_command(compare_backends_cmd)
+cli.add_command(serve)

@@ -16,12 +16,15 @@ decode steps replay one CUDA graph over a static KV cache
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
 import dsmoe
 from dsmoe.app.cuda_graphs import StaticDecoder, Step, static_length
+from dsmoe.app.engine import Engine
+from dsmoe.app.sampling import SamplingParams
 from dsmoe.app.device import cpu_kernels, require_cuda_kernels, resolve_device
 from dsmoe.app.expert_stats import RouterTrace
 from dsmoe.app.router_trace import eager_router_step, fused_router_step, ort_router_step, tap
@@ -35,6 +38,9 @@ from dsmoe.export.runner import export_target
 from dsmoe.ir import capture
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import run_pipeline
+
+# the last engine run's generated tokens and seconds (prefill included): tokens/s for callers
+LAST_RUN: dict = {}
 
 
 def eager_step(model: torch.nn.Module) -> Step:
@@ -58,41 +64,33 @@ def empty_cache(config: DeepseekConfig, batch: int, dtype: torch.dtype, device="
     return cache_layout(config).empty(batch, dtype, device)
 
 
-@torch.no_grad()
 def greedy_generate(step: Step, config: DeepseekConfig, prompt_ids: list[int], max_new_tokens: int, *,
                     dtype: torch.dtype = torch.float32, stop_at_eos: bool = False,
                     device: str | torch.device = "cpu") -> list[int]:
-    """Greedy decoding with the KV cache: one prefill step, then one step per new token.
+    """Greedy decoding with the KV cache: one prefill step, then one step per new token
+    (:class:`dsmoe.app.engine.Engine` with one sequence).
 
     The prompt plus the new tokens must fit the model's positions (``max_position_embeddings``);
     a step whose logits are not finite stops with :class:`NonFiniteError` instead of emitting a
     token read from NaN.
     """
     check_request(config, prompt_ids, max_new_tokens)
-    ids = torch.tensor([prompt_ids], dtype=torch.int64, device=device)
-    past = empty_cache(config, 1, dtype, device)
-    out: list[int] = []
-    pos = 0
-    for _ in range(max_new_tokens):
-        S = ids.shape[1]
-        mask = torch.ones(1, pos + S, dtype=torch.int64, device=device)
-        position_ids = torch.arange(pos, pos + S, dtype=torch.int64, device=device).unsqueeze(0)
-        logits, past = step(ids, mask, position_ids, list(past))
-        last = _finite(torch.as_tensor(logits)[0, -1], len(out) + 1)
-        nxt = int(last.argmax())
-        out.append(nxt)
-        pos += S
-        ids = torch.tensor([[nxt]], dtype=torch.int64, device=device)
-        if stop_at_eos and nxt in config.eos_token_ids:
-            break
-    return out
+    return _engine_generate(step, config, [list(prompt_ids)], max_new_tokens, dtype=dtype, device=device,
+                            stop_at_eos=stop_at_eos)[0]
 
 
-def _finite(logits: torch.Tensor, step: int) -> torch.Tensor:
-    if not bool(torch.isfinite(logits).all()):
-        raise NonFiniteError(f"the model's logits are not finite (NaN/Inf) at step {step}: no token can be "
-                             "chosen (were its weights loaded with --allow-nonfinite?)")
-    return logits
+def _engine_generate(step, config, prompts, max_new_tokens, *, dtype, device, stop_at_eos=False) -> list[list[int]]:
+    """The prompts through the engine, all in one batch (each prefilled alone, then decoded together)."""
+    eng = Engine(step, config, dtype=dtype, device=device, max_running=len(prompts),
+                 max_step_tokens=len(prompts) + sum(len(p) for p in prompts), max_waiting=len(prompts))
+    seqs = [eng.add(p, SamplingParams(max_tokens=max_new_tokens, ignore_eos=not stop_at_eos)) for p in prompts]
+    t0 = time.perf_counter()
+    eng.run()
+    LAST_RUN.update(tokens=sum(len(s.out) for s in seqs), seconds=time.perf_counter() - t0)
+    for s in seqs:
+        if s.finish_reason == "error":
+            raise NonFiniteError(f"{s.error} (were its weights loaded with --allow-nonfinite?)")
+    return [s.out for s in seqs]
 
 
 def check_request(config: DeepseekConfig, prompt_ids: list[int], max_new_tokens: int) -> None:
@@ -112,32 +110,14 @@ def check_request(config: DeepseekConfig, prompt_ids: list[int], max_new_tokens:
                          "--set max_position_embeddings=N at your own risk (RoPE beyond its trained range)")
 
 
-@torch.no_grad()
 def greedy_generate_batch(step: Step, config: DeepseekConfig, prompts: list[list[int]], max_new_tokens: int, *,
                           dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> list[list[int]]:
-    """Greedy decoding of unequal prompts in one batch, left-padded: padding has mask 0 (no query
-    attends to it) and every row's positions count its own tokens from 0, so each row's tokens are
-    those of its prompt alone (up to floating-point ties). ``max_new_tokens`` for every row."""
+    """Greedy decoding of unequal prompts in one batch (the engine: each prompt prefilled alone,
+    then all decoded together in right-aligned, masked KV slots), so each row's tokens are those of
+    its prompt alone (up to floating-point ties). ``max_new_tokens`` for every row."""
     for p in prompts:
         check_request(config, p, max_new_tokens)
-    B, longest = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(B, longest, dtype=torch.int64, device=device)
-    mask = torch.zeros(B, longest, dtype=torch.int64, device=device)
-    for b, p in enumerate(prompts):
-        ids[b, longest - len(p):] = torch.tensor(p, dtype=torch.int64)
-        mask[b, longest - len(p):] = 1
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    past = empty_cache(config, B, dtype, device)
-    out: list[list[int]] = [[] for _ in prompts]
-    for i in range(max_new_tokens):
-        logits, past = step(ids, mask, position_ids, list(past))
-        nxt = _finite(torch.as_tensor(logits)[:, -1], i + 1).argmax(-1).to(device)
-        for b in range(B):
-            out[b].append(int(nxt[b]))
-        ids = nxt.view(B, 1)
-        position_ids = position_ids[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64, device=device)], dim=1)
-    return out
+    return _engine_generate(step, config, [list(p) for p in prompts], max_new_tokens, dtype=dtype, device=device)
 
 
 def generate_ort(export_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, *,
