@@ -107,7 +107,9 @@ def test_the_path_check_catches_a_false_path(tmp_path):
 
 def help_options(command: click.Command) -> set[str]:
     """The long options ``COMMAND --help`` lists (both names of a --x/--no-x pair), without --help."""
-    ctx = click.Context(command, info_name=command.name)
+    # the CLI's own help names: click keeps the first help option it makes on the command, so a
+    # context with click's default (--help alone) would take `-h` from every later invocation
+    ctx = click.Context(command, info_name=command.name, help_option_names=["-h", "--help"])
     names = set()
     for p in command.get_params(ctx):
         if isinstance(p, click.Option) and not p.hidden:
