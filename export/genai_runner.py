@@ -64,7 +64,11 @@ class GenaiModel:
         """GenAI's tokenizer for the export (needs ``tokenizer.json`` beside the model)."""
         if not (self.dir / "tokenizer.json").is_file():
             raise DsmoeError(f"--prompt needs {self.dir / 'tokenizer.json'}; use --prompt-ids instead")
-        return self.og.Tokenizer(self.model)
+        try:
+            return self.og.Tokenizer(self.model)
+        except RuntimeError as e:  # a tokenizer.json GenAI's own tokenizer cannot read (e.g. a WordLevel model)
+            raise DsmoeError(f"onnxruntime-genai cannot read {self.dir / 'tokenizer.json'} ({' '.join(str(e).split())}); "
+                             "use --backend ort (the tokenizers library) or --prompt-ids") from None
 
     def generator(self, max_length: int, batch_size: int = 1):
         params = self.og.GeneratorParams(self.model)
