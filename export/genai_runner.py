@@ -94,9 +94,9 @@ class GenaiModel:
             raise DsmoeError(f"--prompt needs {self.dir / 'tokenizer.json'}; use --prompt-ids instead")
         try:
             return self.og.Tokenizer(self.model)
-        except RuntimeError as e:  # a damaged tokenizer.json / tokenizer_config.json
-            raise DsmoeError(f"onnxruntime-genai cannot load the tokenizer of {self.dir}: "
-                             f"{str(e).strip().splitlines()[0][:200]}") from None
+        except RuntimeError as e:  # a tokenizer.json GenAI's own tokenizer cannot read (e.g. a WordLevel model)
+            raise DsmoeError(f"onnxruntime-genai cannot read {self.dir / 'tokenizer.json'} ({' '.join(str(e).split())}); "
+                             "use --backend ort (the tokenizers library) or --prompt-ids") from None
 
     def generator(self, max_length: int, batch_size: int = 1):
         params = self.og.GeneratorParams(self.model)

@@ -244,12 +244,15 @@ def test_quick_block_runs(page, workspace):
 def test_the_readme_leads_to_a_verified_export_of_your_own(tmp_path):
     """README's "Your own checkpoint": a checkpoint in HF layout (config.json, safetensors, a
     tokenizer) stands in for the download; the CPU and GenAI blocks run as written on it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     r = _run("dsmoe init models/mine --preset tiny", tmp_path)
     assert r.returncode == 0, r.stderr
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(1, 256)} | {"[UNK]": 0}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = Tokenizer(models.BPE())  # byte-level BPE over the tiny vocabulary, as a real checkpoint ships one
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["The capital of France is"], trainers.BpeTrainer(
+        vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tok.save(str(tmp_path / "models/mine/tokenizer.json"))
     text = (ROOT / "README.md").read_text()
     blocks = []
