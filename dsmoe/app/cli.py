@@ -19,6 +19,7 @@ from rich.table import Table
 
 from dsmoe import load_config
 from dsmoe.app.device import KERNELS
+from dsmoe.app.ep import ep_kwargs, ep_options, run_generate_ep
 from dsmoe.app.experts import generate_with_stats, run_experts
 from dsmoe.app.experts_view import render as render_experts
 from dsmoe.app.generate import run_generate
@@ -155,15 +156,18 @@ def info(source, overrides, as_json):
 @set_option
 @click.option("--json", "as_json", is_flag=True,
               help='print {"ids": [...]} ([[...], ...] for a batch; with "router_stats" if recorded)')
+@ep_options
 def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, no_absorb_mla, device,
-             cuda_graph, kernels, allow_nonfinite, router_stats, router_stats_out, overrides, as_json):
+             cuda_graph, kernels, allow_nonfinite, router_stats, router_stats_out, overrides, as_json, **ep):
     """Greedy decoding with the KV cache (eager, fused graph, or an export in ORT, GenAI or TensorRT)."""
     kwargs = dict(source=source, prompt_ids=list(prompt_ids), prompt=prompt, max_new_tokens=max_new_tokens,
                   backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts, absorb_mla=not no_absorb_mla,
                   overrides=_overrides(overrides), device=device, cuda_graph=cuda_graph, kernels=kernels,
                   allow_nonfinite=allow_nonfinite)
-    report = None
-    if router_stats or router_stats_out:
+    report, ep = None, ep_kwargs(**ep)
+    if ep:
+        ids, text = run_generate_ep(**kwargs, **ep, router_stats=router_stats or router_stats_out)
+    elif router_stats or router_stats_out:
         ids, text, report = generate_with_stats(**kwargs)
     else:
         ids, text = run_generate(**kwargs)
@@ -460,3 +464,5 @@ def main(argv=None) -> None:
 
 def export_main(argv=None) -> None:
     _run(export_cmd, argv)
+from dsmoe.app.plan_cmd import plan  # noqa: E402
+cli.add_command(plan)
