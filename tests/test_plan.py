@@ -71,3 +71,19 @@ def test_cli_prints_the_plan(capsys):
     main(["plan", V3, "--gpus", "16", "--nodes", "2", "--json"])
     d = json.loads(capsys.readouterr().out)
     assert d["hardware"]["gpus_per_node"] == 8 and d["fits"] is True
+
+
+def test_docs_reference_lists_every_option():
+    import re
+    from pathlib import Path
+
+    from dsmoe.app.ep import ep_options
+    from dsmoe.app.plan_cmd import plan as plan_cmd
+    page = Path(__file__).parent.parent / "docs" / "expert-parallelism.md"
+    text = page.read_text()
+    ref = text.split("## Reference: dsmoe plan", 1)[1]
+    documented = set(re.findall(r"`(--[a-z0-9-]+)`", ref))
+    options = {o for p in plan_cmd.params for o in p.opts if o.startswith("--")} | {"--help"}
+    assert documented == options
+    ep = {o for p in ep_options(lambda **kw: None).__click_params__ for o in p.opts}
+    assert ep <= set(re.findall(r"`(--[a-z0-9-]+)`", text.split("## Options of `dsmoe generate`", 1)[1]))

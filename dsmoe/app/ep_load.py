@@ -72,9 +72,10 @@ def load_rank_model(source: str, placement, rank: int, *, dtype=None, overrides=
         sd = dequantize_state_dict(sd, config.fp8_block, tdtype)
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
+    sd = {k: v.to(device) for k, v in sd.items()}  # each tensor moved once; placeholders made where they live
     held = [k for k in expected if skip(k)]
     for k in held:
-        sd[k] = torch.zeros((), dtype=tdtype).expand(expected[k])
+        sd[k] = torch.zeros((), dtype=tdtype, device=device).expand(expected[k])
     missing = sorted(set(expected) - set(sd) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     if missing:
         raise CheckpointError(f"missing key {missing[0]}")
@@ -82,9 +83,7 @@ def load_rank_model(source: str, placement, rank: int, *, dtype=None, overrides=
     rebuild_rotary(model)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model = dsmoe.cast_model(model.eval(), tdtype).to(device)
-    if str(device) != "cpu":
-        _release(model, skip)  # .to() materialized the placeholders
+    model = dsmoe.cast_model(model.eval(), tdtype).to(device)  # already there: placeholders stay views
     return model, {"read_bytes": read, "skipped_keys": len(held)}
 
 
