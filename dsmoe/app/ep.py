@@ -84,7 +84,12 @@ def run_generate_ep(*, ep: int, source: str, prompt_ids, prompt=None, max_new_to
     for p in prompts:
         check_request(config, p, max_new_tokens)
     from dsmoe.app.ep_rank import make_placement
-    make_placement(config, ep, placement, redundant)  # refuse a bad placement before launching anything
+    before = make_placement(config, ep, placement, 0)  # refuse a bad placement before launching anything
+    after = make_placement(config, ep, placement, redundant)
+    if before.busiest_share() is not None:
+        dsmoe.log.info(f"busiest rank's share of the measured expert load: {before.busiest_share():.3f}"
+                       + (f" → {after.busiest_share():.3f} with {redundant} redundant experts per layer" if redundant
+                          else "") + f" (even split: {1 / ep:.3f})")
     spec = dict(source=source, prompts=prompts, max_new_tokens=max_new_tokens, dtype=dtype, overrides=overrides or {},
                 device=device, placement=placement and str(Path(placement).resolve()), redundant=redundant, mode=mode,
                 absorb_mla=absorb_mla, timeout=timeout)
