@@ -70,7 +70,7 @@ def ep2(tmp_path_factory, ckpts):
             {"placement": "contiguous", "mode": "allreduce"}]},
         {"name": "mla-tiny-grouped", "source": "preset:mla-tiny", "overrides": GROUP_LIMITED,
          "cases": [{"placement": "contiguous"}, {"placement": f, "redundant": 1}]},
-        {"name": "v3-small", "source": "preset:v3-small", "overrides": {"num_hidden_layers": 2},
+        {"name": "v3-small", "source": "preset:v3-small", "overrides": {"num_hidden_layers": 2, "vocab_size": 1024},
          "cases": [{"placement": "contiguous"}]},
     ]
     return _launch(2, models, {"placement_mismatch": True, "checkpoints": list(ckpts), "partial_load": ckpts[0]})
