@@ -208,3 +208,28 @@ def test_cli_refuses_a_bad_placement(tmp_path, capsys, assignment, message):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def _note(tmp: Path, rank: int, error: str, consequence: bool, t: float, code: int = 1) -> None:
+    (tmp / f"rank{rank}.err").write_text(json.dumps({"rank": rank, "error": error, "consequence": consequence,
+                                                     "time": t, "exit": code}))
+
+
+def test_the_failure_line_names_the_cause(tmp_path):
+    """What the launcher's failures plus the ranks' notes become (no launch: the cases by hand)."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from dsmoe.app.ep import _cause
+
+    def pf(code):
+        return ProcessFailure(local_rank=0, pid=1, exitcode=code, error_file=str(tmp_path / "none.json"))
+    killed = {0: pf(1), 1: pf(-signal.SIGKILL)}
+    _note(tmp_path, 0, "RuntimeError: [gloo] Connection reset by peer", True, 2.0)
+    assert _cause(tmp_path, killed) == ("rank 1 died: killed by SIGKILL", 1)
+    hung = {0: pf(1), 1: pf(-signal.SIGTERM)}
+    line, code = _cause(tmp_path, hung)
+    assert line.startswith("rank 1 stopped answering: rank 0's collective gave up on it") and code == 1
+    _note(tmp_path, 1, "rank 1 disagrees with rank 0 on the placement", False, 1.0, code=2)
+    assert _cause(tmp_path, {0: pf(1), 1: pf(2)}) == ("rank 1 failed: rank 1 disagrees with rank 0 on the placement", 2)

@@ -151,6 +151,11 @@ def _cause(tmp: Path, failures: dict) -> tuple[str, int]:
     own = sorted((d for d in notes.values() if not d["consequence"]), key=lambda d: d["time"])
     if own:
         return f"rank {own[0]['rank']} failed: {own[0]['error']}", own[0].get("exit", 1)
+    silent = sorted(r for r in failures if r not in notes)
+    if notes and silent:  # every error is a broken or timed-out collective, and some rank said nothing: it hung
+        first = min(notes.values(), key=lambda d: d["time"])
+        return (f"rank {silent[0]} stopped answering: rank {first['rank']}'s collective gave up on it "
+                f"({first['error'][:160]})"), 1
     if notes:
         first = min(notes.values(), key=lambda d: d["time"])
         return f"rank {first['rank']} failed: {first['error']}", 1

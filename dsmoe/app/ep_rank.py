@@ -33,7 +33,7 @@ from dsmoe.app.ep_placement import add_redundant, contiguous_placement, read_pla
 from dsmoe.checkpoint import shard_files
 from dsmoe.errors import DsmoeError
 
-FAULT_ENV = "DSMOE_EP_FAULT"  # tests only: "RANK:STEP" makes that rank SIGKILL itself before that step
+FAULT_ENV = "DSMOE_EP_FAULT"  # tests only: "RANK:STEP[:hang]" makes that rank SIGKILL itself (or hang) before that step
 
 
 def make_placement(config, world: int, placement_file: str | None, redundant: int):
@@ -136,12 +136,14 @@ def _faulty(step, rank: int):
     want = os.environ.get(FAULT_ENV)
     if not want:
         return step
-    r, at = (int(v) for v in want.split(":"))
+    r, at, *how = want.split(":")
     calls = [0]
 
     def wrapped(*args):
         calls[0] += 1
-        if rank == r and calls[0] == at:
+        if rank == int(r) and calls[0] == int(at):
+            if how == ["hang"]:
+                time.sleep(3600)
             os.kill(os.getpid(), signal.SIGKILL)
         return step(*args)
     return wrapped
