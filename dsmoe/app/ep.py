@@ -57,7 +57,7 @@ def ep_kwargs(ep, ep_placement, ep_redundant, ep_attention, ep_timeout) -> dict:
         given = [f for f, v in (("--placement", ep_placement), ("--redundant-experts", ep_redundant),
                                 ("--ep-attention", ep_attention != "dp"), ("--ep-timeout", ep_timeout != 120.0)) if v]
         if given:
-            raise DsmoeError(f"{', '.join(given)} only apply with --ep N")
+            raise DsmoeError(f"{', '.join(given)}: only with --ep N (expert parallelism)")
         return {}
     return dict(ep=ep, placement=ep_placement, redundant=ep_redundant, mode=ATTENTION[ep_attention], timeout=ep_timeout)
 
