@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch.fx import GraphModule
 
@@ -27,6 +28,7 @@ class PassContext:
     absorb_mla: bool = True
     verify: bool = False
     verify_seed: int = 0
+    expert_shard: Any = None  # passes.shard_experts.ExpertShard: only the shard_experts deployment step reads it
 
     def config_of(self, gm: GraphModule) -> DeepseekConfig:
         cfg = self.config or gm.meta.get("dsmoe_config")

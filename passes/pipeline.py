@@ -16,6 +16,9 @@ Order, and why:
    ``dsmoe::route`` outputs (and the moe / shared outputs' norms where they are still separate);
    it adds outputs and changes nothing else, so every pass before it sees the plain decoder.
 
+Not listed: ``shard_experts`` (expert parallelism) is a deployment step that needs a live process
+group; :mod:`dsmoe.app.ep_rank` runs it on each rank after this pipeline.
+
 With ``ctx.verify`` the graph runs on seeded prefill and single-token decode inputs before the
 first pass and after every pass; an output beyond the dtype's tolerance raises
 :class:`VerificationError` naming the pass.

@@ -17,6 +17,7 @@ import click
 
 from dsmoe.app.choices import GENERATE_BACKENDS, KERNELS, ROUTER_BACKENDS, SUITES
 from dsmoe.app.params import SEED
+from dsmoe.app.ep import ep_kwargs, ep_options, run_generate_ep
 from dsmoe.errors import DsmoeError, DsmoeWarning
 from dsmoe.outputs import check_output_file, write_failure, write_output_file
 
@@ -173,8 +174,9 @@ def info(source, overrides, as_json):
 @set_option
 @click.option("--json", "as_json", is_flag=True,
               help='print {"ids": [...]} ([[...], ...] for a batch; with "router_stats" if recorded)')
+@ep_options
 def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_shared_experts, no_absorb_mla, device,
-             cuda_graph, kernels, allow_nonfinite, router_stats, router_stats_out, force, overrides, as_json):
+             cuda_graph, kernels, allow_nonfinite, router_stats, router_stats_out, force, overrides, as_json, **ep):
     """Greedy decoding with the KV cache (eager, fused graph, or an export in ORT, GenAI or TensorRT)."""
     from dsmoe.app.experts import generate_with_stats
     from dsmoe.app.experts_view import render as render_experts
@@ -185,10 +187,13 @@ def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_sh
                   backend=backend, dtype=dtype, fold_shared_experts=fold_shared_experts, absorb_mla=not no_absorb_mla,
                   overrides=_overrides(overrides), device=device, cuda_graph=cuda_graph, kernels=kernels,
                   allow_nonfinite=allow_nonfinite, timing=Timing())
-    report = None
+    report, ep = None, ep_kwargs(**ep)
     if router_stats_out:  # before the generation, not after
         check_output_file(router_stats_out, force=force, inputs=[source], option="--router-stats-out")
-    if router_stats or router_stats_out:
+    if ep:
+        ids, text = run_generate_ep(**{k: v for k, v in kwargs.items() if k != "timing"}, **ep,  # the ranks time nothing here
+                                    router_stats=router_stats or router_stats_out)
+    elif router_stats or router_stats_out:
         ids, text, report = generate_with_stats(**kwargs)
     else:
         ids, text = run_generate(**kwargs)
@@ -567,7 +572,9 @@ def export_main(argv=None) -> None:
 
 # Commands in modules of their own (each imports only click and light modules at the top):
 from dsmoe.app.compare_cmd import compare_backends_cmd  # noqa: E402
+from dsmoe.app.plan_cmd import plan  # noqa: E402
 from dsmoe.app.serve_cmd import serve  # noqa: E402
 
 cli.add_command(compare_backends_cmd)
 cli.add_command(serve)
+cli.add_command(plan)
