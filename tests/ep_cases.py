@@ -86,9 +86,9 @@ def run_cases(models: list[dict], checks: dict) -> dict:
 
 
 def _tokens(prompts, new) -> int:
-    """Token rows the rank runs through each MoE layer: the (left-padded) prompts once, then one
-    row per prompt for each of the ``new - 1`` decode steps."""
-    return len(prompts) * (max(len(p) for p in prompts) + new - 1)
+    """Token rows the rank runs through each MoE layer: the decoding engine prefills each prompt
+    alone (no padding), then decodes one row per prompt for each of the ``new - 1`` later steps."""
+    return sum(len(p) for p in prompts) + len(prompts) * (new - 1)
 
 
 @torch.no_grad()

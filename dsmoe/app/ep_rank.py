@@ -114,7 +114,13 @@ def run_rank(spec: dict, group, *, placement=None) -> dict:
     build_s = time.perf_counter() - t0
     prompts = spec["prompts"]
     mine = list(range(rank, len(prompts), world)) if comm.mode == "a2a" else list(range(len(prompts)))
-    todo = [prompts[i] for i in mine] or [prompts[0][:1]]
+    # Every rank must make the same number of forward calls (each MoE layer is a collective). The
+    # engine's calls depend only on how many sequences it runs (each prefilled alone, one decode step
+    # per further token, all with the same max_new_tokens): a rank with fewer prompts runs one-token
+    # fillers whose tokens are dropped.
+    per_rank = -(-len(prompts) // world) if comm.mode == "a2a" else len(prompts)
+    todo = [prompts[i] for i in mine]
+    todo += [prompts[0][:1]] * (per_rank - len(todo))
     times: list[float] = []
     step = _timed(_faulty(gm, rank), times)
     new = _generate(step, config, todo, spec["max_new_tokens"], dtype=mdtype, device=device)
