@@ -350,7 +350,8 @@ export_cmd = click.command("dsmoe-export")(_export_options(_export))  # its own 
 
 @cli.command()
 @click.option("--suite", type=click.Choice([*SUITES, "quant-full", "all"]), default="all", show_default=True,
-              help="all = moe-layer, model, quant; quant-full (the whole 28-layer int4 model vs llama.cpp) runs alone")
+              help="all = moe-layer, model, quant (dsmoe int4/int8 vs llama.cpp's own GGUFs, 4 layers at 16B width; "
+                   "--quick: tiny, checked against eager); quant-full (the whole 28-layer int4 model vs llama.cpp) runs alone")
 @click.option("--backend", "backends", multiple=True, help="restrict to these backends (repeatable)")
 @click.option("--quick", is_flag=True, help="fewer sizes and iterations (< 2 minutes)")
 @click.option("--out", "out_dir", default="benchmarks/results", show_default=True, type=click.Path(path_type=Path))
