@@ -140,7 +140,8 @@ def accuracy_sweep(d: Path, levels: list[int], *, past: int, steps: int, threads
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def profile_export(d: Path, *, past: int, steps: int, threads: int, seed: int = 0, tokens: int = 1) -> dict:
+def profile_export(d: Path, *, past: int, steps: int, threads: int, seed: int = 0, tokens: int = 1,
+                   last_logits: bool = False) -> dict:
     """One export's decode step (``tokens`` > 1: a prefill of that many after ``past``): wall time and
     the per-op-type kernel table."""
     if not (d / MODEL_FILE).is_file():
@@ -153,7 +154,7 @@ def profile_export(d: Path, *, past: int, steps: int, threads: int, seed: int = 
     layout = cache_layout(config)
     tmp = Path(tempfile.mkdtemp(prefix="dsmoe-prof-"))
     try:
-        sess = session(d / MODEL_FILE, threads=threads, profile_prefix=str(tmp / "ort"))
+        sess = session(d / MODEL_FILE, threads=threads, profile_prefix=str(tmp / "ort"), last_logits=last_logits)
         first = next(i for i in sess.get_inputs() if i.name == layout.input_names()[0])
         if first.shape[2] == PAST_AXIS["static"]:
             raise DsmoeError(f"{d} is a static-cache export; profile a dynamic one (dsmoe-export --kv-cache dynamic)")
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--past", type=int, default=128)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=1, help="new tokens per step: 1 = decode, more = a prefill after --past")
+    ap.add_argument("--last-logits", action="store_true", help="the lm_head on the last position only (OrtDecoder(logits='last'))")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--accuracy-levels", type=int, nargs="*", default=[],
                     help="also profile each quantized export at these MatMulNBits accuracy levels")
@@ -250,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args) -> None:
-    runs = [profile_export(d, past=args.past, steps=args.steps, threads=args.threads, tokens=args.tokens) for d in args.exports]
+    runs = [profile_export(d, past=args.past, steps=args.steps, threads=args.threads, tokens=args.tokens,
+                           last_logits=args.last_logits) for d in args.exports]
     for r in runs:
         if args.accuracy_levels and r["quant"] != "fp32":
             r["accuracy_levels"] = accuracy_sweep(Path(r["export"]), args.accuracy_levels, past=args.past,

@@ -52,7 +52,7 @@ def _ort_round(export_dir: Path, config, threads: int, prefill, context, decode:
     from dsmoe.export import OrtDecoder
 
     t = time.perf_counter()
-    dec = OrtDecoder(export_dir, threads=threads)
+    dec = OrtDecoder(export_dir, threads=threads, logits="last")  # what generation runs: lm_head on the last token
     out = {"load_s": time.perf_counter() - t}
     g = torch.Generator().manual_seed(0)
     nkv, hd, L = config.num_key_value_heads, config.head_dim, config.num_hidden_layers

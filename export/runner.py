@@ -50,11 +50,14 @@ SESSION_CONFIG = {"session.intra_op.allow_spinning": "1" if SPINNING else "0"}
 
 
 def session(path: str | Path, *, threads: int | None = None, optimize: bool = True,
-            providers: list[str] | None = None, spinning: bool = SPINNING, profile_prefix: str | None = None):
+            providers: list[str] | None = None, spinning: bool = SPINNING, profile_prefix: str | None = None,
+            last_logits: bool = False):
     """An ``InferenceSession`` (CPU unless ``providers``) with :data:`SESSION_CONFIG`;
     ``optimize=False`` turns ORT's graph rewrites off (numerics tests), ``spinning=True`` lets the
     intra-op threads spin (faster on an idle machine only), ``profile_prefix`` turns ONNX Runtime's
-    per-node profiler on (``sess.end_profiling()`` writes it; :mod:`dsmoe.bench.ort_profile`)."""
+    per-node profiler on (``sess.end_profiling()`` writes it; :mod:`dsmoe.bench.ort_profile`),
+    ``last_logits=True`` runs the graph rewritten by :func:`last_token_logits` (in memory; the
+    weights are read from beside ``path``)."""
     so = ort.SessionOptions()
     if profile_prefix:
         so.enable_profiling, so.profile_file_prefix = True, profile_prefix
@@ -70,7 +73,38 @@ def session(path: str | Path, *, threads: int | None = None, optimize: bool = Tr
     # their own accuracy_level attribute; this setting does not touch them.)
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     so.log_severity_level = 3
+    if last_logits:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(path).parent))
+        model = last_token_logits(onnx.load(str(path), load_external_data=False)).SerializeToString()
+        return ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+LM_HEAD_OPS = ("MatMul", "MatMulNBits", "Gemm")
+
+
+def last_token_logits(m: onnx.ModelProto) -> onnx.ModelProto:
+    """The decoder graph computing ``logits`` for the last position only (``[B, 1, V]``): a
+    ``Slice`` of the final hidden states before the lm_head. A prefill of S tokens then runs the
+    lm_head (the 102400-row matmul, a third of a 4-layer 16B model's prefill FLOPs) once instead of
+    S times; generation needs nothing more. ``m`` is changed in place and returned."""
+    prod = {o: n for n in m.graph.node for o in n.output}
+    head = prod.get("logits")
+    if head is None or head.op_type not in LM_HEAD_OPS:
+        raise DsmoeError(f"this export's logits come from a {head.op_type if head else 'graph input'} node, not a matmul: "
+                         "last-token logits cannot be cut out of it")
+    x = head.input[0]
+    consts = [onnx.helper.make_tensor(f"dsmoe_last.{k}", onnx.TensorProto.INT64, [1], [v])
+              for k, v in (("starts", -1), ("ends", 2**62), ("axes", 1))]
+    m.graph.initializer.extend(consts)
+    cut = onnx.helper.make_node("Slice", [x, *(c.name for c in consts)], [f"{x}.dsmoe_last"], name="dsmoe_last_token")
+    m.graph.node.insert(list(m.graph.node).index(head), cut)
+    head.input[0] = cut.output[0]
+    out = next(o for o in m.graph.output if o.name == "logits")
+    dim = out.type.tensor_type.shape.dim[1]
+    dim.Clear()
+    dim.dim_value = 1
+    return m
 
 
 class OrtDecoder:
@@ -87,10 +121,13 @@ class OrtDecoder:
     so ONNX Runtime writes each step's keys/values into them in place. A call whose ``past`` is not
     the present this decoder returned last is copied in first; the returned present is a view of
     the buffers (valid until a call with another history overwrites them).
+
+    ``logits="last"`` returns the logits of the last position only (``[B, 1, V]``, the graph cut by
+    :func:`last_token_logits`): what generation needs, at a fraction of a long prefill's cost.
     """
 
     def __init__(self, export_dir: str | Path, threads: int | None = None, *, optimize: bool = True,
-                 spinning: bool = SPINNING, router_stats: bool = False):
+                 spinning: bool = SPINNING, router_stats: bool = False, logits: str = "all"):
         d = self.dir = Path(export_dir)
         if not (d / MODEL_FILE).is_file():
             raise DsmoeError(f"{d} holds no {MODEL_FILE} (export it with: dsmoe-export SOURCE --out {d})")
@@ -99,7 +136,10 @@ class OrtDecoder:
         if export_target(d) == "tensorrt":
             raise DsmoeError(f"{d} is a TensorRT export: its DsRoute/DsMoE plugin nodes run in TensorRT, not ONNX "
                              "Runtime (use --backend tensorrt, or export with --target ort)")
-        self.sess = _open_session(d, threads=threads, optimize=optimize, spinning=spinning)
+        if logits not in ("all", "last"):
+            raise DsmoeError(f"logits must be 'all' or 'last', not {logits!r}")
+        self.logits = logits
+        self.sess = _open_session(d, threads=threads, optimize=optimize, spinning=spinning, last_logits=logits == "last")
         self.layout = cache_layout(self.config)
         self.input_names, self.output_names = io_names(self.layout)
         _check_io(d, self.sess, self.config, self.layout, self.input_names, self.output_names)

@@ -116,3 +116,22 @@ def test_llama_cpps_converter_agrees_with_dsmoes_writer(tmp_path):
         assert got.shape == ref.shape, name
         tol = 1e-6 + 0.01 * float(ref.abs().max())  # Q8_0: 1/254 of each block's max, at most
         assert float((got.float() - ref).abs().max()) <= tol, name
+
+
+def test_last_token_logits_refuses_a_head_it_cannot_cut():
+    from onnx import TensorProto, helper
+
+    from dsmoe.errors import DsmoeError
+    from dsmoe.export.runner import last_token_logits
+
+    x = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", "s", 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 4])
+    m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["h"], ["logits"])], "g", [x], [y]))
+    with pytest.raises(DsmoeError, match="Relu"):
+        last_token_logits(m)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3], [0.5] * 12)
+    y3 = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 3])
+    m = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["h", "w"], ["logits"])], "g", [x], [y3], [w]))
+    cut = last_token_logits(m)
+    assert [n.op_type for n in cut.graph.node] == ["Slice", "MatMul"]
+    assert cut.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 1

@@ -275,3 +275,21 @@ def test_small_preset_quantized_export_generates(tmp_path, capsys, quant):
         seq.append(nxt)
         x = torch.tensor([[nxt]])
     assert ids[-6:] == want, (ids, want)
+
+
+@pytest.mark.slow
+def test_last_token_logits_are_the_last_row_of_all(variant_exports):
+    """``OrtDecoder(logits="last")`` (the lm_head on the last position only: what a prefill for
+    generation needs) returns exactly the last row of the full logits, and the same cache."""
+    _, model, exports = variant_exports
+    out = exports["int4"][0]
+    full, last = OrtDecoder(out), OrtDecoder(out, logits="last")
+    cfg = model.config
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, cfg.vocab_size, (2, 5), generator=g)
+    past = cache_layout(cfg).random(2, 4, g)
+    args = (ids, torch.ones(2, 9, dtype=torch.int64), torch.arange(4, 9).expand(2, 5), past)
+    (la, pa), (lb, pb) = full(*args), last(*args)
+    assert la.shape == (2, 5, cfg.vocab_size) and lb.shape == (2, 1, cfg.vocab_size)
+    assert torch.equal(la[:, -1:], lb)
+    assert all(torch.equal(x, y) for a, b in zip(pa, pb) for x, y in zip(a, b))
