@@ -80,19 +80,23 @@ def session(path: str | Path, *, threads: int | None = None, optimize: bool = Tr
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
 
-LM_HEAD_OPS = ("MatMul", "MatMulNBits", "Gemm")
+LM_HEAD_OPS = ("MatMul", "MatMulNBits")   # rank-preserving: a [B, S, V] output has a [B, S, H] input
 
 
 def last_token_logits(m: onnx.ModelProto) -> onnx.ModelProto:
     """The decoder graph computing ``logits`` for the last position only (``[B, 1, V]``): a
     ``Slice`` of the final hidden states before the lm_head. A prefill of S tokens then runs the
     lm_head (the 102400-row matmul, a third of a 4-layer 16B model's prefill FLOPs) once instead of
-    S times; generation needs nothing more. ``m`` is changed in place and returned."""
+    S times; generation needs nothing more. ``m`` is changed in place and returned; a graph whose
+    rank-3 ``logits`` do not come from a ``MatMul``/``MatMulNBits`` (through ``Cast``s) is refused."""
     prod = {o: n for n in m.graph.node for o in n.output}
+    out = next((o for o in m.graph.output if o.name == "logits"), None)
     head = prod.get("logits")
-    if head is None or head.op_type not in LM_HEAD_OPS:
-        raise DsmoeError(f"this export's logits come from a {head.op_type if head else 'graph input'} node, not a matmul: "
-                         "last-token logits cannot be cut out of it")
+    while head is not None and head.op_type == "Cast":
+        head = prod.get(head.input[0])
+    if out is None or head is None or head.op_type not in LM_HEAD_OPS or len(out.type.tensor_type.shape.dim) != 3:
+        what = "no logits output" if out is None else f"logits from a {head.op_type if head else 'graph input'} node"
+        raise DsmoeError(f"this export has {what}, not a [B, S, V] matmul: last-token logits cannot be cut out of it")
     x = head.input[0]
     consts = [onnx.helper.make_tensor(f"dsmoe_last.{k}", onnx.TensorProto.INT64, [1], [v])
               for k, v in (("starts", -1), ("ends", 2**62), ("axes", 1))]
@@ -100,11 +104,18 @@ def last_token_logits(m: onnx.ModelProto) -> onnx.ModelProto:
     cut = onnx.helper.make_node("Slice", [x, *(c.name for c in consts)], [f"{x}.dsmoe_last"], name="dsmoe_last_token")
     m.graph.node.insert(list(m.graph.node).index(head), cut)
     head.input[0] = cut.output[0]
-    out = next(o for o in m.graph.output if o.name == "logits")
     dim = out.type.tensor_type.shape.dim[1]
     dim.Clear()
     dim.dim_value = 1
     return m
+
+
+def can_cut_logits(path: Path) -> bool:
+    try:
+        last_token_logits(onnx.load(str(path), load_external_data=False))
+        return True
+    except DsmoeError:
+        return False
 
 
 class OrtDecoder:
@@ -123,7 +134,8 @@ class OrtDecoder:
     the buffers (valid until a call with another history overwrites them).
 
     ``logits="last"`` returns the logits of the last position only (``[B, 1, V]``, the graph cut by
-    :func:`last_token_logits`): what generation needs, at a fraction of a long prefill's cost.
+    :func:`last_token_logits`): what generation needs, at a fraction of a long prefill's cost;
+    ``"auto"``: last where the graph allows it, else all (``self.logits`` says which).
     """
 
     def __init__(self, export_dir: str | Path, threads: int | None = None, *, optimize: bool = True,
@@ -136,8 +148,10 @@ class OrtDecoder:
         if export_target(d) == "tensorrt":
             raise DsmoeError(f"{d} is a TensorRT export: its DsRoute/DsMoE plugin nodes run in TensorRT, not ONNX "
                              "Runtime (use --backend tensorrt, or export with --target ort)")
-        if logits not in ("all", "last"):
-            raise DsmoeError(f"logits must be 'all' or 'last', not {logits!r}")
+        if logits not in ("all", "last", "auto"):
+            raise DsmoeError(f"logits must be 'all', 'last' or 'auto', not {logits!r}")
+        if logits == "auto":  # last where the graph allows it (a generation loop reads the last row either way)
+            logits = "last" if can_cut_logits(d / MODEL_FILE) else "all"
         self.logits = logits
         self.sess = _open_session(d, threads=threads, optimize=optimize, spinning=spinning, last_logits=logits == "last")
         self.layout = cache_layout(self.config)

@@ -129,7 +129,12 @@ def test_last_token_logits_refuses_a_head_it_cannot_cut():
     m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["h"], ["logits"])], "g", [x], [y]))
     with pytest.raises(DsmoeError, match="Relu"):
         last_token_logits(m)
+    x2 = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["bs", 4])  # a 2-D Gemm: its axis 1 is not positions
+    y2 = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["bs", 3])
     w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3], [0.5] * 12)
+    m = helper.make_model(helper.make_graph([helper.make_node("Gemm", ["h", "w"], ["logits"])], "g", [x2], [y2], [w]))
+    with pytest.raises(DsmoeError, match="Gemm"):
+        last_token_logits(m)
     y3 = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 3])
     m = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["h", "w"], ["logits"])], "g", [x], [y3], [w]))
     cut = last_token_logits(m)
