@@ -119,7 +119,7 @@ def ort_bytes_per_token(report: dict, config, context: int) -> float:
 
 def run_peer(*, layers: int = 4, threads: int | None = None, rounds: int = 3, out_dir: str | Path | None = None,
              progress=print, prefill=PREFILL, context=CONTEXT, decode: int = DECODE, cache: Path = art.CACHE,
-             suite: str = "quant", preset: str = "deepseek-moe-16b") -> dict:
+             suite: str = "quant", preset: str = "deepseek-moe-16b", bits: tuple[int, ...] = (4, 8)) -> dict:
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     load = {"start": os.getloadavg()[0]}
@@ -127,10 +127,10 @@ def run_peer(*, layers: int = 4, threads: int | None = None, rounds: int = 3, ou
     ckpt = art.checkpoint(layers, say, cache, preset)
     config = dsmoe.load_config(ckpt)
     contenders: dict[str, dict] = {}
-    for bits in (4, 8):
-        d = art.export(ckpt, bits, say)
+    for b in bits:
+        d = art.export(ckpt, b, say)
         report = json.loads((d / "export_report.json").read_text())
-        contenders[f"ort-int{bits}"] = {"kind": "ort", "path": d, "report": report}
+        contenders[f"ort-int{b}"] = {"kind": "ort", "path": d, "report": report}
     skipped: dict[str, str] = {}
     exe, why = find_llama_bench()
     if exe is None:

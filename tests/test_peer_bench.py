@@ -140,3 +140,55 @@ def test_last_token_logits_refuses_a_head_it_cannot_cut():
     cut = last_token_logits(m)
     assert [n.op_type for n in cut.graph.node] == ["Slice", "MatMul"]
     assert cut.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 1
+
+
+def test_a_run_alternates_contenders_and_divides_by_its_own_floor(tmp_path, monkeypatch):
+    """run_peer's bookkeeping with the artifacts and timings stubbed: rounds rotate the order,
+    the medians over rounds are reported, each decode floor is the contender's own bytes ÷ the
+    bandwidth measured in the run, and the files are written."""
+    import json
+
+    from dsmoe.bench import peer
+    from dsmoe.bench.limits import Limits
+
+    cfg = dsmoe.load_config("preset:tiny")
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text(json.dumps(cfg.to_dict()))
+    gg = write_gguf("preset:tiny", tmp_path / "q.gguf", qtype="Q4_0")["path"]
+    quant = {"bytes": {"attention": 100}, "bytes_unquantized": {"attention": 800}, "exactness": {"summary": "exact"},
+             "quality": {"top1_agreement": 1.0, "mean_kl": 0.0}}  # 0.5 bytes per weight
+    exp = tmp_path / "int4"
+    exp.mkdir()
+    (exp / "export_report.json").write_text(json.dumps({"model_bytes": 10, "quant": quant}))
+    order = []
+    monkeypatch.setattr(art, "checkpoint", lambda *a: ck)
+    monkeypatch.setattr(art, "export", lambda c, b, say: exp)
+    monkeypatch.setattr(art, "llama_ggufs", lambda c, say: {"Q4_0": gg})
+    monkeypatch.setattr(art, "dsmoe_gguf", lambda c, say: gg)
+    monkeypatch.setattr(peer, "find_llama_bench", lambda: (tmp_path / "llama-bench", ""))
+    monkeypatch.setattr(peer, "measure_limits", lambda: Limits(10.0, 100.0, 1, 1))
+    monkeypatch.setattr(peer, "measure_int8_gemm_rate", lambda: 400.0)
+    lat = {"ort": iter([1.0, 3.0, 2.0]), "llama": iter([2.0, 2.0, 9.0, 2.0, 9.0, 9.0])}
+
+    def fake(kind):
+        def run(path, *a):
+            order.append(kind)
+            x = next(lat[kind])
+            return {"prefill 8": x, "decode @8": x / 100, "load_s": 0.1}
+        return run
+
+    monkeypatch.setattr(peer, "_ort_round", fake("ort"))
+    monkeypatch.setattr(peer, "_llama_round", lambda path, *a: fake("llama")(path))
+    doc = peer.run_peer(layers=2, rounds=3, out_dir=tmp_path / "res", progress=lambda s: None, prefill=(8,),
+                        context=(8,), decode=2, cache=tmp_path, bits=(4,))
+    assert [n for n in doc["results"]] == ["ort-int4", "llama.cpp-Q4_0", "llama.cpp-dsmoe-Q4_0"]
+    assert order[:3] == ["ort", "llama", "llama"] and order[3] == "llama" and order[5] == "ort"  # rotated
+    r = doc["results"]["ort-int4"]["cases"]
+    assert r["prefill 8"]["latency_s"] == 2.0 and r["decode @8"]["latency_s"] == pytest.approx(0.02)
+    want = peer.ort_bytes_per_token({"quant": quant}, dsmoe.load_config(ck), 8)
+    assert r["decode @8"]["floor_fraction"] == pytest.approx(want / 10e9 / 0.02)
+    llama = doc["results"]["llama.cpp-Q4_0"]["cases"]["decode @8"]
+    assert llama["floor_fraction"] == pytest.approx(gguf_bytes_per_token(gg, cfg, 8) / 10e9 / llama["latency_s"])
+    assert doc["goals"][0]["value"] is not None and doc["goals"][1]["met"] is None  # no int8 contender: not measured
+    assert {p.rsplit(".", 1)[1] for p in doc["files"]} == {"json", "md"}
