@@ -119,7 +119,8 @@ def ort_bytes_per_token(report: dict, config, context: int) -> float:
 
 def run_peer(*, layers: int = 4, threads: int | None = None, rounds: int = 3, out_dir: str | Path | None = None,
              progress=print, prefill=PREFILL, context=CONTEXT, decode: int = DECODE, cache: Path = art.CACHE,
-             suite: str = "quant", preset: str = "deepseek-moe-16b", bits: tuple[int, ...] = (4, 8)) -> dict:
+             suite: str = "quant", preset: str = "deepseek-moe-16b", bits: tuple[int, ...] = (4, 8),
+             llama_types: tuple[str, ...] = art.LLAMA_QTYPES, dsmoe_gguf: bool = True) -> dict:
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     load = {"start": os.getloadavg()[0]}
@@ -137,11 +138,12 @@ def run_peer(*, layers: int = 4, threads: int | None = None, rounds: int = 3, ou
         skipped["llama.cpp"] = why
     else:
         try:
-            for q, p in art.llama_ggufs(ckpt, say).items():
+            for q, p in art.llama_ggufs(ckpt, say, llama_types).items():
                 contenders[f"llama.cpp-{q}"] = {"kind": "llama", "path": p}
         except (FileNotFoundError, RuntimeError) as e:
             skipped["llama.cpp (its converter)"] = str(e)
-        contenders["llama.cpp-dsmoe-Q4_0"] = {"kind": "llama", "path": art.dsmoe_gguf(ckpt, say)}
+        if dsmoe_gguf:
+            contenders["llama.cpp-dsmoe-Q4_0"] = {"kind": "llama", "path": art.dsmoe_gguf(ckpt, say)}
     say("measuring this machine's bandwidth and GEMM rates")
     lim, int8 = measure_limits(), measure_int8_gemm_rate()
     names = list(contenders)

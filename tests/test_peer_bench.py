@@ -164,7 +164,7 @@ def test_a_run_alternates_contenders_and_divides_by_its_own_floor(tmp_path, monk
     order = []
     monkeypatch.setattr(art, "checkpoint", lambda *a: ck)
     monkeypatch.setattr(art, "export", lambda c, b, say: exp)
-    monkeypatch.setattr(art, "llama_ggufs", lambda c, say: {"Q4_0": gg})
+    monkeypatch.setattr(art, "llama_ggufs", lambda c, say, types: {"Q4_0": gg})
     monkeypatch.setattr(art, "dsmoe_gguf", lambda c, say: gg)
     monkeypatch.setattr(peer, "find_llama_bench", lambda: (tmp_path / "llama-bench", ""))
     monkeypatch.setattr(peer, "measure_limits", lambda: Limits(10.0, 100.0, 1, 1))
