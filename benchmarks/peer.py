@@ -86,9 +86,9 @@ def _median_of(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def _llama_round(gguf: Path, threads: int, prefill, context, decode: int) -> dict:
-    pp = run_llama_bench_tests(gguf, threads=threads, prompts=list(prefill), gens=[0], depths=[0], reps=2)
-    tg = run_llama_bench_tests(gguf, threads=threads, prompts=[0], gens=[decode], depths=list(context), reps=2)
+def _llama_round(gguf: Path, threads: int, prefill, context, decode: int, reps: int = 2) -> dict:
+    pp = run_llama_bench_tests(gguf, threads=threads, prompts=list(prefill), gens=[0], depths=[0], reps=reps)
+    tg = run_llama_bench_tests(gguf, threads=threads, prompts=[0], gens=[decode], depths=list(context), reps=reps)
     out = {f"prefill {t['n_prompt']}": t["avg_ns"] / 1e9 for t in pp if t["n_prompt"]}
     out.update({f"decode @{t['n_depth']}": t["avg_ns"] / 1e9 / t["n_gen"] for t in tg if t["n_gen"]})
     return out
@@ -120,7 +120,7 @@ def ort_bytes_per_token(report: dict, config, context: int) -> float:
 def run_peer(*, layers: int = 4, threads: int | None = None, rounds: int = 3, out_dir: str | Path | None = None,
              progress=print, prefill=PREFILL, context=CONTEXT, decode: int = DECODE, cache: Path = art.CACHE,
              suite: str = "quant", preset: str = "deepseek-moe-16b", bits: tuple[int, ...] = (4, 8),
-             llama_types: tuple[str, ...] = art.LLAMA_QTYPES, dsmoe_gguf: bool = True) -> dict:
+             llama_types: tuple[str, ...] = art.LLAMA_QTYPES, dsmoe_gguf: bool = True, llama_reps: int = 2) -> dict:
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     load = {"start": os.getloadavg()[0]}
@@ -158,7 +158,7 @@ def run_peer(*, layers: int = 4, threads: int | None = None, rounds: int = 3, ou
                 runs[n].append(_ort_round(c["path"], config, threads, prefill, context, decode))
                 gc.collect()
             else:
-                runs[n].append(_llama_round(c["path"], threads, prefill, context, decode))
+                runs[n].append(_llama_round(c["path"], threads, prefill, context, decode, llama_reps))
     say("measuring the limits again (the better of the two counts)")
     lim2, int8_2 = measure_limits(), measure_int8_gemm_rate()
     if lim2.bandwidth_gbs > lim.bandwidth_gbs:
@@ -194,7 +194,7 @@ def run_peer(*, layers: int = 4, threads: int | None = None, rounds: int = 3, ou
     doc = {"schema": SCHEMA, "suite": suite, "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
            "versions": versions(), "machine": machine_info(threads), "checkpoint": str(ckpt),
            "shapes": {"layers": config.num_hidden_layers, "moe_layers": len(config.moe_layers), "prefill": list(prefill),
-                      "context": list(context), "decode": decode, "rounds": rounds},
+                      "context": list(context), "decode": decode, "rounds": rounds, "llama_reps": llama_reps},
            "limits": lim.as_dict() | {"int8_gemm_gops": int8}, "load": load, "results": results,
            "skipped": skipped, "llama_bench": str(exe) if exe else None}
     doc["goals"] = peer_goals(doc)

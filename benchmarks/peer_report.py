@@ -69,7 +69,8 @@ def markdown(doc: dict) -> str:
              f"- **Workload**: `deepseek-moe-16b` cut to {sh['layers']} layers ({sh['moe_layers']} MoE), random bf16 "
              f"weights (`{doc['checkpoint']}`), batch 1. Prefill of {', '.join(map(str, sh['prefill']))} tokens; decode "
              f"of {sh['decode']} tokens after a context of {', '.join(map(str, sh['context']))}, per token. "
-             f"{sh['rounds']} rounds, contenders in turn (order rotated each round); medians over rounds.",
+             f"{sh['rounds']} rounds, contenders in turn (order rotated each round); medians over rounds. Per round: "
+             f"ORT 1 warm-up + median of 2 calls per case, llama-bench `-r {sh.get('llama_reps', 2)}` (its mean).",
              f"- **Limits measured in this run** (better of before/after): read bandwidth {lim['bandwidth_gbs']:.1f} GB/s, "
              f"fp32 GEMM {lim['gemm_gflops']:.0f} GFLOP/s, int8 GEMM {lim['int8_gemm_gops']:.0f} GOP/s (`torch._int_mm`).",
              "- **Floors**: decode = bytes the contender reads per token in its own format ÷ bandwidth; prefill = "
