@@ -159,6 +159,11 @@ def run_peer(*, layers: int = 4, threads: int | None = None, rounds: int = 3, ou
                 gc.collect()
             else:
                 runs[n].append(_llama_round(c["path"], threads, prefill, context, decode, llama_reps))
+        if out_dir is not None and r + 1 < rounds:  # what is measured so far survives an interrupted run
+            now = load | {"end": os.getloadavg()[0]}
+            part = _document(contenders, runs, config, lim, int8, now, prefill, context)
+            write_peer(_wrap(part, suite, threads, ckpt, config, prefill, context, decode, r + 1, llama_reps, skipped, exe,
+                             lim, int8, now), Path(out_dir))
     say("measuring the limits again (the better of the two counts)")
     lim2, int8_2 = measure_limits(), measure_int8_gemm_rate()
     if lim2.bandwidth_gbs > lim.bandwidth_gbs:
@@ -166,9 +171,32 @@ def run_peer(*, layers: int = 4, threads: int | None = None, rounds: int = 3, ou
     lim.gemm_gflops = max(lim.gemm_gflops, lim2.gemm_gflops)
     int8 = max(int8, int8_2)
     load["end"] = os.getloadavg()[0]
+    results = _document(contenders, runs, config, lim, int8, load, prefill, context)
+    doc = _wrap(results, suite, threads, ckpt, config, prefill, context, decode, rounds, llama_reps, skipped, exe, lim, int8, load)
+    if out_dir is not None:
+        doc["files"] = [str(p) for p in write_peer(doc, Path(out_dir))]
+    return doc
+
+
+def _wrap(results, suite, threads, ckpt, config, prefill, context, decode, rounds, llama_reps, skipped, exe, lim, int8,
+          load) -> dict:
+    doc = {"schema": SCHEMA, "suite": suite, "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+           "versions": versions(), "machine": machine_info(threads), "checkpoint": str(ckpt),
+           "shapes": {"layers": config.num_hidden_layers, "moe_layers": len(config.moe_layers), "prefill": list(prefill),
+                      "context": list(context), "decode": decode, "rounds": rounds, "llama_reps": llama_reps},
+           "limits": lim.as_dict() | {"int8_gemm_gops": int8}, "load": dict(load), "results": results,
+           "skipped": skipped, "llama_bench": str(exe) if exe else None}
+    doc["goals"] = peer_goals(doc)
+    return doc
+
+
+def _document(contenders, runs, config, lim, int8, load, prefill, context) -> dict:
+    """Each contender's medians over its rounds so far, with its floors."""
     results = {}
     cases = [f"prefill {P}" for P in prefill] + [f"decode @{C}" for C in context]
     for n, c in contenders.items():
+        if not runs[n]:
+            continue
         res = {"kind": c["kind"], "path": str(c["path"]), "rounds": runs[n], "cases": {}}
         for case in cases:
             lat = statistics.median(x[case] for x in runs[n])
@@ -191,16 +219,7 @@ def run_peer(*, layers: int = 4, threads: int | None = None, rounds: int = 3, ou
         else:
             res["gguf_bytes"] = Path(c["path"]).stat().st_size
         results[n] = res
-    doc = {"schema": SCHEMA, "suite": suite, "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-           "versions": versions(), "machine": machine_info(threads), "checkpoint": str(ckpt),
-           "shapes": {"layers": config.num_hidden_layers, "moe_layers": len(config.moe_layers), "prefill": list(prefill),
-                      "context": list(context), "decode": decode, "rounds": rounds, "llama_reps": llama_reps},
-           "limits": lim.as_dict() | {"int8_gemm_gops": int8}, "load": load, "results": results,
-           "skipped": skipped, "llama_bench": str(exe) if exe else None}
-    doc["goals"] = peer_goals(doc)
-    if out_dir is not None:
-        doc["files"] = [str(p) for p in write_peer(doc, Path(out_dir))]
-    return doc
+    return results
 
 
 def write_peer(doc: dict, out_dir: Path) -> list[Path]:
