@@ -47,12 +47,12 @@ CONTEXT = (128, 2048)
 DECODE = 16
 
 
-def _ort_round(export_dir: Path, config, threads: int, prefill, context, decode: int) -> dict:
+def _ort_round(export_dir: Path, config, threads: int, prefill, context, decode: int, kv_bnsh: bool = True) -> dict:
     """One round of an ORT export: load, then each prefill and decode case (1 warm-up, median of 2)."""
     from dsmoe.export import OrtDecoder
 
     t = time.perf_counter()
-    dec = OrtDecoder(export_dir, threads=threads, logits="last")  # what generation runs: lm_head on the last token
+    dec = OrtDecoder(export_dir, threads=threads, logits="last", kv_bnsh=kv_bnsh)  # lm_head on the last token (generation)
     out = {"load_s": time.perf_counter() - t}
     g = torch.Generator().manual_seed(0)
     nkv, hd, L = config.num_key_value_heads, config.head_dim, config.num_hidden_layers
