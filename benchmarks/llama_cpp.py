@@ -69,14 +69,14 @@ def run_llama_bench(model: str | Path, *, threads: int, prompt: int = 0, gen: in
 
 
 def run_llama_bench_tests(model: str | Path, *, threads: int, prompts: list[int], gens: list[int], depths: list[int],
-                          reps: int = 2, timeout: float = 3600) -> list[dict]:
+                          reps: int = 2, timeout: float = 3600, extra: tuple[str, ...] = ()) -> list[dict]:
     """One llama-bench call over every (prompt, gen, depth) combination; its tests as it reports
     them (``n_prompt``, ``n_gen``, ``n_depth``, ``avg_ns``, ``stddev_ns``, …)."""
     exe, why = find_llama_bench()
     if exe is None:
         raise FileNotFoundError(why)
     argv = [str(exe), "-m", str(model), "-t", str(threads), "-r", str(reps), "-o", "json",
-            "-p", ",".join(map(str, prompts)), "-n", ",".join(map(str, gens)), "-d", ",".join(map(str, depths))]
+            "-p", ",".join(map(str, prompts)), "-n", ",".join(map(str, gens)), "-d", ",".join(map(str, depths)), *extra]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]

@@ -77,6 +77,12 @@ def markdown(doc: dict) -> str:
              "2 · tokens · active weights (+ attention) ÷ the int8 (fp32) GEMM rate.",
              f"- **Versions**: {', '.join(f'{k} {v}' for k, v in doc['versions'].items() if v)}; llama-bench `{doc['llama_bench']}`.",
              "", "| contender | " + " | ".join(cases) + " |", "|---|" + "---|" * len(cases)]
+    busy = max([ld["start"], ld["end"], *ld.get("rounds", [])])
+    if busy > m["cores"]:
+        lines[-3:-3] = [f"- **Busy machine**: load average up to {busy:.1f} on {m['cores']} cores. Other processes held the "
+                        "cores, and a thread pool that spin-waits at its barriers (llama.cpp's default, `--poll 50`) loses "
+                        "far more to that than one whose threads sleep (dsmoe's ONNX Runtime sessions): these ratios say how "
+                        "each degrades on a busy machine, not how they compare on a quiet one."]
     for n, r in doc["results"].items():
         cells = []
         for c in cases:
