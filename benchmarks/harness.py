@@ -111,6 +111,16 @@ def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None 
         for suite in suites:
             check_result_paths(out_dir, stem({"machine": result["machine"], "suite": suite, "quick": quick}), force=force)
     for suite in suites:
+        if _peer_run(suite, quick, dev, preset, overrides, tokens, method, limits):
+            if chosen and len(suites) == 1:
+                raise DsmoeError("--backend does not apply to the quant suite's comparison with llama.cpp (it runs every "
+                                 "contender); the eager-checked quantized backends run with --quick or --preset")
+            from dsmoe.bench.peer import run_peer  # the CPU peer comparison (issue 25): its own runner
+
+            doc = run_peer(threads=threads, out_dir=out_dir if write else None, progress=say)
+            result["suites"][suite] = doc
+            result["files"] += doc.get("files", [])
+            continue
         backends = list(chosen or [b for b in SUITE_BACKENDS.get(suite, DEFAULT_BACKENDS) if b in REGISTRY])
         if "eager" not in backends:
             backends.insert(0, "eager")  # the reference every other backend is checked against
@@ -127,6 +137,13 @@ def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None 
 
 
 CPU = torch.device("cpu")
+
+
+def _peer_run(suite, quick, dev, preset, overrides, tokens, method, limits) -> bool:
+    """The full ``quant`` suite on the CPU, at its own sizes, is the comparison with llama.cpp as its users
+    run it (:mod:`dsmoe.bench.peer`); quick runs and other sizes stay eager-checked (this harness)."""
+    return (suite == "quant" and not quick and dev.type == "cpu"
+            and preset is None and overrides is None and tokens is None and method is None and limits is None)
 
 
 def _dtype(name: str | None, dev: torch.device) -> torch.dtype:

@@ -73,6 +73,15 @@ def _cpu_gemm_rate(n: int, reps: int) -> float:
                for _ in range(reps))
 
 
+def measure_int8_gemm_rate(*, n: int = 2048, repeats: int = 5) -> float:
+    """int8 × int8 → int32 GEMM rate in GOP/s (``torch._int_mm``, ``[512, n] × [n, 4n]``, best of
+    ``repeats``): the peak the int8-activation kernels of a quantized prefill run against."""
+    a = torch.randint(-127, 127, (512, n), dtype=torch.int8)
+    b = torch.randint(-127, 127, (n, 4 * n), dtype=torch.int8)
+    torch._int_mm(a, b)
+    return max(2.0 * 512 * n * 4 * n / _time(lambda: torch._int_mm(a, b)) for _ in range(repeats)) / 1e9
+
+
 def measure_gpu_limits(device, dtype, *, quick: bool = False, repeats: int | None = None) -> Limits:
     """HBM bandwidth and the GEMM rate in ``dtype`` on a CUDA device (CUDA events, best of repeats)."""
     dev = torch.device(device)

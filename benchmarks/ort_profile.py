@@ -92,10 +92,11 @@ def node_weight_bytes(model_path: Path, active_fraction: float) -> dict[str, int
     return out
 
 
-def _decode_feeds(sess, layout, past: int, seed: int) -> dict[str, np.ndarray]:
+def _decode_feeds(sess, layout, past: int, seed: int, tokens: int = 1) -> dict[str, np.ndarray]:
     g = torch.Generator().manual_seed(seed)
-    feeds = {"input_ids": np.array([[7]], dtype=np.int64), "attention_mask": np.ones((1, past + 1), dtype=np.int64),
-             "position_ids": np.array([[past]], dtype=np.int64)}
+    ids = np.array([[7]], dtype=np.int64) if tokens == 1 else (np.arange(tokens, dtype=np.int64)[None] * 7919 + 7) % 100
+    feeds = {"input_ids": ids, "attention_mask": np.ones((1, past + tokens), dtype=np.int64),
+             "position_ids": np.arange(past, past + tokens, dtype=np.int64)[None]}
     types = {i.name: i.type for i in sess.get_inputs()}
     flat = [t for layer in layout.random(1, past, g) for t in layer]
     for name, t in zip(layout.input_names(), flat):
@@ -140,8 +141,10 @@ def accuracy_sweep(d: Path, levels: list[int], *, past: int, steps: int, threads
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def profile_export(d: Path, *, past: int, steps: int, threads: int, seed: int = 0) -> dict:
-    """One export's decode step: wall time and the per-op-type kernel table."""
+def profile_export(d: Path, *, past: int, steps: int, threads: int, seed: int = 0, tokens: int = 1,
+                   last_logits: bool = False) -> dict:
+    """One export's decode step (``tokens`` > 1: a prefill of that many after ``past``): wall time and
+    the per-op-type kernel table."""
     if not (d / MODEL_FILE).is_file():
         raise DsmoeError(f"{d} holds no {MODEL_FILE} (profile a dsmoe-export directory)")
     if export_target(d) != "ort":
@@ -152,11 +155,11 @@ def profile_export(d: Path, *, past: int, steps: int, threads: int, seed: int = 
     layout = cache_layout(config)
     tmp = Path(tempfile.mkdtemp(prefix="dsmoe-prof-"))
     try:
-        sess = session(d / MODEL_FILE, threads=threads, profile_prefix=str(tmp / "ort"))
+        sess = session(d / MODEL_FILE, threads=threads, profile_prefix=str(tmp / "ort"), last_logits=last_logits)
         first = next(i for i in sess.get_inputs() if i.name == layout.input_names()[0])
         if first.shape[2] == PAST_AXIS["static"]:
             raise DsmoeError(f"{d} is a static-cache export; profile a dynamic one (dsmoe-export --kv-cache dynamic)")
-        feeds = _decode_feeds(sess, layout, past, seed)
+        feeds = _decode_feeds(sess, layout, past, seed, tokens)
         fetch = [o.name for o in sess.get_outputs()]
         for _ in range(WARMUP):
             sess.run(fetch, feeds)
@@ -168,7 +171,8 @@ def profile_export(d: Path, *, past: int, steps: int, threads: int, seed: int = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     nodes = kernel_times(events, skip_runs=WARMUP)
-    fraction = (config.num_experts_per_tok / config.n_routed_experts) if config.n_routed_experts else 1.0
+    # routed experts read per step: K of E for one token; for a prefill at most all of them (an upper bound)
+    fraction = min(1.0, tokens * config.num_experts_per_tok / config.n_routed_experts) if config.n_routed_experts else 1.0
     weights = node_weight_bytes(d / MODEL_FILE, fraction)
     unseen = [n for n, b in weights.items() if b >= WEIGHT_OP_BYTES and n not in nodes]
     if unseen:  # fused away by ONNX Runtime: their bytes would silently drop out of the floor
@@ -183,7 +187,7 @@ def profile_export(d: Path, *, past: int, steps: int, threads: int, seed: int = 
     kernels_ms = sum(r["ms"] for r in by_op.values())
     model = (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.n_routed_experts} experts "
              f"top-{config.num_experts_per_tok}, vocabulary {config.vocab_size}")
-    return {"export": str(d), "model": model, "quant": _quant(d), "wall_ms": wall_ms, "kernels_ms": kernels_ms,
+    return {"export": str(d), "model": model, "quant": _quant(d), "tokens": tokens, "wall_ms": wall_ms, "kernels_ms": kernels_ms,
             "weight_bytes": sum(r["bytes"] for r in by_op.values()),
             "ops": dict(sorted(by_op.items(), key=lambda kv: -kv[1]["ms"]))}
 
@@ -196,7 +200,7 @@ def _quant(d: Path) -> str:
 
 def markdown(runs: list[dict], *, bandwidth_gbs: float, machine: dict, past: int, steps: int, threads: int) -> str:
     lines = [f"# ONNX Runtime decode profile — {machine['cpu']} ({machine['cores']} cores)", "",
-             f"- One decode step (1 token, past {past}, batch 1), {WARMUP} warm-up + {steps} profiled steps, "
+             f"- One step of {runs[0].get('tokens', 1)} token(s) (past {past}, batch 1), {WARMUP} warm-up + {steps} profiled steps, "
              f"{threads} threads; session as the `ort` backend opens it; wall time includes the profiler's overhead.",
              f"- Read bandwidth measured in this run: {bandwidth_gbs:.2f} GB/s. `GB/s` = the weight bytes an op's "
              "nodes read per step ÷ its kernel time (routed experts: the K of E experts a token hits).", ""]
@@ -232,14 +236,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("exports", nargs="+", type=Path)
     ap.add_argument("--past", type=int, default=128)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=1, help="new tokens per step: 1 = decode, more = a prefill after --past")
+    ap.add_argument("--last-logits", action="store_true", help="the lm_head on the last position only (OrtDecoder(logits='last'))")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--accuracy-levels", type=int, nargs="*", default=[],
                     help="also profile each quantized export at these MatMulNBits accuracy levels")
     ap.add_argument("--md", type=Path, help="also write the tables to this markdown file (and FILE.json)")
     ap.add_argument("--force", action="store_true", help="replace --md (and FILE.json) if they exist")
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.past < 0 or args.threads < 1:
-        ap.error("--steps and --threads take a number >= 1, --past one >= 0")
+    if args.steps < 1 or args.past < 0 or args.threads < 1 or args.tokens < 1:
+        ap.error("--steps, --tokens and --threads take a number >= 1, --past one >= 0")
     try:
         _run(args)
     except DsmoeError as e:
@@ -251,7 +257,8 @@ def _run(args) -> None:
     if args.md:  # before the profiling, not after
         for p in (args.md, args.md.with_suffix(".json")):
             check_output_file(p, force=args.force, inputs=args.exports, option="--md")
-    runs = [profile_export(d, past=args.past, steps=args.steps, threads=args.threads) for d in args.exports]
+    runs = [profile_export(d, past=args.past, steps=args.steps, threads=args.threads, tokens=args.tokens,
+                           last_logits=args.last_logits) for d in args.exports]
     for r in runs:
         if args.accuracy_levels and r["quant"] != "fp32":
             r["accuracy_levels"] = accuracy_sweep(Path(r["export"]), args.accuracy_levels, past=args.past,

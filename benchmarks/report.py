@@ -38,6 +38,11 @@ def machine_info(threads: int, device=None) -> dict:
     return info
 
 
+# the ISA extensions a result names (what llama.cpp's and ONNX Runtime's kernels dispatch on)
+SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni",
+              "amx_tile", "amx_int8", "amx_bf16")
+
+
 def _cpu_info(threads: int) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -45,14 +50,18 @@ def _cpu_info(threads: int) -> dict:
         m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
         cpu = m.group(1).strip() if m else cpu
         flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-        simd = sorted({f for f in (flags.group(1).split() if flags else []) if f in ("avx2", "avx512f", "fma", "amx_tile", "avx512_bf16")})
+        simd = sorted({f for f in (flags.group(1).split() if flags else []) if f in SIMD_FLAGS})
+        vm = bool(flags) and "hypervisor" in flags.group(1).split()
+        fam, mod = (re.search(rf"^{k}\s*:\s*(\d+)$", text, re.M) for k in ("cpu family", "model"))
+        family = (int(fam.group(1)), int(mod.group(1))) if fam and mod else None
     except OSError:
-        simd = []
+        simd, vm, family = [], False, None
     mem = psutil.virtual_memory().total / 2**30
     cores = os.cpu_count() or 1
     name = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-") + f"-{cores}c"
     return {"name": name, "cpu": cpu, "cores": cores, "threads": threads, "memory_gb": round(mem, 1),
-            "simd": simd, "os": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
+            "simd": simd, "vm": vm, "family": family, "os": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version()}
 
 
 def versions() -> dict:

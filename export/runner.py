@@ -53,11 +53,14 @@ SESSION_CONFIG = {"session.intra_op.allow_spinning": "1" if SPINNING else "0"}
 
 
 def session(path: str | Path, *, threads: int | None = None, optimize: bool = True,
-            providers: list[str] | None = None, spinning: bool = SPINNING, profile_prefix: str | None = None):
+            providers: list[str] | None = None, spinning: bool = SPINNING, profile_prefix: str | None = None,
+            last_logits: bool = False, kv_bnsh: bool = False):
     """An ``InferenceSession`` (CPU unless ``providers``) with :data:`SESSION_CONFIG`;
     ``optimize=False`` turns ORT's graph rewrites off (numerics tests), ``spinning=True`` lets the
     intra-op threads spin (faster on an idle machine only), ``profile_prefix`` turns ONNX Runtime's
-    per-node profiler on (``sess.end_profiling()`` writes it; :mod:`dsmoe.bench.ort_profile`)."""
+    per-node profiler on (``sess.end_profiling()`` writes it; :mod:`dsmoe.bench.ort_profile`),
+    ``last_logits=True`` runs the graph rewritten by :func:`last_token_logits`, ``kv_bnsh=True`` the
+    one rewritten by :func:`attention_kv_bnsh` (in memory; the weights are read from beside ``path``)."""
     so = ort.SessionOptions()
     if profile_prefix:
         so.enable_profiling, so.profile_file_prefix = True, profile_prefix
@@ -73,7 +76,86 @@ def session(path: str | Path, *, threads: int | None = None, optimize: bool = Tr
     # their own accuracy_level attribute; this setting does not touch them.)
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     so.log_severity_level = 3
+    if last_logits or kv_bnsh:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(path).parent))
+        m = onnx.load(str(path), load_external_data=False)
+        if last_logits:
+            last_token_logits(m)
+        if kv_bnsh:
+            attention_kv_bnsh(m)
+        return ort.InferenceSession(m.SerializeToString(), so, providers=providers or ["CPUExecutionProvider"])
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+LM_HEAD_OPS = ("MatMul", "MatMulNBits")   # rank-preserving: a [B, S, V] output has a [B, S, H] input
+
+
+def last_token_logits(m: onnx.ModelProto) -> onnx.ModelProto:
+    """The decoder graph computing ``logits`` for the last position only (``[B, 1, V]``): a
+    ``Slice`` of the final hidden states before the lm_head. A prefill of S tokens then runs the
+    lm_head (the 102400-row matmul, a third of a 4-layer 16B model's prefill FLOPs) once instead of
+    S times; generation needs nothing more. ``m`` is changed in place and returned; a graph whose
+    rank-3 ``logits`` do not come from a ``MatMul``/``MatMulNBits`` (through ``Cast``s) is refused."""
+    prod = {o: n for n in m.graph.node for o in n.output}
+    out = next((o for o in m.graph.output if o.name == "logits"), None)
+    head = prod.get("logits")
+    while head is not None and head.op_type == "Cast":
+        head = prod.get(head.input[0])
+    if out is None or head is None or head.op_type not in LM_HEAD_OPS or len(out.type.tensor_type.shape.dim) != 3:
+        what = "no logits output" if out is None else f"logits from a {head.op_type if head else 'graph input'} node"
+        raise DsmoeError(f"this export has {what}, not a [B, S, V] matmul: last-token logits cannot be cut out of it")
+    x = head.input[0]
+    consts = [onnx.helper.make_tensor(f"dsmoe_last.{k}", onnx.TensorProto.INT64, [1], [v])
+              for k, v in (("starts", -1), ("ends", 2**62), ("axes", 1))]
+    m.graph.initializer.extend(consts)
+    cut = onnx.helper.make_node("Slice", [x, *(c.name for c in consts)], [f"{x}.dsmoe_last"], name="dsmoe_last_token")
+    m.graph.node.insert(list(m.graph.node).index(head), cut)
+    head.input[0] = cut.output[0]
+    dim = out.type.tensor_type.shape.dim[1]
+    dim.Clear()
+    dim.dim_value = 1
+    return m
+
+
+def attention_kv_bnsh(m: onnx.ModelProto) -> int:
+    """Rewrite ``MultiHeadAttention(q, Reshape(Transpose(K, [0,2,1,3])), Reshape(Transpose(V, …)))`` →
+    ``MultiHeadAttention(q, K, V)``: the cache-shaped keys/values ``[B, heads, L, head_dim]`` (past and
+    new, concatenated: ``present``) go to the op as they are — ONNX Runtime takes BNSH keys/values —
+    instead of being transposed to ``[B, L, heads·head_dim]`` (a copy of the whole cache per layer
+    per step) and transposed back inside the op (another). At a 2048-token context those copies
+    were most of a decode step. Same numbers; returns how many nodes were rewritten (the
+    orphaned Transpose/Reshape are dropped)."""
+    prod = {o: n for n in m.graph.node for o in n.output}
+    done = 0
+    for node in m.graph.node:
+        if node.op_type != "MultiHeadAttention" or len(node.input) < 3:
+            continue
+        srcs = []
+        for i in (1, 2):
+            r = prod.get(node.input[i])
+            t = prod.get(r.input[0]) if r is not None and r.op_type == "Reshape" else None
+            perm = next((list(onnx.helper.get_attribute_value(a)) for a in t.attribute if a.name == "perm"), None) \
+                if t is not None and t.op_type == "Transpose" else None
+            if perm != [0, 2, 1, 3]:
+                break
+            srcs.append(t.input[0])
+        else:
+            node.input[1], node.input[2] = srcs
+            done += 1
+    for _ in range(2):  # the Reshapes, then the Transposes, that nothing reads any more
+        used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+        dead = [n for n in m.graph.node if n.op_type in ("Reshape", "Transpose") and not any(o in used for o in n.output)]
+        for n in dead:
+            m.graph.node.remove(n)
+    return done
+
+
+def can_cut_logits(path: Path) -> bool:
+    try:
+        last_token_logits(onnx.load(str(path), load_external_data=False))
+        return True
+    except DsmoeError:
+        return False
 
 
 class OrtDecoder:
@@ -90,10 +172,16 @@ class OrtDecoder:
     so ONNX Runtime writes each step's keys/values into them in place. A call whose ``past`` is not
     the present this decoder returned last is copied in first; the returned present is a view of
     the buffers (valid until a call with another history overwrites them).
+
+    ``logits="last"`` returns the logits of the last position only (``[B, 1, V]``, the graph cut by
+    :func:`last_token_logits`): what generation needs, at a fraction of a long prefill's cost;
+    ``"auto"``: last where the graph allows it, else all (``self.logits`` says which). ``kv_bnsh=True``
+    feeds the attention the cache-shaped keys/values (:func:`attention_kv_bnsh`): same numbers,
+    no per-step transposes of the whole cache.
     """
 
     def __init__(self, export_dir: str | Path, threads: int | None = None, *, optimize: bool = True,
-                 spinning: bool = SPINNING, router_stats: bool = False):
+                 spinning: bool = SPINNING, router_stats: bool = False, logits: str = "all", kv_bnsh: bool = False):
         d = self.dir = Path(export_dir)
         if not (d / MODEL_FILE).is_file():
             raise DsmoeError(f"{d} holds no {MODEL_FILE} (export it with: dsmoe-export SOURCE --out {d})")
@@ -102,7 +190,13 @@ class OrtDecoder:
         if export_target(d) == "tensorrt":
             raise DsmoeError(f"{d} is a TensorRT export: its DsRoute/DsMoE plugin nodes run in TensorRT, not ONNX "
                              "Runtime (use --backend tensorrt, or export with --target ort)")
-        self.sess = _open_session(d, threads=threads, optimize=optimize, spinning=spinning)
+        if logits not in ("all", "last", "auto"):
+            raise DsmoeError(f"logits must be 'all', 'last' or 'auto', not {logits!r}")
+        if logits == "auto":  # last where the graph allows it (a generation loop reads the last row either way)
+            logits = "last" if can_cut_logits(d / MODEL_FILE) else "all"
+        self.logits = logits
+        self.sess = _open_session(d, threads=threads, optimize=optimize, spinning=spinning, last_logits=logits == "last",
+                                  kv_bnsh=kv_bnsh)
         self.layout = cache_layout(self.config)
         self.input_names, self.output_names = io_names(self.layout)
         _check_io(d, self.sess, self.config, self.layout, self.input_names, self.output_names)

@@ -25,6 +25,7 @@ from dsmoe.app.cli import export_main
 from dsmoe.cache import cache_layout
 from dsmoe.export import OrtDecoder, export_model
 from dsmoe.export.api import verify_export
+from dsmoe.export.runner import attention_kv_bnsh
 from dsmoe.export.lower_quant import lower_quantized
 from dsmoe.export.onnx_writer import op_histogram, to_onnx
 from dsmoe.export.quant_report import prompts, quality
@@ -275,3 +276,32 @@ def test_small_preset_quantized_export_generates(tmp_path, capsys, quant):
         seq.append(nxt)
         x = torch.tensor([[nxt]])
     assert ids[-6:] == want, (ids, want)
+
+
+@pytest.mark.slow
+def test_last_token_logits_are_the_last_row_of_all(variant_exports):
+    """``OrtDecoder(logits="last")`` (the lm_head on the last position only: what a prefill for
+    generation needs) returns exactly the last row of the full logits, and the same cache."""
+    _, model, exports = variant_exports
+    out = exports["int4"][0]
+    full, last, bnsh = OrtDecoder(out), OrtDecoder(out, logits="last"), OrtDecoder(out, kv_bnsh=True)
+    cfg = model.config
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, cfg.vocab_size, (2, 5), generator=g)
+    past = cache_layout(cfg).random(2, 4, g)
+    args = (ids, torch.ones(2, 9, dtype=torch.int64), torch.arange(4, 9).expand(2, 5), past)
+    (la, pa), (lb, pb) = full(*args), last(*args)
+    assert la.shape == (2, 5, cfg.vocab_size) and lb.shape == (2, 1, cfg.vocab_size)
+    assert torch.equal(la[:, -1:], lb)
+    assert all(torch.equal(x, y) for a, b in zip(pa, pb) for x, y in zip(a, b))
+    # the attention fed the cache-shaped keys/values: every MultiHeadAttention rewritten, the same numbers
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    n_mha = sum(n.op_type == "MultiHeadAttention" for n in m.graph.node)
+    n_transpose = sum(n.op_type == "Transpose" for n in m.graph.node)
+    assert n_mha == LAYERS and attention_kv_bnsh(m) == n_mha
+    assert sum(n.op_type == "Transpose" for n in m.graph.node) == n_transpose - 2 * n_mha
+    mask = torch.ones(2, 9, dtype=torch.int64)
+    mask[0, :2] = 0  # left padding
+    args = (ids, mask, *args[2:])
+    (la, pa), (lc, pc) = full(*args), bnsh(*args)
+    assert torch.equal(la, lc) and all(torch.equal(x, y) for a, b in zip(pa, pc) for x, y in zip(a, b))

@@ -413,8 +413,9 @@ export_cmd = click.command("dsmoe-export", context_settings=HELP)(_export_option
 
 @cli.command()
 @click.option("--suite", type=click.Choice([*SUITES, "quant-full", "serve", "all"]), default="all", show_default=True,
-              help="all = moe-layer, model, quant; quant-full (the whole 28-layer int4 model vs llama.cpp) and serve "
-                   "(dsmoe serve under locust vs llama-server) run alone")
+              help="all = moe-layer, model, quant (dsmoe int4/int8 vs llama.cpp's own GGUFs, 4 layers at 16B width; "
+                   "--quick: tiny, checked against eager); quant-full (the whole 28-layer int4 model vs llama.cpp) and "
+                   "serve (dsmoe serve under locust vs llama-server) run alone")
 @click.option("--backend", "backends", multiple=True, help="restrict to these backends (repeatable)")
 @click.option("--quick", is_flag=True, help="small sizes, few iterations: a smoke run of every backend (about 2 minutes "
                                             "on 2 idle cores, < 2 GiB peak RSS); goals are not judged")
