@@ -40,6 +40,10 @@ demo: $(STAMP)
 	@echo "--- int4 weights (QMoE + MatMulNBits): exactness checked, accuracy vs fp32 reported, then its tokens"
 	$(VENV)/bin/dsmoe-export $(MODEL) --out $(OUT)-int4 --quant int4 --verify --force
 	$(VENV)/bin/dsmoe generate $(OUT)-int4 --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend ort
+	@echo "--- a trained DeepSeekMoE (assets/minimoe, docs/evaluation.md): its text, and its perplexity on held-out Python"
+	$(VENV)/bin/dsmoe generate assets/minimoe --prompt "def " --max-new-tokens 40
+	$(PY) -m dsmoe.train.corpus heldout code out/heldout-code.txt --max-bytes 20000 --force
+	$(VENV)/bin/dsmoe eval assets/minimoe --text out/heldout-code.txt --ctx 256 --no-progress
 	@echo "--- where the tokens go: expert load per layer, placement on 8 devices, plot"
 	$(VENV)/bin/dsmoe experts $(MODEL) --random 8 --seq-len 64 --place 8 --plot out/experts-small.png
 	$(VENV)/bin/dsmoe bench --quick --suite model --preset small --out out/bench

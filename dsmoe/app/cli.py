@@ -460,3 +460,6 @@ def main(argv=None) -> None:
 
 def export_main(argv=None) -> None:
     _run(export_cmd, argv)
+
+from dsmoe.app.eval_cmd import eval_cmd  # noqa: E402
+cli.add_command(eval_cmd)
