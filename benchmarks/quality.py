@@ -63,7 +63,11 @@ def llama_perplexity(binary: str, gguf: Path, text: Path, ctx: int, kld_base: Pa
     log = run.stdout + run.stderr
     if run.returncode:
         raise DsmoeError(f"llama-perplexity failed on {gguf.name}: {log.strip().splitlines()[-1][:200]}")
-    return parse_llama(log, base=write_base)
+    got = parse_llama(log, base=write_base)
+    if got["ppl"] is None:
+        (gguf.parent / f"{gguf.stem}.llama.log").write_text(log)
+        raise DsmoeError(f"llama-perplexity on {gguf.name} printed no statistics (its log: {gguf.stem}.llama.log)")
+    return got
 
 
 def _num(pattern: str, log: str) -> float | None:

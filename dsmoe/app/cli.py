@@ -199,20 +199,27 @@ def generate(source, prompt_ids, prompt, max_new_tokens, backend, dtype, fold_sh
 @click.option("--place", default=None, type=int, metavar="N", help="propose a placement of the experts on N devices")
 @click.option("--top-pairs", default=5, show_default=True, help="co-chosen expert pairs per layer")
 @click.option("--plot", default=None, metavar="FILE.png", help="write a load heatmap and imbalance chart")
+@click.option("--by-domain", "by_domain", multiple=True, metavar="NAME=FILE",
+              help="text of one domain (repeat for each): expert use per domain, MI(domain; expert), shared share")
+@click.option("--max-prompts", default=64, show_default=True, help="--by-domain: prompts of --seq-len per domain, at most")
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def experts(source, prompt_ids, prompt_file, random_prompts, seq_len, seed, backend, dtype, compare, compare_backend,
-            compare_dtype, place, top_pairs, plot, overrides, as_json):
+            compare_dtype, place, top_pairs, plot, by_domain, max_prompts, overrides, as_json):
     """Where the tokens go: expert load per MoE layer, routing drift against another source, placement."""
     with stage(f"routing prompts through {source}"):
         doc = run_experts(source=source, prompt_ids=prompt_ids, prompt_file=prompt_file, random=random_prompts,
                           seq_len=seq_len, seed=seed, backend=backend, dtype=dtype, overrides=_overrides(overrides),
                           compare=compare, compare_backend=compare_backend, compare_dtype=compare_dtype, place=place,
-                          top_pairs=top_pairs, plot=plot)
+                          top_pairs=top_pairs, plot=plot, by_domain=list(by_domain), max_prompts=max_prompts)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
         render_experts(doc, out)
+        if "by_domain" in doc:
+            from dsmoe.app.experts_domain import render_domains
+
+            render_domains(doc["by_domain"], out)
 
 
 @cli.command()
