@@ -160,7 +160,8 @@ def test_saved_logits_are_reused_as_the_baseline(files, tmp_path, capsys):
     reused = run_eval(source=str(ckpt), text=[str(root / "text.txt")], ctx=CTX, baseline_logits=str(saved), progress=False)
     assert reused["baseline"]["kld_mean"] == pytest.approx(live["baseline"]["kld_mean"], rel=1e-3, abs=1e-6)
     assert reused["baseline"]["ppl"] == pytest.approx(live["baseline"]["ppl"], rel=1e-3)
-    assert reused["baseline"]["same_top1"] == live["baseline"]["same_top1"]
+    # fp16 may flip a near-tie of this random model's flat distributions: one token or two
+    assert reused["baseline"]["same_top1"] == pytest.approx(live["baseline"]["same_top1"], abs=2.5 / live["tokens"])
     code, _, err = run_cli(capsys, "eval", ckpt, "--text", root / "text.txt", "--ctx", CTX, "--save-logits", saved)
     assert code == 2 and "exists" in err  # never overwritten without --force
 

@@ -72,6 +72,39 @@ def tokenizer_of(source: str | Path):
     return load_tokenizer(path, what="dsmoe eval")
 
 
+def byte_counter(tok, body: str, offsets, tokens: list[int]):
+    """``count(a, b)``: the bytes of text that tokens ``a…b`` (inclusive) stand for.
+
+    Byte-level BPE (decoder ``ByteLevel``): exact, each token's own bytes (GPT-2's byte ↔ character
+    table), added tokens by their UTF-8 content. Other tokenizers: from the tokens' character
+    offsets, a character split between two tokens counted with the first.
+    """
+    import json
+
+    import numpy as np
+
+    if (json.loads(tok.to_str()).get("decoder") or {}).get("type") == "ByteLevel":
+        table = _byte_level_chars()
+        added = {t.content for t in tok.get_added_tokens_decoder().values()}
+        size = {}
+        for t in set(tokens):
+            piece = tok.id_to_token(t)
+            size[t] = len(piece.encode()) if piece in added or any(c not in table for c in piece) else len(piece)
+        cum = np.concatenate([[0], np.cumsum([size[t] for t in tokens])])
+    else:
+        char_bytes = np.concatenate([[0], np.cumsum([len(c.encode()) for c in body])])
+        cum = np.concatenate([[0], char_bytes[[end for _, end in offsets]]])
+        cum = np.maximum.accumulate(cum)
+    return lambda a, b: int(cum[b + 1] - cum[a])
+
+
+def _byte_level_chars() -> set[str]:
+    """The 256 characters GPT-2's byte-level alphabet maps bytes to."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return {chr(c) for c in keep} | {chr(256 + i) for i in range(len(extra))}
+
+
 def vocab_digest(tok) -> str:
     return hashlib.sha256(repr(sorted(tok.get_vocab(with_added_tokens=True).items())).encode()).hexdigest()
 
@@ -94,7 +127,8 @@ def run_eval(*, source: str, text: list[str], ctx: int = 512, stride: int | None
     body = read_text(text)
     tok = tokenizer_of(source)
     enc = tok.encode(body, add_special_tokens=False)
-    tokens, offsets = list(enc.ids), enc.offsets
+    tokens = list(enc.ids)
+    nbytes_of = byte_counter(tok, body, enc.offsets, tokens)
     windows = make_windows(tokens, ctx, stride)
     model = open_model(source, backend, dtype=dtype, threads=threads)
     _check_vocab(model.vocab_size, tokens, source, tok)
@@ -119,8 +153,7 @@ def run_eval(*, source: str, text: list[str], ctx: int = 512, stride: int | None
             ids = tokens[w:w + ctx]
             logp = log_softmax(model.score(ids)[windows.first:ctx - 1])
             targets = np.asarray(ids[windows.first + 1:], dtype=np.int64)
-            a, b = w + windows.first + 1, w + ctx - 1
-            nbytes = len(body[offsets[a][0]:offsets[b][1]].encode())
+            nbytes = nbytes_of(w + windows.first + 1, w + ctx - 1)
             base = None
             if base_model is not None:
                 base = log_softmax(base_model.score(ids)[windows.first:ctx - 1])
