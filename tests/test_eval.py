@@ -117,25 +117,29 @@ def _reference(ckpt: Path, text: str, ctx: int, baseline: Path | None = None):
     return out
 
 
-def test_eager_ppl_and_bits_per_byte_match_a_direct_computation(files):
+@pytest.fixture(scope="module")
+def vs_other(files):
+    root, ckpt, other = files
+    return run_eval(source=str(ckpt), text=[str(root / "text.txt")], ctx=CTX, baseline=str(other), progress=False)
+
+
+def test_eager_ppl_bits_per_byte_and_self_kld_match_a_direct_computation(files):
     root, ckpt, _ = files
     ref = _reference(ckpt, TEXT, CTX)
-    r = run_eval(source=str(ckpt), text=[str(root / "text.txt")], ctx=CTX, progress=False)
+    r = run_eval(source=str(ckpt), text=[str(root / "text.txt")], ctx=CTX, baseline=str(ckpt), progress=False)
     assert r["tokens"] == ref["tokens"] == r["windows"] * (CTX - 1 - CTX // 2)
     assert r["ppl"] == pytest.approx(ref["ppl"], rel=1e-9)
     assert r["bits_per_byte"] == pytest.approx(ref["bpb"], rel=1e-9)
     assert 100 < r["ppl"] < 500  # a random model over 300 tokens: about ln 300 nats
-
-
-def test_kld_of_a_model_against_itself_is_zero_and_against_another_matches_torch(files):
-    root, ckpt, other = files
-    same = run_eval(source=str(ckpt), text=[str(root / "text.txt")], ctx=CTX, baseline=str(ckpt), progress=False)
-    b = same["baseline"]
+    b = r["baseline"]  # the model against itself
     assert b["kld_mean"] == 0 and b["ppl_ratio"] == 1 and b["same_top1"] == 1 and b["dp_rms"] == 0
+
+
+def test_kld_against_another_model_matches_torch(files, vs_other):
+    _, ckpt, other = files
     ref = _reference(ckpt, TEXT, CTX, baseline=other)
-    r = run_eval(source=str(ckpt), text=[str(root / "text.txt")], ctx=CTX, baseline=str(other), progress=False)
-    assert r["baseline"]["kld_mean"] == pytest.approx(ref["kld"], rel=1e-9)
-    assert r["baseline"]["kld_mean"] > 0.01 and r["baseline"]["same_top1"] < 1
+    assert vs_other["baseline"]["kld_mean"] == pytest.approx(ref["kld"], rel=1e-9)
+    assert vs_other["baseline"]["kld_mean"] > 0.01 and vs_other["baseline"]["same_top1"] < 1
 
 
 @pytest.mark.parametrize("backend", ["fused", "ort", "genai"])
@@ -150,13 +154,13 @@ def test_every_backend_scores_like_eager(files, exported, backend):
     assert r["baseline"]["kld_mean"] < 1e-9 and r["baseline"]["same_top1"] == 1
 
 
-def test_saved_logits_are_reused_as_the_baseline(files, tmp_path, capsys):
+def test_saved_logits_are_reused_as_the_baseline(files, vs_other, tmp_path, capsys):
     root, ckpt, other = files
     saved = tmp_path / "base.safetensors"
     code, _, err = run_cli(capsys, "eval", other, "--text", root / "text.txt", "--ctx", CTX, "--save-logits", saved,
                            "--no-progress")
     assert code == 0, err
-    live = run_eval(source=str(ckpt), text=[str(root / "text.txt")], ctx=CTX, baseline=str(other), progress=False)
+    live = vs_other
     reused = run_eval(source=str(ckpt), text=[str(root / "text.txt")], ctx=CTX, baseline_logits=str(saved), progress=False)
     assert reused["baseline"]["kld_mean"] == pytest.approx(live["baseline"]["kld_mean"], rel=1e-3, abs=1e-6)
     assert reused["baseline"]["ppl"] == pytest.approx(live["baseline"]["ppl"], rel=1e-3)
