@@ -13,7 +13,7 @@ MODEL  ?= models/small
 OUT    ?= out/small-ort
 
 .NOTPARALLEL:  # the demo steps build on each other
-.PHONY: install demo demo-model demo-export demo-agree demo-int4 demo-experts demo-bench demo-mla test test-fast lint bench bench-quick bench-mla plugins clean
+.PHONY: install demo demo-model demo-export demo-agree demo-int4 demo-trained demo-experts demo-bench demo-mla test test-fast lint bench bench-quick bench-mla plugins clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ PROMPT ?= 1 17 42 7
 
 # Each step is one dsmoe command; the demo fails (non-zero) at the first that does. Steps are
 # listed in DEMO_STEPS so a later step (e.g. a trained model) is one more line there.
-DEMO_STEPS = demo-model demo-export demo-agree demo-int4 demo-experts demo-bench
+DEMO_STEPS = demo-model demo-export demo-agree demo-int4 demo-trained demo-experts demo-bench
 
 demo: $(STAMP)
 	@$(MAKE) --no-print-directory $(DEMO_STEPS)
@@ -51,6 +51,12 @@ demo-int4: $(STAMP)
 	@echo "--- int4 weights (QMoE + MatMulNBits): exactness checked, accuracy vs fp32 reported, then its tokens"
 	$(VENV)/bin/dsmoe-export $(MODEL) --out $(OUT)-int4 --quant int4 --verify --force
 	$(VENV)/bin/dsmoe generate $(OUT)-int4 --prompt-ids "$(PROMPT)" --max-new-tokens 16 --backend ort
+
+demo-trained: $(STAMP)
+	@echo "--- a trained DeepSeekMoE (assets/minimoe, docs/evaluation.md): its text, and its perplexity on held-out Python"
+	$(VENV)/bin/dsmoe generate assets/minimoe --prompt "def " --max-new-tokens 40
+	$(PY) -m dsmoe.train.corpus heldout code out/heldout-code.txt --max-bytes 20000 --force
+	$(VENV)/bin/dsmoe eval assets/minimoe --text out/heldout-code.txt --ctx 256 --no-progress
 
 demo-experts: $(STAMP)
 	@echo "--- where the tokens go: expert load per layer, placement on 8 devices, plot"

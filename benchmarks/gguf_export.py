@@ -5,10 +5,11 @@ by part exactly as ``dsmoe.load("preset:NAME", seed=SEED)`` draws them, :mod:`ds
 into a GGUF file that llama.cpp loads as DeepSeekMoE: the hyperparameter keys and tensor names of
 llama.cpp's own converter (``convert_hf_to_gguf.py``, ``DeepseekModel``; names from the gguf
 package's tensor map), q/k rows permuted to ggml's RoPE pair layout as that converter does, the
-routed experts stacked per layer, no tokenizer (``tokenizer.ggml.model = "none"`` with the
-vocabulary size: llama-bench draws random ids).
+routed experts stacked per layer; the checkpoint's byte-level BPE tokenizer when it has one
+(:mod:`dsmoe.bench.gguf_vocab`, for ``llama-perplexity``), else no tokenizer
+(``tokenizer.ggml.model = "none"`` with the vocabulary size: llama-bench draws random ids).
 
-Weights are Q8_0 or Q4_0 (:func:`dsmoe.quant.ggml_quantize`, byte for byte ggml's reference
+Weights are F32 (every tensor), or Q8_0 or Q4_0 (:func:`dsmoe.quant.ggml_quantize`, byte for byte ggml's reference
 quantizers) for every linear — attention, dense MLP, routed and shared experts, ``output`` —
 and F32 for the embeddings, the router and the norms, which is what dsmoe's ``--quant`` keeps
 in full precision too. One part in fp32 is in memory at a time.
@@ -25,6 +26,7 @@ import torch
 import dsmoe
 from dsmoe.config import DeepseekConfig
 from dsmoe.errors import DsmoeError
+from dsmoe.bench.gguf_vocab import add_tokenizer
 from dsmoe.quant import GGML_BLOCK, GGML_BLOCK_BYTES, GGML_TYPES, ggml_quantize
 from dsmoe.streaming import layer_of, part_names, part_shapes, random_parts, read_part
 
@@ -85,12 +87,12 @@ def gguf_tensors(config: DeepseekConfig, part: str, sd: dict[str, torch.Tensor])
     return out
 
 
-def _quantized(name: str, t: torch.Tensor) -> bool:
-    return t.dim() >= 2 and not name.startswith("token_embd") and "ffn_gate_inp" not in name
+def _quantized(name: str, t: torch.Tensor, qtype: str) -> bool:
+    return qtype != "F32" and t.dim() >= 2 and not name.startswith("token_embd") and "ffn_gate_inp" not in name
 
 
 def _encode(name: str, t: torch.Tensor, qtype: str) -> np.ndarray:
-    if _quantized(name, t):
+    if _quantized(name, t, qtype):
         return ggml_quantize(t, qtype).numpy()
     return t.float().contiguous().numpy()
 
@@ -102,20 +104,22 @@ def write_gguf(source: str, path: str | Path, *, qtype: str = "Q4_0", overrides:
     ``</s>``, ``<t3>``…) instead of none, for ``llama-server`` (which must detokenize what it
     streams); the weights and what they compute are the same."""
     gguf = _gguf()
-    if qtype not in GGML_TYPES:
-        raise DsmoeError(f"unsupported GGUF type {qtype!r} (supported: {', '.join(GGML_TYPES)})")
+    if qtype not in (*GGML_TYPES, "F32"):
+        raise DsmoeError(f"unsupported GGUF type {qtype!r} (supported: {', '.join(GGML_TYPES)}, F32)")
     config = dsmoe.load_config(source, overrides)
     config.validate()
     check_supported(config)
     raw = getattr(gguf.GGMLQuantizationType, qtype)
     w = gguf.GGUFWriter(str(path), arch="deepseek")
     _metadata(w, config, qtype, placeholder_vocab)
+    if not placeholder_vocab and not add_tokenizer(w, source, config):  # the checkpoint's own tokenizer, if any
+        w.add_tokenizer_model("none")
     # tensor infos first (shapes from the config alone), then the data part by part, same order
     meta = {p: {k: torch.empty(s, device="meta") for k, s in part_shapes(config, p).items()} for p in part_names(config)}
     order = []
     for part in part_names(config):
         for name, t in gguf_tensors(config, part, dict(meta[part])):
-            if _quantized(name, t):
+            if _quantized(name, t, qtype):
                 shape = (*t.shape[:-1], t.shape[-1] // GGML_BLOCK * GGML_BLOCK_BYTES[qtype])
                 w.add_tensor_info(name, shape, np.dtype(np.uint8), int(np.prod(shape)), raw_dtype=raw)
             else:
@@ -157,9 +161,8 @@ def _metadata(w, config: DeepseekConfig, qtype: str, placeholder_vocab: bool = F
     w.add_expert_feed_forward_length(config.moe_intermediate_size)
     w.add_expert_weights_scale(1.0)
     w.add_expert_shared_count(config.n_shared_experts or 0)
-    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}"))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "F32" else getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}"))
     if not placeholder_vocab:
-        w.add_tokenizer_model("none")
         return
     V = config.vocab_size
     w.add_tokenizer_model("llama")

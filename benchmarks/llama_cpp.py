@@ -78,7 +78,7 @@ def run_llama_bench_tests(model: str | Path, *, threads: int, prompts: list[int]
         raise FileNotFoundError(why)
     argv = [str(exe), "-m", str(model), "-t", str(threads), "-r", str(reps), "-o", "json",
             "-p", ",".join(map(str, prompts)), "-n", ",".join(map(str, gens)), "-d", ",".join(map(str, depths)), *extra]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    proc = run_child(argv, timeout=timeout)
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
         raise RuntimeError(f"llama-bench exited {proc.returncode}: {tail[0][:300]}")

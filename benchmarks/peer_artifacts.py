@@ -20,11 +20,11 @@ import glob
 import io
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from dsmoe.children import run_child
 from dsmoe.bench.llama_cpp import REPO, find_llama_bench
 
 CACHE = REPO / "out" / "bench-cache"
@@ -62,7 +62,7 @@ def find_quantize() -> tuple[Path | None, str]:
 def _run(argv: list[str], what: str, say, **kw) -> None:
     say(f"{what}: {' '.join(str(a) for a in argv[-6:])}")
     t = time.perf_counter()
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, **kw)
+    proc = run_child([str(a) for a in argv], **kw)  # its own process group, gone with dsmoe
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip()[-400:]
         raise RuntimeError(f"{what} exited {proc.returncode}: {tail}")

@@ -238,11 +238,15 @@ def _prompt_tokens(prompt_ids) -> int | None:
 @click.option("--place", default=None, type=int, metavar="N", help="propose a placement of the experts on N devices")
 @click.option("--top-pairs", default=5, show_default=True, type=click.IntRange(min=0), help="co-chosen expert pairs per layer")
 @click.option("--plot", default=None, metavar="FILE.png", help="write a load heatmap and imbalance chart")
+@click.option("--by-domain", "by_domain", multiple=True, metavar="NAME=FILE",
+              help="text of one domain (repeat for each): expert use per domain, MI(domain; expert), shared share")
+@click.option("--max-prompts", default=64, show_default=True, type=click.IntRange(min=1),
+              help="--by-domain: prompts of --seq-len per domain, at most")
 @click.option("--force", is_flag=True, help="replace --plot if it exists")
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def experts(source, prompt_ids, prompt_file, random_prompts, seq_len, seed, backend, dtype, compare, compare_backend,
-            compare_dtype, place, top_pairs, plot, force, overrides, as_json):
+            compare_dtype, place, top_pairs, plot, by_domain, max_prompts, force, overrides, as_json):
     """Where the tokens go: expert load per MoE layer, routing drift against another source, placement."""
     from dsmoe.app.experts import run_experts
     from dsmoe.app.experts_view import render as render_experts
@@ -252,7 +256,7 @@ def experts(source, prompt_ids, prompt_file, random_prompts, seq_len, seed, back
         doc = run_experts(source=source, prompt_ids=prompt_ids, prompt_file=prompt_file, random=random_prompts,
                           seq_len=seq_len, seed=seed, backend=backend, dtype=dtype, overrides=_overrides(overrides),
                           compare=compare, compare_backend=compare_backend, compare_dtype=compare_dtype, place=place,
-                          top_pairs=top_pairs, plot=plot, force=force)
+                          top_pairs=top_pairs, plot=plot, force=force, by_domain=list(by_domain), max_prompts=max_prompts)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
@@ -260,6 +264,10 @@ def experts(source, prompt_ids, prompt_file, random_prompts, seq_len, seed, back
         if random_init_seed(source) is not None:
             err.print("[yellow]random weights: this is how random routers spread the tokens, not how a trained model "
                       "routes them[/yellow]")
+        if "by_domain" in doc:
+            from dsmoe.app.experts_domain import render_domains
+
+            render_domains(doc["by_domain"], out)
 
 
 @cli.command()
@@ -573,9 +581,11 @@ def export_main(argv=None) -> None:
 
 # Commands in modules of their own (each imports only click and light modules at the top):
 from dsmoe.app.compare_cmd import compare_backends_cmd  # noqa: E402
+from dsmoe.app.eval_cmd import eval_cmd  # noqa: E402
 from dsmoe.app.plan_cmd import plan  # noqa: E402
 from dsmoe.app.serve_cmd import serve  # noqa: E402
 
 cli.add_command(compare_backends_cmd)
 cli.add_command(serve)
 cli.add_command(plan)
+cli.add_command(eval_cmd)

@@ -8,7 +8,9 @@ placement :mod:`dsmoe.app.placement`'s, the picture :mod:`dsmoe.app.experts_plot
 
 Prompts: ``--prompt-ids "1 2 3"``, ``--prompt-file FILE`` (one prompt per line: text when the
 source has ``tokenizer.json``, else space-separated ids; blank lines skipped) or
-``--random N --seq-len L`` (uniform ids, seeded by ``--seed``).
+``--random N --seq-len L`` (uniform ids, seeded by ``--seed``), or ``--by-domain NAME=FILE …``
+(each file's text cut into prompts of ``--seq-len`` tokens; per-domain statistics in
+:mod:`dsmoe.app.experts_domain`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 import dsmoe
 from dsmoe.app.expert_stats import RouterTrace, compare_report, expert_report
+from dsmoe.app.experts_domain import domain_prompts, domain_report, parse_domains, plot_domains
 from dsmoe.app.experts_plot import plot_report
 from dsmoe.app.generate import empty_cache, load_tokenizer, run_generate
 from dsmoe.app.placement import placement_report
@@ -154,7 +157,8 @@ def run_experts(*, source: str, prompt_ids: str | None = None, prompt_file: str 
                 random: int | None = None, seq_len: int | None = None, seed: int | None = None, backend: str | None = None,
                 dtype: str | None = None, overrides: dict | None = None, compare: str | None = None,
                 compare_backend: str | None = None, compare_dtype: str | None = None, place: int | None = None,
-                top_pairs: int = 5, plot: str | None = None, force: bool = False) -> dict:
+                top_pairs: int = 5, plot: str | None = None, force: bool = False, by_domain: list[str] | None = None,
+                max_prompts: int = 64) -> dict:
     """The ``dsmoe experts`` document: ``{"source", "backend", "prompts", **expert report,
     "compare"?, "placement"?, "plot"?}`` (see :func:`dsmoe.app.expert_stats.expert_report`)."""
     stray = [f for f, v in (("--compare-backend", compare_backend), ("--compare-dtype", compare_dtype)) if v is not None]
@@ -171,8 +175,17 @@ def run_experts(*, source: str, prompt_ids: str | None = None, prompt_file: str 
         check_output_file(plot, force=force, inputs=inputs, option="--plot")
     # everything that can be checked from the configs and the prompts, before a model is loaded
     config = _config(source, overrides)
-    prompts = read_prompts(source, prompt_ids=prompt_ids, prompt_file=prompt_file, random=random, seq_len=seq_len,
-                           seed=seed, vocab_size=config.vocab_size, max_positions=config.max_position_embeddings)
+    domains = None
+    if by_domain:
+        if any(x is not None for x in (prompt_ids, prompt_file, random)):
+            raise DsmoeError("--by-domain brings its own prompts: drop --prompt-ids, --prompt-file and --random")
+        domains = domain_prompts(source, parse_domains(by_domain), seq_len=seq_len, max_prompts=max_prompts,
+                                 vocab_size=config.vocab_size)
+        prompts = [p for ps in domains.values() for p in ps]
+    else:
+        prompts = read_prompts(source, prompt_ids=prompt_ids, prompt_file=prompt_file, random=random, seq_len=seq_len,
+                               seed=seed, vocab_size=config.vocab_size,
+                               max_positions=config.max_position_embeddings)
     if compare is not None:
         _check_comparable(source, config, compare, _config(compare, overrides))
     step, config, backend, tdtype = open_source(source, backend=backend, dtype=dtype, overrides=overrides)
@@ -180,9 +193,16 @@ def run_experts(*, source: str, prompt_ids: str | None = None, prompt_file: str 
     if compare is not None:
         other = open_source(compare, backend=compare_backend, dtype=compare_dtype,
                             overrides=None if is_export(compare) else overrides)
-    trace = trace_prompts(step, config, prompts, tdtype)
+    if domains is not None:
+        traces = {d: trace_prompts(step, config, ps, tdtype) for d, ps in domains.items()}
+        trace = merge_traces(list(traces.values()))
+    else:
+        trace = trace_prompts(step, config, prompts, tdtype)
     doc = {"source": source, "backend": backend, "dtype": str(tdtype).removeprefix("torch."), "prompts": len(prompts),
            **report_of(trace, config, top_pairs=top_pairs)}
+    if domains is not None:
+        doc["by_domain"] = domain_report(traces, num_experts=config.n_routed_experts, top_k=config.routing.top_k,
+                                         has_shared=bool(config.n_shared_experts))
     if other is not None:
         step_b, config_b, backend_b, dtype_b = other
         trace_b = trace_prompts(step_b, config_b, prompts, dtype_b)
@@ -191,8 +211,21 @@ def run_experts(*, source: str, prompt_ids: str | None = None, prompt_file: str 
     if place is not None:
         doc["placement"] = placement_report(doc, place)
     if plot is not None:
-        doc["plot"] = plot_report(doc, plot, force=force, inputs=inputs)
+        doc["plot"] = (plot_domains(doc, plot, force=force, inputs=inputs) if domains is not None
+                       else plot_report(doc, plot, force=force, inputs=inputs))
     return doc
+
+
+def merge_traces(traces: list[RouterTrace]) -> RouterTrace:
+    """One trace holding the tokens of several, in order."""
+    out = RouterTrace()
+    for t in traces:
+        out.calls += t.calls
+        for layer, fields in t.parts.items():
+            dst = out.parts.setdefault(layer, {})
+            for name, parts in fields.items():
+                dst.setdefault(name, []).extend(parts)
+    return out
 
 
 def generate_with_stats(*, source: str, overrides: dict | None = None, top_pairs: int = 5,

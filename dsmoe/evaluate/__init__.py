@@ -1,0 +1,1 @@
+"""``dsmoe eval``: perplexity, bits per byte and KL divergence against a baseline, on any backend."""
