@@ -198,9 +198,17 @@ def test_bad_input_is_one_line_exit_2(files, tmp_path, capsys):
     _one_line_exit_2(capsys, ckpt, "--text", text, "--ctx", CTX, "--baseline-logits", text, match="cannot read|not a dsmoe")
 
 
-LLAMA_PPL = shutil.which("llama-perplexity") or next(
-    (str(p) for p in [Path(os.environ.get("DSMOE_LLAMA_BIN", "/work/llama.cpp/build/bin")) / "llama-perplexity"]
-     if p.is_file()), None)
+def _llama_perplexity() -> str | None:
+    """``$DSMOE_LLAMA_BIN/llama-perplexity``, the repo's build folder (benchmarks/README.md), or PATH."""
+    from dsmoe.bench.llama_cpp import BUILD_BIN
+
+    for d in (os.environ.get("DSMOE_LLAMA_BIN"), BUILD_BIN):
+        if d and (Path(d) / "llama-perplexity").is_file():
+            return str(Path(d) / "llama-perplexity")
+    return shutil.which("llama-perplexity")
+
+
+LLAMA_PPL = _llama_perplexity()
 
 
 @pytest.mark.skipif(LLAMA_PPL is None, reason="llama.cpp's llama-perplexity is not built (CI)")
