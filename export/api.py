@@ -38,6 +38,7 @@ from dsmoe.export.lower_quant import int4_initializers, lower_quantized
 from dsmoe.export.quant_options import quant_scheme
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, OPSET, REPORT_FILE, io_names, op_histogram, to_onnx
 from dsmoe.export.quant_report import module_bytes, part_bytes, quality
+from dsmoe.export.text_quality import check_eval_text, text_quality
 from dsmoe.export.runner import OrtDecoder
 from dsmoe.export.verify_quant import check_quantized_ops, op_check_feeds, with_end_to_end
 from dsmoe.export.stream import (StreamedWeights, check_source, meta_model, must_stream, peak_rss_bytes, streamed_checks,
@@ -74,7 +75,7 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
                  allow_nonfinite: bool = False, archs: list[str] | None = None, engine: bool = False,
                  max_batch: int | None = None, max_length: int | None = None, quant: str | None = None,
                  block_size: int | None = None, quant_scope: str | None = None, asymmetric: bool = False,
-                 stream: bool | None = None) -> dict:
+                 stream: bool | None = None, eval_text: list[str] | None = None, eval_ctx: int | None = None) -> dict:
     """Export ``source`` (checkpoint dir or ``preset:NAME``) to ONNX in ``out``; returns the report.
 
     Raises :class:`DsmoeError` for user errors (unknown target/dtype, existing ``out`` without
@@ -99,7 +100,9 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
     scheme, the bytes per part and the accuracy (:mod:`dsmoe.export.quant_report`), measured on
     every quantized export; ``verify`` then fails on the first check (exactness). ``stream``
     (default: when the fp32 model would not fit in memory) exports a checkpoint one layer at a time
-    (:mod:`dsmoe.export.stream`).
+    (:mod:`dsmoe.export.stream`). ``eval_text`` (files; quantized, unstreamed exports of a source
+    with a ``tokenizer.json``) then scores the export against the source on that text in windows of
+    ``eval_ctx`` tokens (:mod:`dsmoe.export.text_quality`, i.e. ``dsmoe eval``): the report's ``quality``.
     """
     check_target(target)
     check_kv_cache(kv_cache)
@@ -130,7 +133,9 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
     stream = _should_stream(source, config, scheme, stream, fold_shared_experts, router_stats)
     if stream:
         check_source(source, config, check_finite=not allow_nonfinite)  # what the loader refuses, refused here too
-    inputs = [] if dsmoe.is_preset(source) else [source]
+    eval_ctx = check_eval_text(source, files=eval_text, ctx=eval_ctx, quantized=scheme is not None, stream=stream,
+                               max_positions=config.max_position_embeddings)
+    inputs = [*([] if dsmoe.is_preset(source) else [source]), *(eval_text or [])]
     plugin_build = None
     if target == "tensorrt":
         check_output(Path(out), force=force, inputs=[Path(p) for p in inputs])  # before the plugin build
@@ -236,6 +241,10 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
             runtime = "TensorRT" if target == "tensorrt" else "ONNX Runtime"
             what = "the quantized reference" if scheme else "eager"
             raise VerificationError(f"{runtime} differs from {what}: {verification['summary']}; {out}: {state}; {kept}")
+        if eval_ctx is not None:  # the export as written and verified (its digests checked by the runner), vs the source
+            with step("eval"):
+                report["quality"] = text_quality(tmp, source, files=eval_text, ctx=eval_ctx)
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")  # not among its own digests
         staging.commit()
     return report
 

@@ -240,3 +240,52 @@ def test_training_script_runs_a_few_steps(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "train_log.jsonl"} <= files
     model = dsmoe.load(str(tmp_path / "mm"))
     assert model.config.vocab_size == 300 and model.config.first_k_dense_replace == 1
+
+
+# ---- dsmoe-export --quant … --eval-text: the export report's quality on text ----------------------
+
+def test_export_eval_text_reports_what_dsmoe_eval_measures(files, tmp_path, capsys):
+    """The report's quality block (export vs source on held-out text) equals ``dsmoe eval EXPORT
+    --baseline SOURCE`` run afterwards on the committed export; the digests still hold."""
+    import json
+
+    from dsmoe.app.cli import export_main
+    from dsmoe.export.files import verify_export_files
+
+    root, ckpt, _ = files
+    text, out = root / "text.txt", tmp_path / "q8"
+    code, _, printed = run_cli(capsys, ckpt, "--out", out, "--quant", "int8", "--eval-text", text, "--eval-ctx", CTX,
+                               entry=export_main)
+    assert code == 0, printed
+    report = json.loads((out / "export_report.json").read_text())
+    q = report["quality"]
+    assert verify_export_files(out) is True
+    code, got, err = run_cli(capsys, "eval", out, "--baseline", ckpt, "--text", text, "--ctx", CTX, "--json", "--no-progress")
+    assert code == 0, err
+    r = json.loads(got)
+    b = r["baseline"]
+    assert q["ppl_ratio"] == pytest.approx(b["ppl_ratio"], rel=1e-9) and q["ppl"] == pytest.approx(r["ppl"], rel=1e-9)
+    assert q["kld_mean"] == pytest.approx(b["kld_mean"], rel=1e-9) and q["same_top1"] == pytest.approx(b["same_top1"])
+    assert q["kld_p99"] == pytest.approx(b["kld_percentiles"]["99"], rel=1e-9)
+    assert q["tokens_scored"] == r["tokens"] and q["ctx"] == CTX
+    assert q["baseline_ppl"] == pytest.approx(_reference(ckpt, TEXT, CTX)["ppl"], rel=1e-6)  # the source, eager fp32
+    assert q["text_files"] == [{"name": "text.txt", "bytes": text.stat().st_size}]
+    assert q["ppl_ratio"] != 1.0 and 0 < q["kld_mean"] < 0.1  # int8 moved the logits, a little
+    assert f"(ratio {q['ppl_ratio']:.5f}), mean KLD {q['kld_mean']:.6f}" in " ".join(printed.split())  # the summary
+
+
+def test_export_eval_text_refusals_are_one_line_exit_2(files, tmp_path, capsys):
+    from dsmoe.app.cli import export_main
+
+    root, ckpt, _ = files
+    text = root / "text.txt"
+    (tmp_path / "short.txt").write_text("def f(x):\n")
+    for argv, match in [((ckpt, "--eval-text", text), "only with --quant"),
+                        (("preset:tiny", "--quant", "int8", "--eval-text", text), "tokenizer.json"),
+                        ((ckpt, "--quant", "int8", "--eval-text", tmp_path / "short.txt", "--eval-ctx", CTX),
+                         "shorter than one window of --eval-ctx"),
+                        ((ckpt, "--quant", "int8", "--eval-ctx", CTX), "--eval-ctx applies only with --eval-text")]:
+        code, _, err = run_cli(capsys, *argv, "--out", tmp_path / "x", entry=export_main)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error:") and re.search(match, err), (argv, err)
+        assert not (tmp_path / "x").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]  # nothing half-written, no claim left behind

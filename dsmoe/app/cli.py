@@ -352,6 +352,10 @@ def _export_options(f):
         click.option("--stream/--no-stream", default=None,
                      help="with --quant: export a checkpoint one layer at a time [default: when the fp32 model "
                           "would not fit in memory]"),
+        click.option("--eval-text", "eval_text", multiple=True, metavar="FILE",
+                     help="with --quant: score the export against the source (eager fp32) on this held-out text, as "
+                          "dsmoe eval (repeatable; needs the source's tokenizer.json); the report's quality"),
+        click.option("--eval-ctx", type=int, default=None, help="--eval-text's window length in tokens [256]"),
         click.option("--force", is_flag=True, help="replace --out if it exists and dsmoe wrote it"),
         nonfinite_option,
         absorb_option,
@@ -363,7 +367,7 @@ def _export_options(f):
 
 
 def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, archs, engine, max_batch, max_length, quant,
-            block_size, quant_scope, asymmetric, stream, force, allow_nonfinite, no_absorb_mla, overrides):
+            block_size, quant_scope, asymmetric, stream, eval_text, eval_ctx, force, allow_nonfinite, no_absorb_mla, overrides):
     """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime
     (--target tensorrt: plugin nodes, the plugin library and the engine command lines; --quant:
     weight-only int8/int4 weights, their exactness and accuracy measured and reported)."""
@@ -385,7 +389,7 @@ def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, arch
                               absorb_mla=not no_absorb_mla, progress=progress, allow_nonfinite=allow_nonfinite,
                               archs=_archs(archs), engine=engine, max_batch=max_batch, max_length=max_length,
                               quant=quant, block_size=block_size, quant_scope=quant_scope, asymmetric=asymmetric,
-                              stream=stream)
+                              stream=stream, eval_text=list(eval_text) or None, eval_ctx=eval_ctx)
     finally:
         if current["s"] is not None:
             current["s"].__exit__(None, None, None)
@@ -413,6 +417,12 @@ def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, arch
                   f"{a['top1_agreement']:.1%}, mean KL {a['mean_kl']:.3g}, max |logit error| {a['max_abs_logit_err']:.3g}, "
                   f"routing drift {a['routing_drift_mean']:.1%} (mean over MoE layers); "
                   f"{q['bytes']['total'] / 2**20:,.1f} MiB of weights ({q['bytes_unquantized']['total'] / 2**20:,.1f} MiB fp32)")
+    t = report.get("quality")
+    if t:
+        err.print(f"vs the unquantized model on held-out text ({', '.join(f['name'] for f in t['text_files'])}; "
+                  f"{t['tokens_scored']} tokens scored, ctx {t['ctx']}): PPL {t['ppl']:.4f} vs {t['baseline_ppl']:.4f} "
+                  f"(ratio {t['ppl_ratio']:.5f}), mean KLD {t['kld_mean']:.6f} (99%: {t['kld_p99']:.5f}, "
+                  f"99.9%: {t['kld_p99_9']:.5f}), same top-1 {100 * t['same_top1']:.2f} %", highlight=False)
 
 
 cli.add_command(click.command("export")(_export_options(_export)))
