@@ -24,23 +24,23 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 import torch
+from dsmoe.bench.suites import Workload
+from dsmoe.export import MODEL_FILE, REPORT_FILE, OrtDecoder, export_layer, lower, session
+from dsmoe.export import op_histogram as onnx_op_histogram
+from dsmoe.export.genai_runner import GenaiModel, GenaiStep, require_genai
+from dsmoe.export.quant_report import linear_bytes_per_weight
+from dsmoe.passes.context import PassContext
+from dsmoe.passes.pipeline import run_pipeline
+from dsmoe.plugins import grouped_mm_available, grouped_mm_moe
 from torch.export import Dim
 
 from dsmoe.app.cuda_graphs import CudaGraphed, StaticDecoder, static_length
 from dsmoe.app.device import require_cuda_kernels
-from dsmoe.bench.suites import Workload
+from dsmoe.children import run_child
 from dsmoe.contract import STACKED_W2, STACKED_W13, experts_path
 from dsmoe.errors import DsmoeError
-from dsmoe.export import MODEL_FILE, REPORT_FILE, OrtDecoder, export_layer, lower, session
-from dsmoe.export.genai_runner import GenaiModel, GenaiStep, require_genai
-from dsmoe.export import op_histogram as onnx_op_histogram
-from dsmoe.export.quant_report import linear_bytes_per_weight
 from dsmoe.ir import capture, op_histogram, unlift
 from dsmoe.ops import MOE, ROUTE, moe_reference, route_reference
-from dsmoe.passes.context import PassContext
-from dsmoe.passes.pipeline import run_pipeline
-from dsmoe.plugins import grouped_mm_available, grouped_mm_moe
-from dsmoe.children import run_child
 
 
 class Unsupported(Exception):

@@ -13,6 +13,7 @@ before and after is recorded.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -20,23 +21,25 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+from dsmoe.passes.context import PassContext
+from dsmoe.passes.shard_experts import ExpertShard, shard_experts
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+import dsmoe
+from dsmoe.app.ep_load import load_rank_model
+from dsmoe.app.ep_placement import contiguous_placement
+from dsmoe.app.ep_rank import _rss
+from dsmoe.app.generate import fused_step, greedy_generate_batch
+from dsmoe.distributed import ExpertComm
+
 PROMPT_LEN, NEW, WARM = 16, 9, 2
 
 
 def worker(preset: str, mode: str, prompts: int) -> dict:
-    import datetime
 
-    import torch
-    import torch.distributed as dist
 
-    import dsmoe
-    from dsmoe.app.ep_load import load_rank_model
-    from dsmoe.app.ep_placement import contiguous_placement
-    from dsmoe.app.ep_rank import _rss
-    from dsmoe.app.generate import fused_step, greedy_generate_batch
-    from dsmoe.distributed import ExpertComm
-    from dsmoe.passes.context import PassContext
-    from dsmoe.passes.shard_experts import ExpertShard, shard_experts
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -69,7 +72,6 @@ def worker(preset: str, mode: str, prompts: int) -> dict:
 
 
 def launch(nproc: int, preset: str, mode: str, prompts: int) -> dict:
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     os.environ["OMP_NUM_THREADS"] = "1"
     cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
                        rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5, start_method="spawn")

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from benchmarks.ep_bench import _write
+from dsmoe.app.plan_model import GPUS, a2a_bytes_per_token, a2a_seconds
 from dsmoe.app.plan_run import run_plan
 
 CONFIG = "benchmarks/configs/deepseek-v3/config.json"
@@ -52,7 +53,6 @@ SGLANG = "https://lmsys.org/blog/2025-05-05-large-scale-ep/"
 
 
 def comparison() -> list[str]:
-    from dsmoe.app.plan_model import GPUS, a2a_bytes_per_token, a2a_seconds
     H, K, T = 7168, 8, 128
     d, c = a2a_bytes_per_token(H, K, 1 + 4 / 128, 2)
     h800 = GPUS["h800"]

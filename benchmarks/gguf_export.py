@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dsmoe.bench.gguf_vocab import add_tokenizer
 
 import dsmoe
 from dsmoe.config import DeepseekConfig
 from dsmoe.errors import DsmoeError
-from dsmoe.bench.gguf_vocab import add_tokenizer
 from dsmoe.quant import GGML_BLOCK, GGML_BLOCK_BYTES, GGML_TYPES, ggml_quantize
 from dsmoe.streaming import layer_of, part_names, part_shapes, random_parts, read_part
 

@@ -21,18 +21,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from rich.console import Console
-
-from dsmoe.app.device import resolve_device
 from dsmoe.bench import quant_backends  # noqa: F401  (registers ort-int8/int4, llama.cpp-q8_0/q4_0)
 from dsmoe.bench.backends import REGISTRY, Unsupported
 from dsmoe.bench.limits import Limits, floor_s, measure_gpu_limits, measure_limits
-from dsmoe.outputs import Interrupted
+from dsmoe.bench.peer import run_peer
 from dsmoe.bench.report import SCHEMA, check_result_paths, machine_info, print_table, stem, versions, write_files
 from dsmoe.bench.suites import SEED, SUITES, Workload, model_workload, moe_layer_workload, quant_workload
 from dsmoe.bench.timing import FULL, GPU_FULL, GPU_QUICK, QUICK, Method, cross_check, measure
+from rich.console import Console
+
+from dsmoe.app.device import resolve_device
 from dsmoe.dtypes import BENCH_RTOL, parse_dtype, tag
 from dsmoe.errors import DsmoeError
+from dsmoe.outputs import Interrupted
 
 DEFAULT_OUT = Path("out/bench")  # never the source tree; `--out benchmarks/results` to commit a run
 DEFAULT_BACKENDS = ("eager", "fused", "grouped_mm", "cuda", "cuda-graph", "ort", "genai", "ort-cuda")
@@ -115,7 +116,6 @@ def run_bench(*, suites: Sequence[str] = SUITES, backends: Sequence[str] | None 
             if chosen and len(suites) == 1:
                 raise DsmoeError("--backend does not apply to the quant suite's comparison with llama.cpp (it runs every "
                                  "contender); the eager-checked quantized backends run with --quick or --preset")
-            from dsmoe.bench.peer import run_peer  # the CPU peer comparison (issue 25): its own runner
 
             doc = run_peer(threads=threads, out_dir=out_dir if write else None, progress=say)
             result["suites"][suite] = doc

@@ -12,8 +12,10 @@ threads ``-t``; with ``-o json`` each test reports ``avg_ns``/``stddev_ns`` and 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +97,6 @@ def amx_usable() -> bool:
     """Whether the kernel lets this process use AMX tiles (``arch_prctl(ARCH_REQ_XCOMP_PERM,
     XTILEDATA)``): a CPU can advertise ``amx_tile`` in a VM whose hypervisor does not enable the tile
     state, and then ggml's AMX kernels die with SIGILL at the first ``tilezero``."""
-    import ctypes
-    import platform
 
     if platform.machine() != "x86_64":
         return False

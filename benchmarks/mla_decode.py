@@ -43,22 +43,22 @@ from pathlib import Path
 
 import matplotlib
 import torch
-
-import dsmoe
-from dsmoe.architecture import kv_cache_report
 from dsmoe.bench.backends import share_expert_weights
 from dsmoe.bench.limits import Limits, floor_s, measure_limits, model_step_work
 from dsmoe.bench.report import check_result_paths, machine_info, result_paths, save_plot, versions
 from dsmoe.bench.timing import FULL, QUICK, Method, cross_check, measure
-from dsmoe.cache import cache_layout
-from dsmoe.dtypes import BENCH_RTOL
 from dsmoe.export import OrtDecoder
-from dsmoe.outputs import write_output_file
-from dsmoe.ir import capture, op_histogram
 from dsmoe.passes.absorb_mla import absorb_mla
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import run_pipeline
+
+import dsmoe
+from dsmoe.architecture import kv_cache_report
+from dsmoe.cache import cache_layout
 from dsmoe.children import run_child
+from dsmoe.dtypes import BENCH_RTOL
+from dsmoe.ir import capture, op_histogram
+from dsmoe.outputs import write_output_file
 
 SUITE = "mla-decode"
 BACKENDS = ("eager", "fused-expanded", "fused", "ort-expanded", "ort")

@@ -37,16 +37,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-
-from dsmoe import load_config
 from dsmoe.bench.limits import measure_limits
 from dsmoe.bench.report import machine_info
-from dsmoe.cache import cache_layout
-from dsmoe.errors import DsmoeError
-from dsmoe.outputs import check_output_file, write_output_file
 from dsmoe.export.onnx_writer import MODEL_FILE
 from dsmoe.export.runner import export_target, session
 from dsmoe.export.static_cache import PAST_AXIS
+
+from dsmoe import load_config
+from dsmoe.cache import cache_layout
+from dsmoe.errors import DsmoeError
+from dsmoe.outputs import check_output_file, write_output_file
 
 ROUTED_EXPERT_OPS = ("QMoE", "MoE")
 MATMUL_NBITS = "MatMulNBits"

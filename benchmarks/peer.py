@@ -34,13 +34,15 @@ import time
 from pathlib import Path
 
 import torch
-
-import dsmoe
 from dsmoe.bench import peer_artifacts as art
 from dsmoe.bench.limits import measure_int8_gemm_rate, measure_limits, model_step_work
 from dsmoe.bench.llama_cpp import find_llama_bench, run_llama_bench_tests
 from dsmoe.bench.peer_report import markdown, peer_goals
 from dsmoe.bench.report import SCHEMA, machine_info, versions
+from dsmoe.export import OrtDecoder
+from dsmoe.export.quant_report import linear_bytes_per_weight
+
+import dsmoe
 
 PREFILL = (128, 512)
 CONTEXT = (128, 2048)
@@ -49,7 +51,6 @@ DECODE = 16
 
 def _ort_round(export_dir: Path, config, threads: int, prefill, context, decode: int, kv_bnsh: bool = True) -> dict:
     """One round of an ORT export: load, then each prefill and decode case (1 warm-up, median of 2)."""
-    from dsmoe.export import OrtDecoder
 
     t = time.perf_counter()
     dec = OrtDecoder(export_dir, threads=threads, logits="last", kv_bnsh=kv_bnsh)  # lm_head on the last token (generation)
@@ -111,7 +112,6 @@ def gguf_bytes_per_token(path: Path, config, context: int) -> float:
 
 
 def ort_bytes_per_token(report: dict, config, context: int) -> float:
-    from dsmoe.export.quant_report import linear_bytes_per_weight
 
     hits = [config.num_experts_per_tok] * len(config.moe_layers)
     return model_step_work(config, 1, context, hits, weight_bytes=linear_bytes_per_weight(report["quant"])).bytes

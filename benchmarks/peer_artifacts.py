@@ -24,8 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-from dsmoe.children import run_child
+from dsmoe.bench.gguf_export import write_gguf
 from dsmoe.bench.llama_cpp import REPO, find_llama_bench
+from dsmoe.export import REPORT_FILE
+
+from dsmoe.children import run_child
 
 CACHE = REPO / "out" / "bench-cache"
 LLAMA_QTYPES = ("Q4_0", "Q4_K_M", "Q8_0")
@@ -81,7 +84,6 @@ def checkpoint(layers: int, say, cache: Path = CACHE, preset: str = "deepseek-mo
 
 def export(ckpt: Path, bits: int, say) -> Path:
     """``dsmoe-export CKPT --quant int{bits} --stream`` into ``CKPT-int{bits}`` unless finished there."""
-    from dsmoe.export import REPORT_FILE
 
     out = ckpt.with_name(f"{ckpt.name}-int{bits}")
     if not (out / REPORT_FILE).is_file():
@@ -91,7 +93,7 @@ def export(ckpt: Path, bits: int, say) -> Path:
 
 def _tokenizer_model() -> bytes:
     """A 64-piece SentencePiece model: the vocabulary llama.cpp's converter insists on."""
-    import sentencepiece as spm  # lazy: only the converter path needs it
+    import sentencepiece as spm  # lazy: optional, only the converter path needs it
 
     buf = io.BytesIO()
     text = (f"the quick brown fox jumps over the lazy dog {i}" for i in range(200))
@@ -141,7 +143,6 @@ def llama_ggufs(ckpt: Path, say, qtypes=LLAMA_QTYPES) -> dict[str, Path]:
 
 def dsmoe_gguf(ckpt: Path, say, qtype: str = "Q4_0") -> Path:
     """dsmoe's own GGUF writer on the same checkpoint (every linear ``qtype``: llama-quantize's ``--pure``)."""
-    from dsmoe.bench.gguf_export import write_gguf
 
     path = ckpt.with_name(f"{ckpt.name}-dsmoe-{qtype}.gguf")
     if not path.is_file():

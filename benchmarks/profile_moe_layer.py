@@ -16,11 +16,10 @@ from pathlib import Path
 
 import onnxruntime as ort
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from dsmoe.bench.backends import REGISTRY, _scratch, layer_onnx
 from dsmoe.bench.ort_profile import kernel_times
 from dsmoe.bench.suites import moe_layer_workload
+from torch.profiler import ProfilerActivity, profile
 
 
 def torch_top(fn, x, iters: int, rows: int = 8) -> str:

@@ -19,12 +19,20 @@ external check of the model and of the arithmetic).
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
 from pathlib import Path
 
+from dsmoe.bench.gguf_export import write_gguf
+from dsmoe.export import export_model
+
+import dsmoe
+from dsmoe.app.evaluate.run import run_eval
 from dsmoe.errors import DsmoeError
+from dsmoe.quant import parse_scheme
+from dsmoe.quantized import quantized_dims
 
 # (row name, dsmoe-export --quant, --block-size): int4 with 64-wide blocks where they fit is near Q4_0's 4.5 bits
 DSMOE_ROWS = (("dsmoe fp32 (ORT)", None, None), ("dsmoe int8", "int8", None), ("dsmoe int4", "int4", None),
@@ -34,8 +42,6 @@ LLAMA_ROWS = (("llama.cpp Q8_0", "Q8_0", 8.5), ("llama.cpp Q4_0", "Q4_0", 4.5))
 
 def dsmoe_bits_per_weight(config, bits: int, block_size: int | None) -> float:
     """Bits per quantized weight: ``bits`` plus one fp32 scale per block, over the linears ``--quant`` takes."""
-    from dsmoe.quant import parse_scheme
-    from dsmoe.quantized import quantized_dims
 
     scheme = parse_scheme(f"int{bits}", block_size=block_size, dims=quantized_dims(config, "all"))
     H, I, Im, V = config.hidden_size, config.intermediate_size, config.moe_intermediate_size, config.vocab_size
@@ -91,10 +97,6 @@ def parse_llama(log: str, *, base: bool) -> dict:
 def run_quality(*, source: str, text: Path, ctx: int, work: Path, llama_bin: Path | None, threads: int = 1,
                 log=print) -> dict:
     """Every row of the table; ``work`` holds the exports, GGUFs and logits (re-made each run)."""
-    import dsmoe
-    from dsmoe.bench.gguf_export import write_gguf
-    from dsmoe.evaluate.run import run_eval
-    from dsmoe.export import export_model
 
     config = dsmoe.load_config(source)
     work.mkdir(parents=True, exist_ok=True)
@@ -148,7 +150,6 @@ def markdown(result: dict, machine: str) -> str:
 
 
 def main(argv=None) -> None:
-    import argparse
 
     p = argparse.ArgumentParser(prog="python -m dsmoe.bench.quality", description=__doc__.split("\n")[0])
     p.add_argument("source")

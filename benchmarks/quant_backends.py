@@ -20,8 +20,8 @@ from dsmoe.bench.llama_cpp import find_llama_bench, run_llama_bench
 from dsmoe.bench.suites import SEED, Workload
 from dsmoe.bench.timing import Timing
 from dsmoe.export import OrtDecoder
-from dsmoe.quant import GGML_BLOCK, GGML_BLOCK_BYTES
 
+from dsmoe.quant import GGML_BLOCK, GGML_BLOCK_BYTES
 
 # How far a quantized backend's logits may be from eager's before it is not timed (max |Δ| over
 # max |logit|): a wrong export lands far outside; the accuracy itself is measured by the export

@@ -26,8 +26,6 @@ from pathlib import Path
 
 import psutil
 import torch
-
-import dsmoe
 from dsmoe.bench.gguf_export import write_gguf
 from dsmoe.bench.limits import floor_s, measure_limits, model_step_work
 from dsmoe.bench.llama_cpp import find_llama_bench, run_llama_bench
@@ -35,10 +33,12 @@ from dsmoe.bench.report import SCHEMA, machine_info, versions
 from dsmoe.bench.timing import Method, measure
 from dsmoe.export import REPORT_FILE, OrtDecoder
 from dsmoe.export.quant_report import linear_bytes_per_weight
+
+import dsmoe
+from dsmoe.children import run_child
 from dsmoe.errors import DsmoeError
 from dsmoe.outputs import check_output_file, write_output_file
 from dsmoe.quant import GGML_BLOCK, GGML_BLOCK_BYTES
-from dsmoe.children import run_child
 
 CACHE = Path(__file__).resolve().parent.parent / "out" / "bench-cache"
 SOURCE = "preset:deepseek-moe-16b"

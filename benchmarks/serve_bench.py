@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import statistics
@@ -25,7 +26,18 @@ import time
 import urllib.request
 from pathlib import Path
 
+import torch
+from dsmoe.bench.gguf_export import write_gguf
+from dsmoe.bench.report import machine_info
+from dsmoe.bench.report import machine_info as _machine_info
+from dsmoe.export import OrtDecoder, export_model
+
+import dsmoe
+from dsmoe.app.engine import Engine
+from dsmoe.app.sampling import SamplingParams
+from dsmoe.app.serve_metrics import ExpertLoad, counting
 from dsmoe.errors import DsmoeError
+from dsmoe.outputs import check_output_file, write_output_file
 
 LEVELS = (1, 4, 16)
 PROMPT_LEN, MAX_TOKENS = 128, 64
@@ -34,12 +46,7 @@ PROMPT_LEN, MAX_TOKENS = 128, 64
 def counting_overhead(plain_dir: str, rs_dir: str, *, batch: int = 8, new_tokens: int = 48, repeats: int = 5,
                       threads: int | None = None) -> dict:
     """Decode tokens/s without and with expert counting (medians of alternating runs)."""
-    import torch
 
-    from dsmoe.app.engine import Engine
-    from dsmoe.app.sampling import SamplingParams
-    from dsmoe.app.serve_metrics import ExpertLoad, counting
-    from dsmoe.export import OrtDecoder
 
     plain = OrtDecoder(plain_dir, threads=threads)
     rs = OrtDecoder(rs_dir, threads=threads, router_stats=True)
@@ -141,15 +148,8 @@ def run_serve_bench(*, out_dir: str, work_dir: str = "out/bench-serve", preset: 
                     duration: int = 60, quick: bool = False, progress=print, force: bool = False) -> dict:
     """The suite: artifacts in ``work_dir`` (made once), results in ``out_dir/<machine>-serve.{json,md}``
     (refused before any work if they exist, unless ``force``; written by :func:`write_output_file`)."""
-    import json
 
-    from dsmoe.outputs import check_output_file, write_output_file
 
-    from dsmoe.bench.gguf_export import write_gguf
-    from dsmoe.bench.report import machine_info
-    from dsmoe.export import export_model
-
-    from dsmoe.bench.report import machine_info as _machine_info
 
     threads = threads or os.cpu_count() or 1
     stem = Path(out_dir) / f"{_machine_info(threads)['name']}-serve{'-quick' if quick else ''}"
@@ -169,7 +169,6 @@ def run_serve_bench(*, out_dir: str, work_dir: str = "out/bench-serve", preset: 
     if not gguf.is_file():
         progress(f"GGUF Q4_0 → {gguf}")
         write_gguf(src, gguf, qtype="Q4_0", placeholder_vocab=True)
-    import dsmoe
     vocab = dsmoe.load_config(src).vocab_size
     load_before = os.getloadavg()
     progress("expert counting overhead")

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from dsmoe.bench.limits import Work, model_step_work, moe_layer_work
 from torch import nn
 
 import dsmoe
 from dsmoe.app.choices import SUITES  # noqa: F401  (its home is the light choices module; re-exported here)
-from dsmoe.bench.limits import Work, model_step_work, moe_layer_work
 from dsmoe.cache import cache_layout
 from dsmoe.config import DeepseekConfig
 from dsmoe.ir import DecoderStep

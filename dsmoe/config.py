@@ -22,8 +22,7 @@ from typing import Any
 
 from dsmoe.errors import ConfigError, DsmoeWarning
 from dsmoe.functional import ACTIVATIONS
-from dsmoe.mla_config import (MLA_MODEL_TYPES, MLA_ONLY_FIELDS, mla_from_dict, validate_mha_only,
-                              validate_mla, yarn)
+from dsmoe.mla_config import MLA_MODEL_TYPES, MLA_ONLY_FIELDS, mla_from_dict, validate_mha_only, validate_mla, yarn
 from dsmoe.routing import SCORING_FUNCS, TOPK_METHODS, RoutingSpec
 
 TOPK_METHOD_ALIASES = {"gready": "greedy"}  # some DeepSeek code spells it so

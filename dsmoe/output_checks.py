@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -253,7 +254,6 @@ def remove_listed(path: Path) -> list[str]:
 
 
 def _rmtree(path: Path) -> None:
-    import shutil
 
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)

@@ -45,16 +45,29 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from dsmoe.errors import DsmoeError
-from dsmoe.output_checks import (MARKER, check_target, first_existing_ancestor_is_dir, foreign_entries, input_identities,
-                                 is_dsmoe_output, listing, refuse_inputs, refuse_mounts, remove_listed,
-                                 side_name, written_by_dsmoe)
+from dsmoe.output_checks import (
+    MARKER,
+    check_target,
+    first_existing_ancestor_is_dir,
+    foreign_entries,
+    input_identities,
+    is_dsmoe_output,
+    listing,
+    refuse_inputs,
+    refuse_mounts,
+    remove_listed,
+    side_name,
+    written_by_dsmoe,
+)
 
 __all__ = ["MARKER", "Interrupted", "OutputDir", "check_output_file", "check_target", "is_dsmoe_output",
            "trapped_signals", "write_failure", "write_output_file"]
@@ -405,7 +418,6 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _rmtree(p: Path) -> None:
-    import shutil
 
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
@@ -447,7 +459,6 @@ def write_failure(e: OSError) -> str | None:
     standard output's: it is pointed at ``/dev/null`` so that the interpreter's final flush stays quiet."""
     if e.errno not in _FULL and e.errno not in (errno.EIO, errno.EPIPE):
         return None
-    import sys
 
     where = e.filename
     if where is None:  # dsmoe's own files carry their name: this is the standard output (click.echo)

@@ -26,36 +26,51 @@ import onnx
 import onnxruntime
 import onnxscript
 import torch
-
-import dsmoe
-from dsmoe.architecture import kv_cache_report
-from dsmoe.dtypes import VERIFY_RTOL, parse_dtype, tag, torch_name
-from dsmoe.errors import DsmoeError
 from dsmoe.export.files import export_digests
 from dsmoe.export.genai_config import check_genai_config, genai_can_run, special_token_ids, write_genai_files
 from dsmoe.export.lower import check_target, lower
 from dsmoe.export.lower_quant import int4_initializers, lower_quantized
-from dsmoe.export.quant_options import quant_scheme
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, OPSET, REPORT_FILE, io_names, op_histogram, to_onnx
+from dsmoe.export.quant_options import quant_scheme
 from dsmoe.export.quant_report import module_bytes, part_bytes, quality
-from dsmoe.export.text_quality import check_eval_text, text_quality
 from dsmoe.export.runner import OrtDecoder
-from dsmoe.export.verify_quant import check_quantized_ops, op_check_feeds, with_end_to_end
-from dsmoe.export.stream import (StreamedWeights, check_source, meta_model, must_stream, peak_rss_bytes, streamed_checks,
-                                 swap_in_placeholders, template)
 from dsmoe.export.static_cache import check_kv_cache
-from dsmoe.export.tensorrt import (DEFAULT_MAX_BATCH, ENGINE_FILE, TrtDecoder, build_engine_from, check_parser_support,
-                                   profile, require_tensorrt, write_tensorrt_files)
-from dsmoe.ir import capture, sample_inputs
-from dsmoe.outputs import OutputDir
-from dsmoe.outputs import check_target as check_output
+from dsmoe.export.stream import (
+    StreamedWeights,
+    check_source,
+    meta_model,
+    must_stream,
+    peak_rss_bytes,
+    streamed_checks,
+    swap_in_placeholders,
+    template,
+)
+from dsmoe.export.tensorrt import (
+    DEFAULT_MAX_BATCH,
+    ENGINE_FILE,
+    TrtDecoder,
+    build_engine_from,
+    check_parser_support,
+    profile,
+    require_tensorrt,
+    write_tensorrt_files,
+)
+from dsmoe.export.verify_quant import check_quantized_ops, op_check_feeds, with_end_to_end
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.expose_router import ROUTER_META
 from dsmoe.passes.pipeline import VerificationError, run_pipeline
 from dsmoe.plugins.aot import ARCHS
 from dsmoe.plugins.trt.build import build_plugins
-from dsmoe.router_hooks import RouterHooks
+
+import dsmoe
+from dsmoe.architecture import kv_cache_report
+from dsmoe.dtypes import VERIFY_RTOL, parse_dtype, tag, torch_name
+from dsmoe.errors import DsmoeError
+from dsmoe.ir import capture, sample_inputs
+from dsmoe.outputs import OutputDir
+from dsmoe.outputs import check_target as check_output
 from dsmoe.quantized import quantized_reference
+from dsmoe.router_hooks import RouterHooks
 
 # ONNX exports are written in fp32 or fp16 (bf16 has no ONNX Runtime CPU kernels for MoE); TensorRT takes bf16 too
 EXPORT_DTYPES = {"ort": (torch.float32, torch.float16), "portable": (torch.float32, torch.float16),
@@ -75,7 +90,8 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
                  allow_nonfinite: bool = False, archs: list[str] | None = None, engine: bool = False,
                  max_batch: int | None = None, max_length: int | None = None, quant: str | None = None,
                  block_size: int | None = None, quant_scope: str | None = None, asymmetric: bool = False,
-                 stream: bool | None = None, eval_text: list[str] | None = None, eval_ctx: int | None = None) -> dict:
+                 stream: bool | None = None, eval_text: list[str] | None = None, eval_ctx: int | None = None,
+                 evaluator=None) -> dict:
     """Export ``source`` (checkpoint dir or ``preset:NAME``) to ONNX in ``out``; returns the report.
 
     Raises :class:`DsmoeError` for user errors (unknown target/dtype, existing ``out`` without
@@ -102,7 +118,8 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
     (default: when the fp32 model would not fit in memory) exports a checkpoint one layer at a time
     (:mod:`dsmoe.export.stream`). ``eval_text`` (files; quantized, unstreamed exports of a source
     with a ``tokenizer.json``) then scores the export against the source on that text in windows of
-    ``eval_ctx`` tokens (:mod:`dsmoe.export.text_quality`, i.e. ``dsmoe eval``): the report's ``quality``.
+    ``eval_ctx`` tokens with ``evaluator`` (the app's :mod:`dsmoe.app.text_quality`, i.e. ``dsmoe eval``,
+    handed in so the export layer imports nothing above it): the report's ``quality``.
     """
     check_target(target)
     check_kv_cache(kv_cache)
@@ -133,8 +150,11 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
     stream = _should_stream(source, config, scheme, stream, fold_shared_experts, router_stats)
     if stream:
         check_source(source, config, check_finite=not allow_nonfinite)  # what the loader refuses, refused here too
-    eval_ctx = check_eval_text(source, files=eval_text, ctx=eval_ctx, quantized=scheme is not None, stream=stream,
-                               max_positions=config.max_position_embeddings)
+    if eval_text and evaluator is None:
+        raise DsmoeError("--eval-text needs the evaluator (dsmoe.app.text_quality): run it through dsmoe-export")
+    eval_ctx = None if evaluator is None else evaluator.check_eval_text(
+        source, files=eval_text, ctx=eval_ctx, quantized=scheme is not None, stream=stream,
+        max_positions=config.max_position_embeddings)
     inputs = [*([] if dsmoe.is_preset(source) else [source]), *(eval_text or [])]
     plugin_build = None
     if target == "tensorrt":
@@ -243,7 +263,7 @@ def export_model(source: str, *, out: str, target: str = "ort", dtype: str = "fp
             raise VerificationError(f"{runtime} differs from {what}: {verification['summary']}; {out}: {state}; {kept}")
         if eval_ctx is not None:  # the export as written and verified (its digests checked by the runner), vs the source
             with step("eval"):
-                report["quality"] = text_quality(tmp, source, files=eval_text, ctx=eval_ctx)
+                report["quality"] = evaluator.text_quality(tmp, source, files=eval_text, ctx=eval_ctx)
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")  # not among its own digests
         staging.commit()
     return report

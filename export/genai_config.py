@@ -24,12 +24,12 @@ import shutil
 from pathlib import Path
 
 import onnx
-
-from dsmoe.config import DeepseekConfig
-from dsmoe.errors import DsmoeError
 from dsmoe.export.onnx_writer import MODEL_FILE, io_names
 from dsmoe.export.runner import SESSION_CONFIG
 from dsmoe.export.static_cache import PAST_AXIS, check_kv_cache
+
+from dsmoe.config import DeepseekConfig
+from dsmoe.errors import DsmoeError
 
 GENAI_CONFIG = "genai_config.json"
 # GenAI 0.18 refuses a type it does not list ("Unsupported model_type in config.json: deepseek");

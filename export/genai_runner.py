@@ -19,12 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
-from dsmoe import load_config
-from dsmoe.errors import DsmoeError
 from dsmoe.export.files import verify_export_files
 from dsmoe.export.genai_config import GENAI_CONFIG, check_genai_config, genai_can_run
 from dsmoe.export.onnx_writer import CONFIG_FILE
+
+from dsmoe import load_config
+from dsmoe.errors import DsmoeError
 
 
 def require_genai():

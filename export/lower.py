@@ -59,17 +59,17 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.fx import GraphModule, Node
-
-from dsmoe.errors import DsmoeError
-from dsmoe.functional import ACTIVATIONS, gated_mlp, glu
-from dsmoe.ops import FUSED_OPS, GATED_MLP, MLA_ATTENTION, MOE, ROUTE, mla_absorbed, route_reference
 from dsmoe.passes.graph import add_buffer_beside, attr, drop_unused_attrs
 from dsmoe.plugins.moe.config import validate_moe
 from dsmoe.plugins.route.config import validate_route
 from dsmoe.plugins.trt.spec import ALIGN_BYTES, ONNX_DOMAIN
 from dsmoe.plugins.trt.spec import MOE as TRT_MOE
 from dsmoe.plugins.trt.spec import ROUTE as TRT_ROUTE
+from torch.fx import GraphModule, Node
+
+from dsmoe.errors import DsmoeError
+from dsmoe.functional import ACTIVATIONS, gated_mlp, glu
+from dsmoe.ops import FUSED_OPS, GATED_MLP, MLA_ATTENTION, MOE, ROUTE, mla_absorbed, route_reference
 from dsmoe.routing import RoutingSpec
 
 TARGETS = ("ort", "portable", "tensorrt")

@@ -45,17 +45,26 @@ import numpy as np
 import onnx_ir as ir
 import torch
 import torch.nn.functional as F
+from dsmoe.export.lower import (
+    ORT_DOMAIN,
+    LoweringError,
+    LowerReport,
+    _check_activation,
+    _lower_mla_std,
+    _lower_route_std,
+    _route_of,
+    apply_lowerings,
+    interleave_gate_up,
+    moe_dense_std,
+)
+from dsmoe.export.quant_options import ACCURACY_LEVEL, check_quant_target
+from dsmoe.passes.graph import add_buffer_beside, attr
 from torch.fx import GraphModule, Node
 
 from dsmoe.contract import GATED_MLP as MLP_CLASS
 from dsmoe.contract import ROUTER
-from dsmoe.export.lower import (ORT_DOMAIN, LoweringError, LowerReport, _check_activation, _lower_mla_std, _lower_route_std,
-                                _route_of,
-                                apply_lowerings, interleave_gate_up, moe_dense_std)
 from dsmoe.functional import glu
 from dsmoe.ops import GATED_MLP, MLA_ATTENTION, MOE, ROUTE
-from dsmoe.passes.graph import add_buffer_beside, attr
-from dsmoe.export.quant_options import ACCURACY_LEVEL, check_quant_target
 from dsmoe.quant import QuantizedTensor, QuantScheme, quantize
 from dsmoe.routing import RoutingSpec
 

@@ -31,6 +31,8 @@ import onnx_ir as ir
 import onnxscript.optimizer
 import onnxscript.rewriter.onnx_fusions
 import torch
+from dsmoe.export.static_cache import PAST_AXIS, PRESENT_AXIS, decoder_module
+from dsmoe.passes.expose_router import ROUTER_META, ROUTER_PREFIX, router_output_name
 from onnx import TensorProto, helper
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
 from torch import nn
@@ -39,9 +41,7 @@ from torch.fx import GraphModule
 
 from dsmoe.cache import CacheLayout, cache_layout
 from dsmoe.config import DeepseekConfig
-from dsmoe.export.static_cache import PAST_AXIS, PRESENT_AXIS, decoder_module
 from dsmoe.ir import MAX_BATCH, MAX_SEQ, sample_inputs
-from dsmoe.passes.expose_router import ROUTER_META, ROUTER_PREFIX, router_output_name
 
 OPSET = 21
 # the export directory: the model, its external data past 2 GB, the model's config, the report

@@ -20,11 +20,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from dsmoe.export.runner import OrtDecoder
 from torch import nn
 
 from dsmoe.cache import cache_layout
 from dsmoe.errors import NonFiniteError
-from dsmoe.export.runner import OrtDecoder
 from dsmoe.model import MoEGate
 
 PROMPTS, PROMPT_LEN = 8, 32

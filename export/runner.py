@@ -18,15 +18,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from dsmoe.export.files import verify_export_files
+from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, REPORT_FILE, io_names
+from dsmoe.export.static_cache import PAST_AXIS
+from dsmoe.passes.expose_router import parse_router_output_name
 
 from dsmoe import load_config
 from dsmoe.cache import cache_layout
-from dsmoe.export.files import verify_export_files
 from dsmoe.errors import DsmoeError
-from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, REPORT_FILE, io_names
-from dsmoe.export.static_cache import PAST_AXIS
 from dsmoe.outputs import Interrupted
-from dsmoe.passes.expose_router import parse_router_output_name
 
 _NP_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 

@@ -30,25 +30,25 @@ from pathlib import Path
 import onnx_ir as ir
 import psutil
 import torch
-
-from dsmoe import is_preset
-from dsmoe.architecture import architecture, available_memory
-from dsmoe.contract import CORRECTION_BIAS
-from dsmoe.config import DeepseekConfig
-from dsmoe.dtypes import VERIFY_RTOL
-from dsmoe.errors import DsmoeError
 from dsmoe.export.lower_quant import int4_tensor, lower_quantized
 from dsmoe.export.onnx_writer import DATA_FILE
 from dsmoe.export.quant_report import PROMPT_LEN, PROMPTS, Routes, compare_logits, prompts, routing_drift
 from dsmoe.export.runner import OrtDecoder
-from dsmoe.ir import capture
-from dsmoe.model import DeepseekForCausalLM, DeepseekRotaryEmbedding, causal_mask, rebuild_rotary
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import run_pipeline
-from dsmoe.quant import PREFERRED_BLOCK_SIZES, QuantScheme
-from dsmoe.quantized import quantized_reference
+
+from dsmoe import is_preset
+from dsmoe.architecture import architecture, available_memory
 from dsmoe.checkpoint import check_checkpoint, check_tied_head
 from dsmoe.checkpoint import read_part as _read_keys
+from dsmoe.config import DeepseekConfig
+from dsmoe.contract import CORRECTION_BIAS
+from dsmoe.dtypes import VERIFY_RTOL
+from dsmoe.errors import DsmoeError
+from dsmoe.ir import capture
+from dsmoe.model import DeepseekForCausalLM, DeepseekRotaryEmbedding, causal_mask, rebuild_rotary
+from dsmoe.quant import PREFERRED_BLOCK_SIZES, QuantScheme
+from dsmoe.quantized import quantized_reference
 from dsmoe.streaming import layer_of, part_module, part_names, part_shapes, random_parts, read_part
 
 SMALL = 4096          # placeholders up to this many elements hold distinct random values

@@ -19,14 +19,14 @@ import shutil
 from pathlib import Path
 
 import torch
-
-from dsmoe import load_config
-from dsmoe.errors import DsmoeError
-from dsmoe.cache import cache_layout
 from dsmoe.export.onnx_writer import MODEL_FILE, REPORT_FILE, io_names
 from dsmoe.export.runner import ExportRunError, check_config_unchanged
 from dsmoe.plugins.trt.build import PluginBuild
 from dsmoe.plugins.trt.spec import LIBRARY, ONNX_DOMAIN, PLUGINS
+
+from dsmoe import load_config
+from dsmoe.cache import cache_layout
+from dsmoe.errors import DsmoeError
 
 ENGINE_FILE = "model.engine"
 SCRIPT_FILE = "build_engine.sh"

@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from dsmoe.export.onnx_writer import MODEL_FILE
+from dsmoe.export.quant_options import ACCURACY_LEVEL
+from dsmoe.export.runner import session
 from onnx import helper, numpy_helper
 
 from dsmoe.cache import cache_layout
 from dsmoe.dtypes import VERIFY_RTOL
-from dsmoe.export.quant_options import ACCURACY_LEVEL
-from dsmoe.export.onnx_writer import MODEL_FILE
-from dsmoe.export.runner import session
 from dsmoe.ir import sample_inputs
 from dsmoe.quant import QuantizedTensor, qlinear, quantize_activations, unpack
 

@@ -1,6 +1,6 @@
 """``dsmoe eval``: perplexity, bits per byte and KL divergence, on every backend.
 
-The reference is computed here, independently of :mod:`dsmoe.evaluate`: the eager model's logits
+The reference is computed here, independently of :mod:`dsmoe.app.evaluate`: the eager model's logits
 on the same windows (llama.cpp's convention: a window of ctx tokens scores the predictions after
 its first ctx//2), torch's cross-entropy and KL divergence. One tiny checkpoint with a byte-level
 BPE tokenizer is exported once (ONNX Runtime, GenAI); llama.cpp's ``llama-perplexity`` on the
@@ -24,7 +24,7 @@ from conftest import run_cli
 
 import dsmoe
 from dsmoe.checkpoint import save_checkpoint
-from dsmoe.evaluate.run import run_eval
+from dsmoe.app.evaluate.run import run_eval
 from dsmoe.export import export_model
 
 CTX = 32

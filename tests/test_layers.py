@@ -25,7 +25,7 @@ LAYERS = [("dsmoe.app.", 4), ("dsmoe.bench", 4), ("dsmoe.export", 3), ("dsmoe.pl
 LAYER_NAMES = {0: "core", 1: "passes", 2: "plugins", 3: "export", 4: "app"}
 # third-party packages that may be imported inside a function: optional extras, GPU-only, or
 # only needed by one command (each such import carries a comment saying so)
-LAZY_OK = {"tokenizers", "transformers", "triton", "tensorrt", "onnxruntime_genai", "cuda", "cupy",
+LAZY_OK = {"tokenizers", "transformers", "triton", "tensorrt", "onnxruntime_genai", "cuda", "cupy", "sentencepiece",
            "matplotlib", "llama_cpp", "gguf"}
 # the command modules: the CLI imports a command's library code (and torch) only when it runs
 LAZY_COMMANDS = "dsmoe.app."

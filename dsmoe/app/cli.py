@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 
 from dsmoe.app.choices import GENERATE_BACKENDS, KERNELS, ROUTER_BACKENDS, SUITES
-from dsmoe.app.params import SEED
 from dsmoe.app.ep import ep_kwargs, ep_options, run_generate_ep
+from dsmoe.app.params import SEED
 from dsmoe.errors import DsmoeError, DsmoeWarning
 from dsmoe.outputs import check_output_file, write_failure, write_output_file
 
@@ -371,6 +371,7 @@ def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, arch
     """Export SOURCE to ONNX (fused MoE ops) in --out, optionally verified in ONNX Runtime
     (--target tensorrt: plugin nodes, the plugin library and the engine command lines; --quant:
     weight-only int8/int4 weights, their exactness and accuracy measured and reported)."""
+    from dsmoe.app import text_quality
     from dsmoe.export import export_model
     from dsmoe.streaming import random_init_seed
 
@@ -389,7 +390,8 @@ def _export(source, out_dir, target, dtype, kv_cache, verify, router_stats, arch
                               absorb_mla=not no_absorb_mla, progress=progress, allow_nonfinite=allow_nonfinite,
                               archs=_archs(archs), engine=engine, max_batch=max_batch, max_length=max_length,
                               quant=quant, block_size=block_size, quant_scope=quant_scope, asymmetric=asymmetric,
-                              stream=stream, eval_text=list(eval_text) or None, eval_ctx=eval_ctx)
+                              stream=stream, eval_text=list(eval_text) or None, eval_ctx=eval_ctx,
+                              evaluator=text_quality if eval_text or eval_ctx is not None else None)
     finally:
         if current["s"] is not None:
             current["s"].__exit__(None, None, None)

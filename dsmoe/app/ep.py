@@ -66,9 +66,8 @@ def run_generate_ep(*, ep: int, source: str, prompt_ids, prompt=None, max_new_to
                     dtype=None, overrides=None, device: str = "cpu", placement=None, redundant: int = 0,
                     mode: str = "a2a", timeout: float = 120.0, absorb_mla: bool = True, **unused) -> tuple[list, str | None]:
     """Generate with ``ep`` processes; returns ``(ids per prompt, text)`` like :func:`run_generate`."""
-    from dsmoe.app.generate import _prompts, check_request
-
     import dsmoe
+    from dsmoe.app.generate import _prompts, check_request
     if ep < 1:
         raise DsmoeError(f"--ep needs a positive number of processes, got {ep}")
     if backend not in ("eager", "fused"):

@@ -37,8 +37,8 @@ def eval_cmd(source, text, ctx, stride, backend, baseline, baseline_backend, bas
     convention). Against --baseline or --baseline-logits: PPL ratio, mean KLD and percentiles,
     same top-1 %, Δp.
     """
-    from dsmoe.evaluate.report import format_result
-    from dsmoe.evaluate.run import run_eval
+    from dsmoe.app.evaluate.report import format_result
+    from dsmoe.app.evaluate.run import run_eval
 
     result = run_eval(source=source, text=list(text), ctx=ctx, stride=stride, backend=backend, baseline=baseline,
                       baseline_backend=baseline_backend, baseline_logits=baseline_logits, save_logits=save_logits,

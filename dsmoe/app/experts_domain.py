@@ -116,9 +116,9 @@ def render_domains(rep: dict, console) -> None:
 def plot_domains(doc: dict, path: str | Path, *, force: bool = False, inputs=()) -> dict:
     """One heatmap per MoE layer: domains × experts, each domain's load relative to a uniform share
     (written by :func:`dsmoe.outputs.write_output_file`: refused if it exists unless ``force``)."""
-    from dsmoe.outputs import write_output_file
-
     import matplotlib  # lazy: optional dependency (only --plot draws)
+
+    from dsmoe.outputs import write_output_file
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # lazy: optional dependency

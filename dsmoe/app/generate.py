@@ -23,11 +23,11 @@ import torch
 
 import dsmoe
 from dsmoe.app.cuda_graphs import StaticDecoder, Step, static_length
-from dsmoe.app.engine import Engine
-from dsmoe.app.sampling import SamplingParams
 from dsmoe.app.device import cpu_kernels, require_cuda_kernels, resolve_device
+from dsmoe.app.engine import Engine
 from dsmoe.app.expert_stats import RouterTrace
 from dsmoe.app.router_trace import eager_router_step, fused_router_step, ort_router_step, tap
+from dsmoe.app.sampling import SamplingParams
 from dsmoe.app.step_timing import Timing
 from dsmoe.cache import cache_layout
 from dsmoe.config import DeepseekConfig

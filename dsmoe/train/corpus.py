@@ -14,11 +14,15 @@ a little between machines; a listed file that is absent is skipped, never replac
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
+import os
 import random
 import re
+import sys
 import sysconfig
+import tempfile
 import unicodedata
 from pathlib import Path
 
@@ -183,8 +187,6 @@ def write_heldout_list(path: Path = HELDOUT_LIST) -> int:
 
 def write_heldout(domain: str, out: str | Path, *, max_bytes: int | None = None, force: bool = False) -> int:
     """Write the held-out text of ``domain`` to ``out`` (atomically; an existing file only with ``force``)."""
-    import os
-    import tempfile
 
     out = Path(out)
     if out.exists() and not force:
@@ -205,7 +207,6 @@ def main(argv=None) -> None:
     """``python -m dsmoe.train.corpus heldout DOMAIN OUT [--max-bytes N] [--force]``: a domain's held-out
     text as one file (what ``dsmoe eval --text`` and ``dsmoe experts --by-domain`` read);
     ``draw-list``: draw the held-out list again (maintainers only; the committed list is the reference)."""
-    import argparse
 
     p = argparse.ArgumentParser(prog="python -m dsmoe.train.corpus", description=main.__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -223,7 +224,6 @@ def main(argv=None) -> None:
             print(f"wrote {write_heldout(a.domain, a.out, max_bytes=a.max_bytes, force=a.force)} bytes of held-out "
                   f"{a.domain} text to {a.out}")
     except DsmoeError as e:
-        import sys
 
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

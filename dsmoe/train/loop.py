@@ -18,6 +18,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
+from dsmoe.config import DeepseekConfig
+from dsmoe.model import DeepseekForCausalLM, MoEGate, init_weights
+from dsmoe.train.corpus import DOMAINS, sample_texts
+from dsmoe.train.save import save_minimoe
+from dsmoe.train.tokenizer import EOS, train_tokenizer
+
 MINIMOE_CONFIG = dict(
     model_type="deepseek", vocab_size=4096, hidden_size=256, intermediate_size=640, moe_intermediate_size=64,
     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1,
@@ -56,10 +64,7 @@ def lr_at(step: int, o: TrainOptions) -> float:
 
 def build_data(o: TrainOptions, log):
     """Tokenizer and per-domain token streams (documents joined by ``<|endoftext|>``)."""
-    import torch
 
-    from dsmoe.train.corpus import DOMAINS, sample_texts
-    from dsmoe.train.tokenizer import EOS, train_tokenizer
 
     texts = {d: sample_texts(d, int(DOMAIN_BYTES[d] * o.bytes_scale), seed=o.seed) for d in DOMAINS}
     log({"event": "corpus", **{d: {"files": len(t), "bytes": sum(len(x.encode()) for x in t)} for d, t in texts.items()}})
@@ -81,7 +86,6 @@ def build_data(o: TrainOptions, log):
 
 
 def batch_of(streams, o: TrainOptions, g):
-    import torch
 
     domains = list(DOMAIN_WEIGHTS)
     w = torch.tensor([DOMAIN_WEIGHTS[d] for d in domains])
@@ -99,13 +103,11 @@ class BalanceLoss:
     """Forward hooks on every ``MoEGate``: the sequence-level balance loss of the last forward."""
 
     def __init__(self, model, batch: int):
-        from dsmoe.model import MoEGate
 
         self.terms, self.batch = [], batch
         self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, MoEGate)]
 
     def _hook(self, gate, inputs, outputs):
-        import torch
 
         x_TH, (_, ids_TK) = inputs[0], outputs
         E, K = gate.weight.shape[0], ids_TK.shape[1]
@@ -124,11 +126,7 @@ class BalanceLoss:
 
 def train(*, out: str | Path, options: TrainOptions, force: bool = False, log_path: str | Path | None = None) -> dict:
     """Train, checkpointing into ``out``; returns the final log record."""
-    import torch
 
-    from dsmoe.config import DeepseekConfig
-    from dsmoe.model import DeepseekForCausalLM, init_weights
-    from dsmoe.train.save import save_minimoe
 
     o = options
     torch.set_num_threads(o.threads)

@@ -8,13 +8,15 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
+from dsmoe.outputs import OutputDir
+from dsmoe.train.tokenizer import tokenizer_config
+
 
 def save_minimoe(model, tok, out: str | Path, *, force: bool, log_path: Path | None = None) -> Path:
-    import torch
-    from safetensors.torch import save_file
 
-    from dsmoe.outputs import OutputDir
-    from dsmoe.train.tokenizer import tokenizer_config
 
     config = model.config
     with OutputDir(out, force=force, kind="checkpoint") as staging:

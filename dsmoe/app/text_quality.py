@@ -1,6 +1,6 @@
 """A quantized export against its unquantized source on held-out text (``dsmoe-export --eval-text``).
 
-Nothing is computed here: :func:`dsmoe.evaluate.run.run_eval` scores the export (ONNX Runtime)
+Nothing is computed here: :func:`dsmoe.app.evaluate.run.run_eval` scores the export (ONNX Runtime)
 against the source (eager, fp32) exactly as ``dsmoe eval EXPORT --baseline SOURCE`` does, and this
 module checks the options up front (eval's own checks, before any export work) and keeps the
 statistics the export report's ``quality`` block carries.
@@ -35,7 +35,7 @@ def check_eval_text(source: str, *, files: list[str] | None, ctx: int | None, qu
         raise DsmoeError("--eval-text does not apply to a streamed export (its fp32 baseline would have to fit in memory)")
     if not (Path(source) / "tokenizer.json").is_file():
         raise DsmoeError(f"--eval-text needs the source's tokenizer.json, and {source} has none (eval reads text)")
-    from dsmoe.evaluate.run import make_windows, read_text, tokenizer_of
+    from dsmoe.app.evaluate.run import make_windows, read_text, tokenizer_of
 
     ctx = DEFAULT_CTX if ctx is None else ctx
     try:
@@ -51,7 +51,7 @@ def check_eval_text(source: str, *, files: list[str] | None, ctx: int | None, qu
 
 def text_quality(export_dir: str | Path, source: str, *, files: list[str], ctx: int) -> dict:
     """The export (ort) against ``source`` (eager, fp32) on ``files``: the report's ``quality`` block."""
-    from dsmoe.evaluate.run import run_eval
+    from dsmoe.app.evaluate.run import run_eval
 
     try:
         r = run_eval(source=str(export_dir), text=list(files), ctx=ctx, backend="ort", baseline=str(source),

@@ -114,9 +114,10 @@ def run_eval(*, source: str, text: list[str], ctx: int = 512, stride: int | None
              save_logits: str | None = None, force: bool = False, dtype: str = "float32", threads: int | None = None,
              progress: bool = True) -> dict:
     """Perplexity and bits per byte of ``source`` on ``text``; with a baseline, PPL ratio, KLD, same-top-1 and Δp."""
-    from dsmoe.evaluate.backends import default_backend, open_model
-    from dsmoe.evaluate.logits_file import SavedLogits, save_logits as write_logits
-    from dsmoe.evaluate.metrics import Scores, log_softmax
+    from dsmoe.app.evaluate.backends import default_backend, open_model
+    from dsmoe.app.evaluate.logits_file import SavedLogits
+    from dsmoe.app.evaluate.logits_file import save_logits as write_logits
+    from dsmoe.app.evaluate.metrics import Scores, log_softmax
 
     if baseline and baseline_logits:
         raise DsmoeError("give --baseline or --baseline-logits, not both")
