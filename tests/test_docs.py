@@ -217,8 +217,11 @@ def _run(script: str, cwd: Path, timeout: int = 1200) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """What `make demo` leaves, small: models/small (the tiny preset) and its export out/small-ort."""
+    """What `make demo` leaves, small: models/small (the tiny preset) and its export out/small-ort;
+    beside them the repository's own assets/ and benchmarks/ (linked)."""
     ws = tmp_path_factory.mktemp("docs-quick")
+    for shipped in ("assets", "benchmarks"):  # what the repository ships (the trained model, configs), read only
+        (ws / shipped).symlink_to(ROOT / shipped)
     r = _run("dsmoe init models/small --preset tiny && dsmoe-export models/small --out out/small-ort", ws)
     assert r.returncode == 0, r.stderr
     return ws

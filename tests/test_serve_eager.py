@@ -33,7 +33,7 @@ def server(tmp_path_factory):
 def test_eager_batched_equals_alone(server):
     from dsmoe.app.generate import run_generate
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-    lengths = [40, 12, 7, 10]
+    lengths = [120, 12, 7, 10]  # the anchor decodes long enough for the others to join it
     alone = [run_generate(source=str(server.ckpt), prompt_ids=" ".join(map(str, p)), max_new_tokens=n)[0][0]
              for p, n in zip(PROMPTS, lengths)]
     anchor = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=lengths[0], temperature=0,
@@ -43,7 +43,7 @@ def test_eager_batched_equals_alone(server):
     def one(i):
         if i == 0:
             return first.choices[0].token_ids + [t for c in anchor for t in c.choices[0].token_ids]
-        time.sleep(0.05 * i)
+        time.sleep(0.01 * i)
         return client.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=lengths[i], temperature=0,
                                          extra_body={"ignore_eos": True}).choices[0].token_ids
 

@@ -31,7 +31,9 @@ def run_and_close(spec: dict, group) -> dict:
 
     from dsmoe.app.ep_rank import run_rank
     try:
-        return run_rank(spec, group)
+        result = run_rank(spec, group)
+        dist.barrier(group)  # no rank tears its sockets down while another still reads the last collective
+        return result
     finally:
         dist.destroy_process_group()
 
