@@ -92,6 +92,23 @@ def run_cli(capsys, *argv, entry=None) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.fixture
+def run(capsys):
+    """``dsmoe ARGV`` in-process (:func:`run_cli`): ``(exit code, stdout, stderr)``."""
+    return lambda *argv: run_cli(capsys, *argv)
+
+
+def one_line(code, err, want_code, *needles, error_prefix: bool = False):
+    """Exit ``want_code`` and exactly one line on stderr (besides export's ``· stage`` progress),
+    holding every needle (and starting ``error: `` with ``error_prefix``)."""
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("· ")]
+    assert code == want_code, (code, err)
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert not error_prefix or lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
 @pytest.fixture(params=list(ROUTING_VARIANTS))
 def variant(request):
     return request.param

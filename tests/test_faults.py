@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import one_line
 from safetensors.torch import load_file, save_file
 
 import dsmoe
@@ -31,18 +31,6 @@ DSMOE = str(Path(sys.executable).with_name("dsmoe"))
 TINY2 = ["--preset", "tiny", "--set", "num_hidden_layers=2"]
 
 
-@pytest.fixture
-def run(capsys):
-    return lambda *argv: run_cli(capsys, *argv)
-
-
-def one_line(code, err, want_code, *needles):
-    """Exit ``want_code`` and exactly one line on stderr (besides export's ``· stage`` progress)."""
-    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("· ")]
-    assert code == want_code, (code, err)
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 import onnxruntime
 import pytest
-from conftest import run_cli
+from conftest import one_line
 from onnx import numpy_helper
 
 from dsmoe.children import run_child
@@ -25,17 +25,6 @@ from dsmoe.outputs import Interrupted
 TINY1 = ["--set", "num_hidden_layers=1"]
 
 
-@pytest.fixture
-def run(capsys):
-    return lambda *argv: run_cli(capsys, *argv)
-
-
-def one_line(code, err, want_code, *needles):
-    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("· ")]
-    assert code == want_code, (code, err)
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.fixture(scope="module")

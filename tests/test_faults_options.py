@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli
+from conftest import one_line as _one_line
 from safetensors import safe_open
 
 from dsmoe.config import DeepseekConfig
@@ -14,17 +14,8 @@ from dsmoe.config import DeepseekConfig
 TINY = "preset:tiny"
 
 
-@pytest.fixture
-def run(capsys):
-    return lambda *argv: run_cli(capsys, *argv)
-
-
 def one_line(code, err, want_code, *needles):
-    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("· ")]
-    assert code == want_code, (code, err)
-    assert len(lines) == 1 and "Traceback" not in err and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+    _one_line(code, err, want_code, *needles, error_prefix=True)  # every refusal here is an `error: ` line
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -15,24 +15,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import one_line, run_cli
 
 import dsmoe
 from dsmoe.errors import DsmoeError
 from dsmoe.outputs import MARKER, Interrupted, OutputDir, check_target, trapped_signals, write_output_file
 
 
-@pytest.fixture
-def run(capsys):
-    return lambda *argv: run_cli(capsys, *argv)
-
-
-def one_line(code, err, want_code, *needles):
-    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("· ")]
-    assert code == want_code, (code, err)
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
