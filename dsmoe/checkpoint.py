@@ -96,6 +96,18 @@ def read_tensors(path: Path, dtype: torch.dtype, *, check_finite: bool = True, s
     Every tensor must be floating point, and (unless ``check_finite`` is off) finite after the cast
     (fp8 weights: once dequantized).
     """
+    def read(sf, key):
+        return None if skip is not None and skip(key) else _cast(key, sf.get_tensor(key), dtype, check_finite)
+
+    for key, _, tensor in _walk_shards(path, read):
+        if tensor is not None:
+            yield key, tensor
+
+
+def _walk_shards(path: Path, read):
+    """``(key, shard file name, read(safe_open handle, key))`` for every key of every shard, in
+    order, each shard checked by :func:`_check_shard` (a key in one shard only, the index the truth)
+    before any of its keys is read; unreadable files are one :class:`CheckpointError`."""
     where: dict[str, str] = {}
     for f, keys in shard_plan(path):
         try:
@@ -105,8 +117,7 @@ def read_tensors(path: Path, dtype: torch.dtype, *, check_finite: bool = True, s
                 _check_shard(f, present, wanted, keys is not None, where)
                 for key in sorted(wanted):
                     where[key] = f.name
-                    if skip is None or not skip(key):
-                        yield key, _cast(key, sf.get_tensor(key), dtype, check_finite)
+                    yield key, f.name, read(sf, key)
         except SafetensorError as e:
             raise CheckpointError(f"corrupt or truncated safetensors file {f.name}: {e}") from None
         except OSError as e:
@@ -218,19 +229,8 @@ def check_checkpoint(path: str | Path, config: DeepseekConfig, expected: dict[st
     path = Path(path)
     where: dict[str, str] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    for f, keys in shard_plan(path):
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                present = {k for k in sf.keys() if not NON_PERSISTENT_KEY.search(k)}  # noqa: SIM118
-                wanted = present if keys is None else {k for k in keys if not NON_PERSISTENT_KEY.search(k)}
-                _check_shard(f, present, wanted, keys is not None, where)
-                for key in wanted:
-                    where[key] = f.name
-                    shapes[key] = tuple(sf.get_slice(key).get_shape())
-        except SafetensorError as e:
-            raise CheckpointError(f"corrupt or truncated safetensors file {f.name}: {e}") from None
-        except OSError as e:
-            raise CheckpointError(f"cannot read {f}: {e}") from None
+    for key, shard, shape in _walk_shards(path, lambda sf, k: tuple(sf.get_slice(k).get_shape())):
+        where[key], shapes[key] = shard, shape
     mtp = mtp_layers(config)
     found: dict[str, tuple[int, ...]] = {}
     origin: dict[str, str] = {}
