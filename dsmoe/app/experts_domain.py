@@ -118,7 +118,7 @@ def plot_domains(doc: dict, path: str | Path, *, force: bool = False, inputs=())
     (written by :func:`dsmoe.outputs.write_output_file`: refused if it exists unless ``force``)."""
     import matplotlib  # lazy: optional dependency (only --plot draws)
 
-    from dsmoe.outputs import write_output_file
+    from dsmoe.app.experts_plot import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # lazy: optional dependency
@@ -139,9 +139,4 @@ def plot_domains(doc: dict, path: str | Path, *, force: bool = False, inputs=())
     axes[-1, 0].set_xlabel(f"routed expert (0…{E - 1})")
     fig.suptitle(f"expert load by domain relative to a uniform share (1 = uniform) — {doc['source']}, {doc['backend']}")
     fig.colorbar(im, ax=axes[:, 0].tolist(), label="load / uniform share", fraction=0.03)
-    try:
-        out = write_output_file(path, lambda p: fig.savefig(p, dpi=110, format="png"), force=force, inputs=inputs,
-                                option="--plot")
-    finally:
-        plt.close(fig)
-    return {"path": str(path), "bytes": out.stat().st_size}
+    return save_figure(fig, path, force=force, inputs=inputs)

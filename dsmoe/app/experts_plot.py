@@ -79,6 +79,14 @@ def plot_report(doc: dict, path: str | Path, *, force: bool = False, inputs=()) 
     ax.set_xticks(list(x), names)
     ax.set_xlabel("MoE layer")
     ax.legend(loc="best", fontsize=8)
+    return save_figure(fig, path, force=force, inputs=inputs)
+
+
+def save_figure(fig, path: str | Path, *, force: bool, inputs=()) -> dict:
+    """``--plot``'s PNG through :func:`write_output_file` (atomic, never an input, ``--force`` to
+    replace), the figure closed either way; returns ``{"path", "bytes"}``."""
+    import matplotlib.pyplot as plt  # lazy: optional dependency
+
     try:
         written = write_output_file(path, lambda p: fig.savefig(p, dpi=110, format="png"), force=force, inputs=inputs,
                                     option="--plot")
