@@ -93,7 +93,11 @@ def export(ckpt: Path, bits: int, say) -> Path:
 
 def _tokenizer_model() -> bytes:
     """A 64-piece SentencePiece model: the vocabulary llama.cpp's converter insists on."""
-    import sentencepiece as spm  # lazy: optional, only the converter path needs it
+    try:
+        import sentencepiece as spm  # lazy: optional (the `llama` extra), only the converter path needs it
+    except ImportError:
+        raise FileNotFoundError("llama.cpp's converter needs a tokenizer and dsmoe makes it with sentencepiece: "
+                                "pip install -e '.[llama]'") from None
 
     buf = io.BytesIO()
     text = (f"the quick brown fox jumps over the lazy dog {i}" for i in range(200))
@@ -108,10 +112,14 @@ def _stage(ckpt: Path) -> Path:
     tmp = stage.with_name(f".{stage.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for f in ckpt.iterdir():
-        if f.suffix in (".json", ".safetensors") and not f.name.startswith("."):
-            (tmp / f.name).symlink_to(f.resolve())
-    (tmp / "tokenizer.model").write_bytes(_tokenizer_model())
+    try:
+        for f in ckpt.iterdir():
+            if f.suffix in (".json", ".safetensors") and not f.name.startswith("."):
+                (tmp / f.name).symlink_to(f.resolve())
+        (tmp / "tokenizer.model").write_bytes(_tokenizer_model())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours, half made
+        raise
     shutil.rmtree(stage, ignore_errors=True)  # ours: a stage of an earlier run
     os.replace(tmp, stage)
     return stage
@@ -127,16 +135,22 @@ def llama_ggufs(ckpt: Path, say, qtypes=LLAMA_QTYPES) -> dict[str, Path]:
     if not bf16.is_file():
         stage = _stage(ckpt)
         tmp = bf16.with_name(f".{bf16.name}.tmp")
-        _run([sys.executable, conv, stage, "--outfile", tmp, "--outtype", "bf16"], "convert_hf_to_gguf.py", say)
-        os.replace(tmp, bf16)
-        shutil.rmtree(stage, ignore_errors=True)
+        try:
+            _run([sys.executable, conv, stage, "--outfile", tmp, "--outtype", "bf16"], "convert_hf_to_gguf.py", say)
+            os.replace(tmp, bf16)
+        finally:
+            tmp.unlink(missing_ok=True)  # ours: left only by a failed conversion
+            shutil.rmtree(stage, ignore_errors=True)
     out = {}
     for q in qtypes:
         path = ckpt.with_name(f"{ckpt.name}-llama-{q}.gguf")
         if not path.is_file():
             tmp = path.with_name(f".{path.name}.tmp")
-            _run([quant, bf16, tmp, q, str(os.cpu_count() or 1)], f"llama-quantize {q}", say)
-            os.replace(tmp, path)
+            try:
+                _run([quant, bf16, tmp, q, str(os.cpu_count() or 1)], f"llama-quantize {q}", say)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)  # ours: left only by a failed quantize
         out[q] = path
     return out
 
@@ -148,6 +162,9 @@ def dsmoe_gguf(ckpt: Path, say, qtype: str = "Q4_0") -> Path:
     if not path.is_file():
         tmp = path.with_name(f".{path.name}.tmp")
         say(f"dsmoe's GGUF writer ({qtype}) → {path.name}")
-        write_gguf(str(ckpt), tmp, qtype=qtype)
-        os.replace(tmp, path)
+        try:
+            write_gguf(str(ckpt), tmp, qtype=qtype)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # ours: left only by a failed write
     return path
