@@ -19,6 +19,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from dsmoe.export.files import verify_export_files
+from dsmoe.export.kv_inplace import KvInplaceUnsupported, attention_gqa_inplace
 from dsmoe.export.onnx_writer import CONFIG_FILE, DATA_FILE, MODEL_FILE, REPORT_FILE, io_names
 from dsmoe.export.static_cache import PAST_AXIS
 from dsmoe.passes.expose_router import parse_router_output_name
@@ -54,13 +55,15 @@ SESSION_CONFIG = {"session.intra_op.allow_spinning": "1" if SPINNING else "0"}
 
 def session(path: str | Path, *, threads: int | None = None, optimize: bool = True,
             providers: list[str] | None = None, spinning: bool = SPINNING, profile_prefix: str | None = None,
-            last_logits: bool = False, kv_bnsh: bool = False):
+            last_logits: bool = False, kv_bnsh: bool = False, kv_inplace: int | None = None):
     """An ``InferenceSession`` (CPU unless ``providers``) with :data:`SESSION_CONFIG`;
     ``optimize=False`` turns ORT's graph rewrites off (numerics tests), ``spinning=True`` lets the
     intra-op threads spin (faster on an idle machine only), ``profile_prefix`` turns ONNX Runtime's
     per-node profiler on (``sess.end_profiling()`` writes it; :mod:`dsmoe.bench.ort_profile`),
     ``last_logits=True`` runs the graph rewritten by :func:`last_token_logits`, ``kv_bnsh=True`` the
-    one rewritten by :func:`attention_kv_bnsh` (in memory; the weights are read from beside ``path``)."""
+    one rewritten by :func:`attention_kv_bnsh` (in memory; the weights are read from beside ``path``),
+    ``kv_inplace=H`` (the KV heads) the one rewritten by that and
+    :func:`dsmoe.export.kv_inplace.attention_gqa_inplace` (raises :class:`KvInplaceUnsupported`)."""
     so = ort.SessionOptions()
     if profile_prefix:
         so.enable_profiling, so.profile_file_prefix = True, profile_prefix
@@ -76,13 +79,15 @@ def session(path: str | Path, *, threads: int | None = None, optimize: bool = Tr
     # their own accuracy_level attribute; this setting does not touch them.)
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     so.log_severity_level = 3
-    if last_logits or kv_bnsh:
+    if last_logits or kv_bnsh or kv_inplace:
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(path).parent))
         m = onnx.load(str(path), load_external_data=False)
         if last_logits:
             last_token_logits(m)
-        if kv_bnsh:
+        if kv_bnsh or kv_inplace:
             attention_kv_bnsh(m)
+        if kv_inplace:
+            attention_gqa_inplace(m, kv_inplace)
         return ort.InferenceSession(m.SerializeToString(), so, providers=providers or ["CPUExecutionProvider"])
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
@@ -177,11 +182,15 @@ class OrtDecoder:
     :func:`last_token_logits`): what generation needs, at a fraction of a long prefill's cost;
     ``"auto"``: last where the graph allows it, else all (``self.logits`` says which). ``kv_bnsh=True``
     feeds the attention the cache-shaped keys/values (:func:`attention_kv_bnsh`): same numbers,
-    no per-step transposes of the whole cache.
+    no per-step transposes of the whole cache. ``kv_inplace=True`` runs a dynamic-cache fp32 export
+    with its keys/values written in place (:mod:`dsmoe.export.kv_inplace`: buffers as in the static
+    mode, no per-step copy of the whole cache); ``"auto"``: where the export allows it (``self.kv_inplace``
+    says). ``present_views`` is true when the returned present is a view of reused buffers.
     """
 
     def __init__(self, export_dir: str | Path, threads: int | None = None, *, optimize: bool = True,
-                 spinning: bool = SPINNING, router_stats: bool = False, logits: str = "all", kv_bnsh: bool = False):
+                 spinning: bool = SPINNING, router_stats: bool = False, logits: str = "all", kv_bnsh: bool = False,
+                 kv_inplace: bool | str = False):
         d = self.dir = Path(export_dir)
         if not (d / MODEL_FILE).is_file():
             raise DsmoeError(f"{d} holds no {MODEL_FILE} (export it with: dsmoe-export SOURCE --out {d})")
@@ -195,8 +204,22 @@ class OrtDecoder:
         if logits == "auto":  # last where the graph allows it (a generation loop reads the last row either way)
             logits = "last" if can_cut_logits(d / MODEL_FILE) else "all"
         self.logits = logits
-        self.sess = _open_session(d, threads=threads, optimize=optimize, spinning=spinning, last_logits=logits == "last",
-                                  kv_bnsh=kv_bnsh)
+        if kv_inplace not in (True, False, "auto"):
+            raise DsmoeError(f"kv_inplace must be True, False or 'auto', not {kv_inplace!r}")
+        kw = dict(threads=threads, optimize=optimize, spinning=spinning, last_logits=logits == "last", kv_bnsh=kv_bnsh)
+        why = _why_not_inplace(d, self.config, router_stats) if kv_inplace else "not asked for"
+        if why and kv_inplace is True:
+            raise DsmoeError(f"{d}: keys/values cannot be written in place: {why}")
+        self.kv_inplace = False
+        if not why:
+            try:
+                self.sess = _open_session(d, kv_inplace=self.config.num_key_value_heads, **kw)
+                self.kv_inplace = True
+            except KvInplaceUnsupported as e:  # the graph's attention is not the pattern: copy
+                if kv_inplace is True:
+                    raise DsmoeError(f"{d}: keys/values cannot be written in place: {e}") from None
+        if not self.kv_inplace:
+            self.sess = _open_session(d, **kw)
         self.layout = cache_layout(self.config)
         self.input_names, self.output_names = io_names(self.layout)
         _check_io(d, self.sess, self.config, self.layout, self.input_names, self.output_names)
@@ -205,6 +228,7 @@ class OrtDecoder:
         self.dtype = _NP_TO_TORCH[first.type]
         self.np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
         self.kv_cache = "static" if first.shape[2] == PAST_AXIS["static"] else "dynamic"
+        self.present_views = self.kv_cache == "static" or self.kv_inplace
         self._bufs: list[np.ndarray] = []   # static mode: the cache's tensors in ONNX order, [B, heads, M, dim]
         self._views: list[torch.Tensor] = []
         self._fill = -1                      # slots of the present returned last (-1: none)
@@ -225,7 +249,7 @@ class OrtDecoder:
         if len(flat) != len(self.layout.input_names()):
             raise DsmoeError(f"the cache has {len(flat)} tensors; this export takes {len(self.layout.input_names())} "
                              f"({', '.join(self.layout.names)} per layer)")
-        if self.kv_cache == "static":
+        if self.present_views:
             return self._static_step(feed, past, flat)
         for name, t in zip(self.layout.input_names(), flat):
             feed[name] = _np(t, self.np_dtype)
@@ -244,6 +268,8 @@ class OrtDecoder:
         P = past[0][0].shape[2] if past else 0
         if feed["attention_mask"].shape[1] != P + S:
             raise DsmoeError(f"attention_mask covers {feed['attention_mask'].shape[1]} slots, past + new tokens are {P + S}")
+        if self.kv_inplace and B > 1 and S > 1 and P > 0:
+            return self._token_by_token(feed, past)  # GroupQueryAttention takes several new tokens of one row only
         own = self._is_own(past, P)
         if not self._bufs or self._bufs[0].shape[0] != B or self._bufs[0].shape[2] < P + S:
             self._allocate(B, P + S, past if own else None)
@@ -258,6 +284,19 @@ class OrtDecoder:
         self._fill = P + S
         n = P + S
         return logits, self.layout.unflatten([v[:, :, :n] for v in self._views])
+
+    def _token_by_token(self, feed: dict, past):
+        """``S`` new tokens of a batch with a past, one at a time (what a ``GroupQueryAttention``
+        step can take): the same numbers, the logits of every position concatenated."""
+        S, P = feed["input_ids"].shape[1], past[0][0].shape[2]
+        rows, present = [], past
+        for s in range(S):
+            logits, present = self._static_step({"input_ids": feed["input_ids"][:, s:s + 1],
+                                                 "attention_mask": np.ascontiguousarray(feed["attention_mask"][:, :P + s + 1]),
+                                                 "position_ids": feed["position_ids"][:, s:s + 1]}, present,
+                                                [t for layer in present for t in layer])
+            rows.append(logits)
+        return (rows[-1] if self.logits == "last" else torch.cat(rows, 1)), present
 
     def _run(self, fn):
         try:
@@ -290,6 +329,23 @@ class OrtDecoder:
             self._binding.bind_ortvalue_input(name, value)
         for name, value in zip(self.output_names[1:], self._values):
             self._binding.bind_ortvalue_output(name, value)
+
+
+def _why_not_inplace(d: Path, config, router_stats: bool) -> str:
+    """Why export ``d`` cannot run with keys/values in place ("" when it can, as far as its inputs
+    tell; the graph's attention is checked by the rewrite itself)."""
+    if router_stats:
+        return "router statistics are read from the copying path"
+    graph = onnx.load(str(d / MODEL_FILE), load_external_data=False).graph
+    first = next((i for i in graph.input if i.name == cache_layout(config).input_names()[0]), None)
+    if first is None:
+        return "the graph has no cache inputs"
+    t = first.type.tensor_type
+    if t.shape.dim[2].dim_param == PAST_AXIS["static"]:
+        return "a static-cache export already writes its buffers in place"
+    if t.elem_type != onnx.TensorProto.FLOAT:
+        return "only fp32 caches (ONNX Runtime's GroupQueryAttention is slow on CPU with fp16 ones)"
+    return ""
 
 
 def reexport_command(d: Path) -> str:
@@ -342,7 +398,7 @@ def _open_session(d: Path, **kw):
         raise DsmoeError(f"{model} is empty (a damaged export: export it again)")
     try:
         return session(model, **kw)
-    except Interrupted:
+    except (Interrupted, KvInplaceUnsupported):
         raise
     except Exception as e:  # onnxruntime raises its own exception classes for unreadable models
         text = str(e)

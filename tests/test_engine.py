@@ -12,6 +12,7 @@ import dsmoe
 from dsmoe.app.engine import Engine, QueueFull
 from dsmoe.app.generate import eager_step
 from dsmoe.app.sampling import SamplingParams, sample
+from dsmoe.app.step_timing import Timing
 from dsmoe.errors import DsmoeError
 
 PROMPTS = [[1, 5, 9, 17, 33, 40, 41], [7, 8, 100], [3, 200, 11, 12, 13], [9] * 11, [250, 4]]
@@ -73,9 +74,9 @@ def test_batched_equals_alone_with_staggered_joins_and_chunked_prefill(model):
 
 class ViewsStep:
     """A step that returns its present as views of buffers it reuses for the next call of the same
-    batch size, as a static-cache OrtDecoder and the CUDA-graph StaticDecoder do."""
+    batch size, as a static-cache or in-place OrtDecoder and the CUDA-graph StaticDecoder do."""
 
-    kv_cache = "static"
+    present_views = True
 
     def __init__(self, model):
         self.plain, self.bufs = eager_step(model), {}
@@ -94,7 +95,8 @@ class ViewsStep:
 
 
 def test_a_step_returning_views_of_reused_buffers_still_gives_alone_tokens(model):
-    eng = Engine(ViewsStep(model), model.config, max_running=3, max_step_tokens=6)
+    # through the timing wrapper of `dsmoe generate`, which must say what the step it wraps is
+    eng = Engine(Timing().wrap(ViewsStep(model)), model.config, max_running=3, max_step_tokens=6)
     assert eng.views
     arrivals = {0: [(PROMPTS[0], SamplingParams(max_tokens=NEW[0]))], 1: [(PROMPTS[1], SamplingParams(max_tokens=NEW[1]))],
                 4: [(PROMPTS[2], SamplingParams(max_tokens=NEW[2]))]}

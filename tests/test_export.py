@@ -21,12 +21,14 @@ import torch
 from conftest import ROUTING_VARIANTS
 
 import dsmoe
-from dsmoe.app.generate import eager_step, generate_ort, greedy_generate
+from dsmoe.app.generate import eager_step, generate_ort, greedy_generate, greedy_generate_batch
+from dsmoe.cache import cache_layout
 from dsmoe.dtypes import VERIFY_RTOL
 from dsmoe.errors import DsmoeError
 from dsmoe.export import LoweringError, OrtDecoder, export_model, lower
 from dsmoe.export.onnx_writer import to_onnx
-from dsmoe.export.runner import polygraphy_command
+from dsmoe.export.kv_inplace import attention_gqa_inplace
+from dsmoe.export.runner import attention_kv_bnsh, polygraphy_command
 from dsmoe.ir import capture, sample_inputs
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import run_pipeline
@@ -123,6 +125,65 @@ def test_generate_ort_equals_eager(exported, tiny):
     out, _, _ = exported
     want = greedy_generate(eager_step(tiny), tiny.config, PROMPT, 12)
     assert generate_ort(out, PROMPT, 12) == want
+
+
+def test_keys_values_in_place_match_eager(exported, tiny):
+    """``kv_inplace``: every layer's Concat + MultiHeadAttention rewritten to one GroupQueryAttention
+    writing into bound buffers; the same numbers as the eager model over chained steps — a
+    left-padded prefill, decode steps, a multi-token step of a batch (run token by token) — and a
+    copied-in history that is not the decoder's own. The portable export (no com.microsoft
+    attention) is refused when asked for, and runs the copying path under ``"auto"``."""
+    out, _, _ = exported
+    if out.name == "portable":
+        with pytest.raises(DsmoeError, match="cannot be written in place: .*MultiHeadAttention"):
+            OrtDecoder(out, kv_inplace=True)
+        assert not OrtDecoder(out, kv_inplace="auto").kv_inplace
+        return
+    dec, c = OrtDecoder(out, kv_inplace=True), tiny.config
+    assert dec.kv_inplace and dec.present_views
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert attention_kv_bnsh(m) == c.num_hidden_layers
+    assert attention_gqa_inplace(m, c.num_key_value_heads) == c.num_hidden_layers
+    assert not any(n.op_type in ("MultiHeadAttention", "Concat") and any(i.startswith("past_key_values") for i in n.input)
+                   for n in m.graph.node)
+    g = torch.Generator().manual_seed(5)
+    B, mask = 3, torch.ones(3, 6, dtype=torch.int64)
+    mask[1, :2] = mask[2, :5] = 0  # left padding: rows of 6, 4 and 1 tokens
+    past_ref = past = cache_layout(c).empty(B)
+    for S in (6, 1, 4, 1, 2):
+        ids = torch.randint(0, c.vocab_size, (B, S), generator=g)
+        if S != 6:
+            mask = torch.cat([mask, torch.ones(B, S, dtype=torch.int64)], 1)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)[:, -S:]
+        with torch.no_grad():
+            ref, past_ref = tiny(ids, mask, pos, past_ref, use_cache=True)
+        got, past = dec(ids, mask, pos, past)
+        keep = mask[:, -S:].bool()  # padded positions attend to nothing: their values are the kernels' own
+        assert rel_err(ref[keep], got[keep]) <= 1e-4, S
+        for (rk, rv), (k, v) in zip(past_ref, past):
+            assert k.shape == rk.shape and rel_err(rk * mask[:, None, :, None], k * mask[:, None, :, None]) <= 1e-4
+    # a history the decoder did not return last is copied into its buffers first
+    ids = torch.randint(0, c.vocab_size, (B, 1), generator=g)
+    mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64)], 1)
+    pos = mask.sum(1, keepdim=True) - 1
+    with torch.no_grad():
+        ref, _ = tiny(ids, mask, pos, past_ref, use_cache=True)
+    got, _ = dec(ids, mask, pos, [tuple(t.clone() for t in layer) for layer in past_ref])
+    assert rel_err(ref, got) <= 1e-4
+
+
+def test_batched_generation_in_place_equals_copying(exported, tiny):
+    """The engine (prompts prefilled alone, then decoded together in right-aligned slots) over a
+    decoder whose present is a view of its buffers: the same tokens as the copying decoder — the
+    engine clones what it keeps (``present_views``), so one prompt's prefill cannot overwrite
+    another's cache."""
+    out, _, _ = exported
+    if out.name == "portable":
+        pytest.skip("no in-place path for the portable target (see above)")
+    prompts = [PROMPT, [3, 8], [40, 2, 11, 6, 9, 13, 21]]
+    want = greedy_generate_batch(OrtDecoder(out), tiny.config, prompts, 8)
+    assert greedy_generate_batch(OrtDecoder(out, kv_inplace=True), tiny.config, prompts, 8) == want
+    assert want == [greedy_generate(eager_step(tiny), tiny.config, p, 8) for p in prompts]
 
 
 def test_polygraphy_runs_the_export(exported):

@@ -45,6 +45,7 @@ class StaticDecoder:
         self.step, self.L, self.B = step, int(max_len), int(batch)
         self.device = torch.device(device)
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+        self.present_views = True  # the present it returns is a view of self.cache (the engine clones what it keeps)
         if self.cuda_graph and self.device.type != "cuda":
             raise DsmoeError("CUDA-graph decode needs a CUDA device")
         self.cache = cache_layout(config).empty(self.B, dtype, self.device, length=self.L)  # one tuple per layer

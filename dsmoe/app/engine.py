@@ -107,9 +107,10 @@ class Engine:
         self.cache: list | None = None       # the running batch's, right-aligned
         self.mask: torch.Tensor | None = None
         self.on_step = on_step
-        # a step whose present is a view of buffers it reuses (a static-cache OrtDecoder, the CUDA-graph
-        # StaticDecoder: "valid until the next call") gets the cache we keep cloned before another call
-        self.views = (getattr(step, "kv_cache", None) == "static" or hasattr(step, "cuda_graph")) if views is None else views
+        # a step whose present is a view of buffers it reuses (``present_views``: a static-cache or
+        # in-place OrtDecoder, the CUDA-graph StaticDecoder: "valid until the next call") gets the
+        # cache we keep cloned before another call
+        self.views = bool(getattr(step, "present_views", False)) if views is None else views
         self._fragile: object = None         # "batch" or the Sequence holding the last call's present
         self._lock = threading.Lock()
         self.wakeup = threading.Event()

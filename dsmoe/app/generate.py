@@ -123,7 +123,8 @@ def greedy_generate_batch(step: Step, config: DeepseekConfig, prompts: list[list
 def generate_ort(export_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, *,
                  threads: int | None = None) -> list[int]:
     """Greedy decoding of an exported directory in ONNX Runtime (one prefill step, then one per token)."""
-    dec = OrtDecoder(export_dir, threads=threads, logits="auto", kv_bnsh=True)  # the loop reads the last row only
+    dec = OrtDecoder(export_dir, threads=threads, logits="auto", kv_bnsh=True,  # the loop reads the last row only
+                     kv_inplace="auto")  # no per-step copy of the cache where the graph allows
     return greedy_generate(dec, dec.config, list(prompt_ids), max_new_tokens, dtype=dec.dtype)
 
 
@@ -238,7 +239,7 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
                 raise DsmoeError("the tensorrt backend takes one prompt (its engine's loop is not batched here)")
             new = [generate_tensorrt(source, prompts[0], max_new_tokens)]
         else:
-            dec = OrtDecoder(source, logits="auto", kv_bnsh=True)
+            dec = OrtDecoder(source, logits="auto", kv_bnsh=True, kv_inplace="auto")
             new = _generate(timed(dec), dec.config, prompts, max_new_tokens, dtype=dec.dtype)
     else:
         prompts, tok = _prompts(source, prompt_ids, prompt, None)

@@ -67,7 +67,7 @@ def open_engine(*, source: str, backend: str | None, max_running: int, max_model
         routers = expert_stats != "off" and _has_router_outputs(Path(source) / MODEL_FILE)
         if expert_stats != "off" and not routers:
             notes.append("expert load: off (export with --router-stats and --kv-cache dynamic to see it live)")
-        dec = OrtDecoder(source, threads=threads, router_stats=routers)
+        dec = OrtDecoder(source, threads=threads, router_stats=routers, kv_inplace="auto")  # no per-step cache copy
         config, mdtype, router_step = dec.config, dec.dtype, (dec if routers else None)
         plain = dec
     else:

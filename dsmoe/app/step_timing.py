@@ -25,6 +25,7 @@ class Timing:
             self.add(time.perf_counter() - t)
             return result
 
+        timed.present_views = getattr(step, "present_views", False)  # what the engine must know of the step
         return timed
 
     def add(self, seconds: float) -> None:
