@@ -135,7 +135,7 @@ def test_keys_values_in_place_match_eager(exported, tiny):
     attention) is refused when asked for, and runs the copying path under ``"auto"``."""
     out, _, _ = exported
     if out.name == "portable":
-        with pytest.raises(DsmoeError, match="cannot be written in place: .*MultiHeadAttention"):
+        with pytest.raises(DsmoeError, match=r"cannot be written in place: .*MultiHeadAttention"):
             OrtDecoder(out, kv_inplace=True)
         assert not OrtDecoder(out, kv_inplace="auto").kv_inplace
         return
@@ -160,8 +160,9 @@ def test_keys_values_in_place_match_eager(exported, tiny):
         got, past = dec(ids, mask, pos, past)
         keep = mask[:, -S:].bool()  # padded positions attend to nothing: their values are the kernels' own
         assert rel_err(ref[keep], got[keep]) <= 1e-4, S
+        slots = mask[:, None, :, None]
         for (rk, rv), (k, v) in zip(past_ref, past):
-            assert k.shape == rk.shape and rel_err(rk * mask[:, None, :, None], k * mask[:, None, :, None]) <= 1e-4
+            assert k.shape == rk.shape and rel_err(rk * slots, k * slots) <= 1e-4 and rel_err(rv * slots, v * slots) <= 1e-4
     # a history the decoder did not return last is copied into its buffers first
     ids = torch.randint(0, c.vocab_size, (B, 1), generator=g)
     mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64)], 1)
