@@ -55,7 +55,7 @@ def _ort_round(export_dir: Path, config, threads: int, prefill, context, decode:
     t = time.perf_counter()
     # as `dsmoe generate` runs it: the lm_head on the last token, the keys/values written in place
     dec = OrtDecoder(export_dir, threads=threads, logits="last", kv_inplace=True)
-    out = {"load_s": time.perf_counter() - t}
+    out = {"load_s": time.perf_counter() - t, "spinning": dec.spinning}  # spinning: chosen at load (cores_free)
     g = torch.Generator().manual_seed(0)
     nkv, hd, L = config.num_key_value_heads, config.head_dim, config.num_hidden_layers
     for P in prefill:

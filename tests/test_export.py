@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import onnx
@@ -28,7 +30,7 @@ from dsmoe.errors import DsmoeError
 from dsmoe.export import LoweringError, OrtDecoder, export_model, lower
 from dsmoe.export.onnx_writer import to_onnx
 from dsmoe.export.kv_inplace import attention_gqa_inplace
-from dsmoe.export.runner import attention_kv_bnsh, polygraphy_command
+from dsmoe.export.runner import attention_kv_bnsh, cores_free, polygraphy_command
 from dsmoe.ir import capture, sample_inputs
 from dsmoe.passes.context import PassContext
 from dsmoe.passes.pipeline import run_pipeline
@@ -171,6 +173,27 @@ def test_keys_values_in_place_match_eager(exported, tiny):
         ref, _ = tiny(ids, mask, pos, past_ref, use_cache=True)
     got, _ = dec(ids, mask, pos, [tuple(t.clone() for t in layer) for layer in past_ref])
     assert rel_err(ref, got) <= 1e-4
+
+
+def test_threads_spin_only_when_the_cores_are_free(exported):
+    """``cores_free``: with a busy process on every core there is no core to spare (so ``spinning=
+    "auto"`` sleeps); an unknown spinning value is one error."""
+    out, _, _ = exported
+    if out.name == "portable":
+        pytest.skip("one export is enough")
+    n = os.cpu_count() or 1
+    busy = [subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+            for _ in range(n)]
+    try:
+        time.sleep(0.5)
+        assert not cores_free(n)
+        assert OrtDecoder(out, spinning="auto").spinning is False
+    finally:
+        for b in busy:
+            b.kill()
+            b.wait()
+    with pytest.raises(DsmoeError, match="spinning must be True, False or 'auto'"):
+        OrtDecoder(out, spinning="yes")
 
 
 def test_batched_generation_in_place_equals_copying(exported, tiny):
