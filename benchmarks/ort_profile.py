@@ -40,7 +40,7 @@ import torch
 from dsmoe.bench.limits import measure_limits
 from dsmoe.bench.report import machine_info
 from dsmoe.export.onnx_writer import MODEL_FILE
-from dsmoe.export.runner import export_target, session
+from dsmoe.export.runner import OrtDecoder, export_target, session
 from dsmoe.export.static_cache import PAST_AXIS
 
 from dsmoe import load_config
@@ -90,6 +90,24 @@ def node_weight_bytes(model_path: Path, active_fraction: float) -> dict[str, int
         b = sum(size(i) for i in n.input)
         out[n.name] = int(b * active_fraction) if n.op_type in ROUTED_EXPERT_OPS else b
     return out
+
+
+def _decoder_step(dec, layout, past: int, seed: int, tokens: int):
+    """A step of ``tokens`` new tokens through ``dec`` (an in-place :class:`OrtDecoder`) after a
+    seeded random cache of ``past`` positions. Decode (one token) goes on from the present each
+    step, as generation does (the cache grows by one position per step, nothing is copied); a
+    prefill starts from that cache again each call (copied into the bound buffers when ``past`` >
+    0, which the step's time then includes)."""
+    ids = torch.tensor([[7]]) if tokens == 1 else (torch.arange(tokens)[None] * 7919 + 7) % 100
+    state = {"cache": layout.random(1, past, torch.Generator().manual_seed(seed))}
+
+    def step():
+        P = state["cache"][0][0].shape[2]
+        mask, pos = torch.ones(1, P + tokens, dtype=torch.int64), torch.arange(P, P + tokens)[None]
+        _, present = dec(ids, mask, pos, state["cache"])
+        if tokens == 1:
+            state["cache"] = present
+    return step
 
 
 def _decode_feeds(sess, layout, past: int, seed: int, tokens: int = 1) -> dict[str, np.ndarray]:
@@ -142,7 +160,7 @@ def accuracy_sweep(d: Path, levels: list[int], *, past: int, steps: int, threads
 
 
 def profile_export(d: Path, *, past: int, steps: int, threads: int, seed: int = 0, tokens: int = 1,
-                   last_logits: bool = False) -> dict:
+                   last_logits: bool = False, kv_inplace: bool = False) -> dict:
     """One export's decode step (``tokens`` > 1: a prefill of that many after ``past``): wall time and
     the per-op-type kernel table."""
     if not (d / MODEL_FILE).is_file():
@@ -155,17 +173,25 @@ def profile_export(d: Path, *, past: int, steps: int, threads: int, seed: int = 
     layout = cache_layout(config)
     tmp = Path(tempfile.mkdtemp(prefix="dsmoe-prof-"))
     try:
-        sess = session(d / MODEL_FILE, threads=threads, profile_prefix=str(tmp / "ort"), last_logits=last_logits)
-        first = next(i for i in sess.get_inputs() if i.name == layout.input_names()[0])
-        if first.shape[2] == PAST_AXIS["static"]:
-            raise DsmoeError(f"{d} is a static-cache export; profile a dynamic one (dsmoe-export --kv-cache dynamic)")
-        feeds = _decode_feeds(sess, layout, past, seed, tokens)
-        fetch = [o.name for o in sess.get_outputs()]
+        if kv_inplace:  # as generation runs it: OrtDecoder's bound buffers, the cache growing each step
+            dec = OrtDecoder(d, threads=threads, logits="last" if last_logits else "all", kv_inplace=True,
+                             spinning=False, profile_prefix=str(tmp / "ort"))
+            sess, step = dec.sess, _decoder_step(dec, layout, past, seed, tokens)
+        else:
+            sess = session(d / MODEL_FILE, threads=threads, profile_prefix=str(tmp / "ort"), last_logits=last_logits)
+            first = next(i for i in sess.get_inputs() if i.name == layout.input_names()[0])
+            if first.shape[2] == PAST_AXIS["static"]:
+                raise DsmoeError(f"{d} is a static-cache export; profile a dynamic one (dsmoe-export --kv-cache dynamic)")
+            feeds = _decode_feeds(sess, layout, past, seed, tokens)
+            fetch = [o.name for o in sess.get_outputs()]
+
+            def step():
+                sess.run(fetch, feeds)
         for _ in range(WARMUP):
-            sess.run(fetch, feeds)
+            step()
         t0 = time.perf_counter()
         for _ in range(steps):
-            sess.run(fetch, feeds)
+            step()
         wall_ms = (time.perf_counter() - t0) * 1e3 / steps
         events = json.loads(Path(sess.end_profiling()).read_text())
     finally:
@@ -187,7 +213,8 @@ def profile_export(d: Path, *, past: int, steps: int, threads: int, seed: int = 
     kernels_ms = sum(r["ms"] for r in by_op.values())
     model = (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.n_routed_experts} experts "
              f"top-{config.num_experts_per_tok}, vocabulary {config.vocab_size}")
-    return {"export": str(d), "model": model, "quant": _quant(d), "tokens": tokens, "wall_ms": wall_ms, "kernels_ms": kernels_ms,
+    return {"export": str(d), "model": model, "quant": _quant(d), "tokens": tokens, "kv_inplace": kv_inplace,
+            "wall_ms": wall_ms, "kernels_ms": kernels_ms,
             "weight_bytes": sum(r["bytes"] for r in by_op.values()),
             "ops": dict(sorted(by_op.items(), key=lambda kv: -kv[1]["ms"]))}
 
@@ -238,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=1, help="new tokens per step: 1 = decode, more = a prefill after --past")
     ap.add_argument("--last-logits", action="store_true", help="the lm_head on the last position only (OrtDecoder(logits='last'))")
+    ap.add_argument("--kv-inplace", action="store_true",
+                    help="keys/values written in place, as generation runs them (OrtDecoder(kv_inplace=True))")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--accuracy-levels", type=int, nargs="*", default=[],
                     help="also profile each quantized export at these MatMulNBits accuracy levels")
@@ -258,7 +287,7 @@ def _run(args) -> None:
         for p in (args.md, args.md.with_suffix(".json")):
             check_output_file(p, force=args.force, inputs=args.exports, option="--md")
     runs = [profile_export(d, past=args.past, steps=args.steps, threads=args.threads, tokens=args.tokens,
-                           last_logits=args.last_logits) for d in args.exports]
+                           last_logits=args.last_logits, kv_inplace=args.kv_inplace) for d in args.exports]
     for r in runs:
         if args.accuracy_levels and r["quant"] != "fp32":
             r["accuracy_levels"] = accuracy_sweep(Path(r["export"]), args.accuracy_levels, past=args.past,

@@ -216,12 +216,13 @@ class OrtDecoder:
     with its keys/values written in place (:mod:`dsmoe.export.kv_inplace`: buffers as in the static
     mode, no per-step copy of the whole cache); ``"auto"``: where the export allows it (``self.kv_inplace``
     says). ``present_views`` is true when the returned present is a view of reused buffers.
-    ``spinning="auto"`` lets the intra-op threads spin when :func:`cores_free` (``self.spinning``).
+    ``spinning="auto"`` lets the intra-op threads spin when :func:`cores_free` (``self.spinning``);
+    ``profile_prefix`` turns ONNX Runtime's profiler on (``self.sess.end_profiling()``).
     """
 
     def __init__(self, export_dir: str | Path, threads: int | None = None, *, optimize: bool = True,
                  spinning: bool | str = "auto", router_stats: bool = False, logits: str = "all", kv_bnsh: bool = False,
-                 kv_inplace: bool | str = False):
+                 kv_inplace: bool | str = False, profile_prefix: str | None = None):
         d = self.dir = Path(export_dir)
         if not (d / MODEL_FILE).is_file():
             raise DsmoeError(f"{d} holds no {MODEL_FILE} (export it with: dsmoe-export SOURCE --out {d})")
@@ -242,7 +243,8 @@ class OrtDecoder:
         if spinning == "auto":  # spin only when the cores are ours (see SPINNING)
             spinning = cores_free(threads or os.cpu_count() or 1)
         self.spinning = spinning
-        kw = dict(threads=threads, optimize=optimize, spinning=spinning, last_logits=logits == "last", kv_bnsh=kv_bnsh)
+        kw = dict(threads=threads, optimize=optimize, spinning=spinning, last_logits=logits == "last", kv_bnsh=kv_bnsh,
+                  profile_prefix=profile_prefix)
         why = _why_not_inplace(d, self.config, router_stats) if kv_inplace else "not asked for"
         if why and kv_inplace is True:
             raise DsmoeError(f"{d}: keys/values cannot be written in place: {why}")

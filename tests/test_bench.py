@@ -314,6 +314,10 @@ def test_ort_profile_of_a_quantized_export(tmp_path):
     assert {"QMoE", "MatMulNBits"} <= set(run["ops"]) and run["quant"] == "int4"
     assert 0 < run["kernels_ms"] <= run["wall_ms"]
     assert run["weight_bytes"] == sum(r["bytes"] for r in run["ops"].values()) > 0
+    inplace = profile_export(d, past=8, steps=2, threads=1, kv_inplace=True, last_logits=True)  # as generation runs
+    assert "GroupQueryAttention" in inplace["ops"] and "MultiHeadAttention" not in inplace["ops"]
+    assert all(inplace["ops"][op]["bytes"] == run["ops"][op]["bytes"] for op in ("QMoE", "MatMulNBits"))
+    assert inplace["kv_inplace"]
     run["accuracy_levels"] = accuracy_sweep(d, [0, 4], past=8, steps=1, threads=1)
     assert [a["accuracy_level"] for a in run["accuracy_levels"]] == [0, 4]
     text = markdown([run], bandwidth_gbs=10.0, machine={"cpu": "x", "cores": 2}, past=8, steps=2, threads=1)

@@ -173,6 +173,14 @@ def test_keys_values_in_place_match_eager(exported, tiny):
         ref, _ = tiny(ids, mask, pos, past_ref, use_cache=True)
     got, _ = dec(ids, mask, pos, [tuple(t.clone() for t in layer) for layer in past_ref])
     assert rel_err(ref, got) <= 1e-4
+    # one row, a prompt in chunks (the server's chunked prefill): several new tokens after a past
+    past_ref = past = cache_layout(c).empty(1)
+    for lo, hi in ((0, 3), (3, 7), (7, 8)):
+        ids, mask, pos = torch.tensor([PROMPT + PROMPT[:3]])[:, lo:hi], torch.ones(1, hi, dtype=torch.int64), torch.arange(lo, hi)[None]
+        with torch.no_grad():
+            ref, past_ref = tiny(ids, mask, pos, past_ref, use_cache=True)
+        got, past = dec(ids, mask, pos, past)
+        assert rel_err(ref, got) <= 1e-4, (lo, hi)
 
 
 def test_threads_spin_only_when_the_cores_are_free(exported):
