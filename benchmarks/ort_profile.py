@@ -214,6 +214,7 @@ def profile_export(d: Path, *, past: int, steps: int, threads: int, seed: int = 
     model = (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.n_routed_experts} experts "
              f"top-{config.num_experts_per_tok}, vocabulary {config.vocab_size}")
     return {"export": str(d), "model": model, "quant": _quant(d), "tokens": tokens, "kv_inplace": kv_inplace,
+            "last_logits": last_logits,
             "wall_ms": wall_ms, "kernels_ms": kernels_ms,
             "weight_bytes": sum(r["bytes"] for r in by_op.values()),
             "ops": dict(sorted(by_op.items(), key=lambda kv: -kv[1]["ms"]))}
@@ -228,7 +229,11 @@ def _quant(d: Path) -> str:
 def markdown(runs: list[dict], *, bandwidth_gbs: float, machine: dict, past: int, steps: int, threads: int) -> str:
     lines = [f"# ONNX Runtime decode profile — {machine['cpu']} ({machine['cores']} cores)", "",
              f"- One step of {runs[0].get('tokens', 1)} token(s) (past {past}, batch 1), {WARMUP} warm-up + {steps} profiled steps, "
-             f"{threads} threads; session as the `ort` backend opens it; wall time includes the profiler's overhead.",
+             f"{threads} threads; "
+             + ("run as `dsmoe generate` runs it (`OrtDecoder`: keys/values written in place, decode going on from "
+                "its present; threads not spinning)" if runs[0].get("kv_inplace") else "session as the `ort` backend opens it")
+             + (", logits of the last position only" if runs[0].get("last_logits") else "")
+             + "; wall time includes the profiler's overhead.",
              f"- Read bandwidth measured in this run: {bandwidth_gbs:.2f} GB/s. `GB/s` = the weight bytes an op's "
              "nodes read per step ÷ its kernel time (routed experts: the K of E experts a token hits).", ""]
     for r in runs:
