@@ -62,7 +62,7 @@ def _export(source: str, out: Path, say) -> dict:
 def _time_ort(export_dir: Path, config, prefill: int, decode: int, threads: int) -> dict:
     """One round of ORT: load the session, prefill, then time greedy decode runs of ``decode`` tokens."""
     t = time.perf_counter()
-    dec = OrtDecoder(export_dir, threads=threads)
+    dec = OrtDecoder(export_dir, threads=threads, logits="auto", kv_inplace="auto")  # as `dsmoe generate` runs it
     load_s = time.perf_counter() - t
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (1, prefill), generator=g)

@@ -62,7 +62,7 @@ SPINNING = False
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "1" if SPINNING else "0"}
 
 
-def cores_free(threads: int, window_s: float = 0.2) -> bool:
+def cores_free(threads: int, window_s: float = 0.1) -> bool:
     """Whether the other processes leave ``threads`` cores free: the busy time of all cores in
     ``/proc/stat`` over ``window_s`` (this process sleeps through it), at most a quarter of a core
     beyond ``cores - threads``. False where ``/proc/stat`` cannot be read."""
