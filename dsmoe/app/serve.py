@@ -67,7 +67,10 @@ def open_engine(*, source: str, backend: str | None, max_running: int, max_model
         routers = expert_stats != "off" and _has_router_outputs(Path(source) / MODEL_FILE)
         if expert_stats != "off" and not routers:
             notes.append("expert load: off (export with --router-stats and --kv-cache dynamic to see it live)")
-        dec = OrtDecoder(source, threads=threads, router_stats=routers, kv_inplace="auto")  # no per-step cache copy
+        # keys/values in place (no per-step cache copy); threads that sleep: a server's cores are
+        # shared with its own HTTP threads and its clients, and spinning workers starved the event
+        # loop (a client's disconnect went unseen until its generation ended)
+        dec = OrtDecoder(source, threads=threads, router_stats=routers, kv_inplace="auto", spinning=False)
         config, mdtype, router_step = dec.config, dec.dtype, (dec if routers else None)
         plain = dec
     else:
