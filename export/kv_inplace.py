@@ -72,7 +72,7 @@ def attention_gqa_inplace(m: onnx.ModelProto, kv_heads: int) -> int:
             a = _attrs(n)
             if n.op_type != "Shape" or len(n.input) != 1:
                 raise KvInplaceUnsupported(f"{n.name} ({n.op_type}) reads the past cache {i}")
-            start, end = a.get("start", 0), a.get("end", 4)
+            start, end = (v + 4 if v < 0 else min(v, 4) for v in (a.get("start", 0), a.get("end", 4)))  # rank 4
             if end <= 2 or start >= 3:
                 continue  # batch, heads or head_dim: the same in a buffer
             if (start, end) != (2, 3):
@@ -141,6 +141,8 @@ def _why_not(node, prod, readers, outputs, inputs) -> str:
         return f"attributes {sorted(set(a) - _MHA_ATTRS)} have no GroupQueryAttention equivalent"
     if len(node.input) < 3 or any(node.input[i] for i in (3, 4) if i < len(node.input)) or len(node.input) > 6:
         return "inputs other than query, key, value and attention_bias"
+    if len(node.input) < 6 or not node.input[5]:
+        return "no attention_bias (GroupQueryAttention would add a causal mask the graph does not have)"
     if len(node.output) != 1:
         return "it returns more than the attention output"
     for i in (1, 2):
