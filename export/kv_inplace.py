@@ -25,6 +25,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from dsmoe.errors import DsmoeError
+from dsmoe.export.static_cache import PAST_AXIS
 
 _PREFIX = "dsmoe_gqa"
 _MHA_ATTRS = {"num_heads", "scale"}  # attributes with a GroupQueryAttention equivalent; any other: refused
@@ -44,6 +45,9 @@ def attention_gqa_inplace(m: onnx.ModelProto, kv_heads: int) -> int:
     buffers. ``m`` is changed in place; returns the number of layers rewritten. Raises
     :class:`KvInplaceUnsupported` (``m`` untouched) unless every attention matches."""
     g = m.graph
+    why = _cache_why_not(g)
+    if why:
+        raise KvInplaceUnsupported(why)
     prod = {o: n for n in g.node for o in n.output}
     readers: dict[str, int] = {}
     for n in g.node:
@@ -116,7 +120,6 @@ def attention_gqa_inplace(m: onnx.ModelProto, kv_heads: int) -> int:
             flat = f"{node.name}.{_PREFIX}.{tag}"
             new += [helper.make_node("Transpose", [cat.input[1]], [bsnh], perm=[0, 2, 1, 3], name=f"{bsnh}/T"),
                     helper.make_node("Reshape", [bsnh, f"{_PREFIX}.bsh"], [flat], name=f"{flat}/R")]
-        bias = node.input[5] if len(node.input) > 5 else ""
         a = _attrs(node)
         kw = {"num_heads": a["num_heads"], "kv_num_heads": kv_heads}
         if "scale" in a:
@@ -124,7 +127,7 @@ def attention_gqa_inplace(m: onnx.ModelProto, kv_heads: int) -> int:
         gqa = helper.make_node(
             "GroupQueryAttention",
             [node.input[0], new[1].output[0], new[3].output[0], cat_k.input[0], cat_v.input[0],
-             f"{_PREFIX}.seqlens_k", f"{_PREFIX}.total_sequence_length", "", "", "", bias],
+             f"{_PREFIX}.seqlens_k", f"{_PREFIX}.total_sequence_length", "", "", "", node.input[5]],
             [node.output[0], cat_k.output[0], cat_v.output[0]], domain="com.microsoft", name=f"{node.name}.gqa", **kw)
         at = list(g.node).index(node)
         g.node.remove(node)
@@ -133,6 +136,19 @@ def attention_gqa_inplace(m: onnx.ModelProto, kv_heads: int) -> int:
         g.node.remove(cat_k)
         g.node.remove(cat_v)
     return len(plans)
+
+
+def _cache_why_not(g) -> str:
+    """Why the graph's cache inputs cannot be written in place ("" when they can)."""
+    first = next((i for i in g.input if i.name.startswith("past_key_values.")), None)
+    if first is None:
+        return "the graph has no cache inputs"
+    t = first.type.tensor_type
+    if t.shape.dim[2].dim_param == PAST_AXIS["static"]:
+        return "a static-cache export already writes its buffers in place"
+    if t.elem_type != TensorProto.FLOAT:
+        return "only fp32 caches (ONNX Runtime's GroupQueryAttention is slow on CPU with fp16 ones)"
+    return ""
 
 
 def _why_not(node, prod, readers, outputs, inputs) -> str:

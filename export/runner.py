@@ -245,11 +245,11 @@ class OrtDecoder:
         self.spinning = spinning
         kw = dict(threads=threads, optimize=optimize, spinning=spinning, last_logits=logits == "last", kv_bnsh=kv_bnsh,
                   profile_prefix=profile_prefix)
-        why = _why_not_inplace(d, self.config, router_stats) if kv_inplace else "not asked for"
-        if why and kv_inplace is True:
-            raise DsmoeError(f"{d}: keys/values cannot be written in place: {why}")
+        if kv_inplace is True and router_stats:
+            raise DsmoeError(f"{d}: keys/values cannot be written in place: router statistics are read from the "
+                             "copying path")
         self.kv_inplace = False
-        if not why:
+        if kv_inplace and not router_stats:  # the rewrite itself refuses the graphs it does not know
             try:
                 self.sess = _open_session(d, kv_inplace=self.config.num_key_value_heads, **kw)
                 self.kv_inplace = True
@@ -367,23 +367,6 @@ class OrtDecoder:
             self._binding.bind_ortvalue_input(name, value)
         for name, value in zip(self.output_names[1:], self._values):
             self._binding.bind_ortvalue_output(name, value)
-
-
-def _why_not_inplace(d: Path, config, router_stats: bool) -> str:
-    """Why export ``d`` cannot run with keys/values in place ("" when it can, as far as its inputs
-    tell; the graph's attention is checked by the rewrite itself)."""
-    if router_stats:
-        return "router statistics are read from the copying path"
-    graph = onnx.load(str(d / MODEL_FILE), load_external_data=False).graph
-    first = next((i for i in graph.input if i.name == cache_layout(config).input_names()[0]), None)
-    if first is None:
-        return "the graph has no cache inputs"
-    t = first.type.tensor_type
-    if t.shape.dim[2].dim_param == PAST_AXIS["static"]:
-        return "a static-cache export already writes its buffers in place"
-    if t.elem_type != onnx.TensorProto.FLOAT:
-        return "only fp32 caches (ONNX Runtime's GroupQueryAttention is slow on CPU with fp16 ones)"
-    return ""
 
 
 def reexport_command(d: Path) -> str:
