@@ -123,9 +123,14 @@ def greedy_generate_batch(step: Step, config: DeepseekConfig, prompts: list[list
 def generate_ort(export_dir: str | Path, prompt_ids: list[int], max_new_tokens: int, *,
                  threads: int | None = None) -> list[int]:
     """Greedy decoding of an exported directory in ONNX Runtime (one prefill step, then one per token)."""
-    dec = OrtDecoder(export_dir, threads=threads, logits="auto", kv_bnsh=True,  # the loop reads the last row only
-                     kv_inplace="auto")  # no per-step copy of the cache where the graph allows
+    dec = ort_generation_decoder(export_dir, threads)
     return greedy_generate(dec, dec.config, list(prompt_ids), max_new_tokens, dtype=dec.dtype)
+
+
+def ort_generation_decoder(export_dir: str | Path, threads: int | None = None) -> OrtDecoder:
+    """The export's decoder as generation runs it: last-token logits (the loop reads the last row
+    only), the cache-shaped keys/values, written in place where the graph allows (no per-step copy)."""
+    return OrtDecoder(export_dir, threads=threads, logits="auto", kv_bnsh=True, kv_inplace="auto")
 
 
 def generate_tensorrt(export_dir: str | Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -239,7 +244,7 @@ def run_generate(*, source: str, prompt_ids: str | list[str] | None = None, prom
                 raise DsmoeError("the tensorrt backend takes one prompt (its engine's loop is not batched here)")
             new = [generate_tensorrt(source, prompts[0], max_new_tokens)]
         else:
-            dec = OrtDecoder(source, logits="auto", kv_bnsh=True, kv_inplace="auto")
+            dec = ort_generation_decoder(source)
             new = _generate(timed(dec), dec.config, prompts, max_new_tokens, dtype=dec.dtype)
     else:
         prompts, tok = _prompts(source, prompt_ids, prompt, None)
