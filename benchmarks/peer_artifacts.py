@@ -10,8 +10,9 @@ a tiny SentencePiece model (64 pieces, trained here in a fraction of a second) i
 symlinks to the checkpoint's files in a staging directory; the converter pads the vocabulary to
 the config's 102400 entries, which is all the benchmark needs (llama-bench feeds random ids).
 
-Every file is written under a temporary name and renamed into place when complete, so an
-interrupted run leaves nothing that a later run would take for finished.
+Every file is written through :func:`dsmoe.outputs.write_output_file` (a temporary beside it,
+renamed into place when complete, removed on any failure or signal), so an interrupted run leaves
+nothing that a later run would take for finished.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dsmoe.bench.llama_cpp import REPO, find_llama_bench
 from dsmoe.export import REPORT_FILE
 
 from dsmoe.children import run_child
+from dsmoe.outputs import write_output_file
 
 CACHE = REPO / "out" / "bench-cache"
 LLAMA_QTYPES = ("Q4_0", "Q4_K_M", "Q8_0")
@@ -134,23 +136,17 @@ def llama_ggufs(ckpt: Path, say, qtypes=LLAMA_QTYPES) -> dict[str, Path]:
     bf16 = ckpt.with_name(f"{ckpt.name}-llama-bf16.gguf")
     if not bf16.is_file():
         stage = _stage(ckpt)
-        tmp = bf16.with_name(f".{bf16.name}.tmp")
         try:
-            _run([sys.executable, conv, stage, "--outfile", tmp, "--outtype", "bf16"], "convert_hf_to_gguf.py", say)
-            os.replace(tmp, bf16)
+            write_output_file(bf16, lambda tmp: _run([sys.executable, conv, stage, "--outfile", tmp, "--outtype", "bf16"],
+                                                     "convert_hf_to_gguf.py", say), force=False, inputs=[ckpt])
         finally:
-            tmp.unlink(missing_ok=True)  # ours: left only by a failed conversion
             shutil.rmtree(stage, ignore_errors=True)
     out = {}
     for q in qtypes:
         path = ckpt.with_name(f"{ckpt.name}-llama-{q}.gguf")
         if not path.is_file():
-            tmp = path.with_name(f".{path.name}.tmp")
-            try:
-                _run([quant, bf16, tmp, q, str(os.cpu_count() or 1)], f"llama-quantize {q}", say)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)  # ours: left only by a failed quantize
+            write_output_file(path, lambda tmp, q=q: _run([quant, bf16, tmp, q, str(os.cpu_count() or 1)],
+                                                          f"llama-quantize {q}", say), force=False, inputs=[bf16])
         out[q] = path
     return out
 
@@ -160,11 +156,6 @@ def dsmoe_gguf(ckpt: Path, say, qtype: str = "Q4_0") -> Path:
 
     path = ckpt.with_name(f"{ckpt.name}-dsmoe-{qtype}.gguf")
     if not path.is_file():
-        tmp = path.with_name(f".{path.name}.tmp")
         say(f"dsmoe's GGUF writer ({qtype}) → {path.name}")
-        try:
-            write_gguf(str(ckpt), tmp, qtype=qtype)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)  # ours: left only by a failed write
+        write_output_file(path, lambda tmp: write_gguf(str(ckpt), tmp, qtype=qtype), force=False, inputs=[ckpt])
     return path
